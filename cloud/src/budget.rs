@@ -1,0 +1,186 @@
+//! The rate budget: one token bucket per API class, shared by every call this process makes.
+//!
+//! EC2 meters mutating and describe calls in separate buckets per account (mutating: 5 tokens/s
+//! refill, bucket of 50). Every node of a cluster spends from the same account, so a node's default
+//! budget stays well below that. The bucket is a small piece of arithmetic over `tokio::time`, so
+//! tests drive it with tokio's paused clock instead of the wall clock.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+/// Which EC2 bucket a call draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiClass {
+    Mutating,
+    Describe,
+}
+
+/// Refill rate and burst of one bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BucketConfig {
+    /// Tokens added per second.
+    pub qps: f64,
+    /// Bucket size: how many calls may go at once after a quiet spell.
+    pub burst: u32,
+}
+
+/// The budget for both classes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BudgetConfig {
+    pub mutating: BucketConfig,
+    pub describe: BucketConfig,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig { mutating: BucketConfig { qps: 2.0, burst: 10 }, describe: BucketConfig { qps: 5.0, burst: 20 } }
+    }
+}
+
+impl BudgetConfig {
+    /// Refuses buckets that could never hand out a token; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, b) in [("mutating", &self.mutating), ("describe", &self.describe)] {
+            if !(b.qps.is_finite() && b.qps > 0.0) {
+                return Err(format!("rate_budget.{name}.qps must be a positive number, got {}", b.qps));
+            }
+            if b.burst == 0 {
+                return Err(format!("rate_budget.{name}.burst must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A token bucket. Waiters reserve their token at once (the balance may go negative), so calls are
+/// served in arrival order and nobody starves.
+#[derive(Debug)]
+pub struct TokenBucket {
+    cfg: BucketConfig,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl TokenBucket {
+    pub fn new(cfg: BucketConfig) -> Self {
+        TokenBucket { cfg, state: Mutex::new((f64::from(cfg.burst), Instant::now())) }
+    }
+
+    /// Takes one token and says how long the caller must wait before using it.
+    pub fn reserve(&self) -> Duration {
+        let mut st = self.state.lock().expect("bucket lock");
+        let now = Instant::now();
+        let refill = now.saturating_duration_since(st.1).as_secs_f64() * self.cfg.qps;
+        st.0 = (st.0 + refill).min(f64::from(self.cfg.burst));
+        st.1 = now;
+        st.0 -= 1.0;
+        if st.0 >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-st.0 / self.cfg.qps) }
+    }
+
+    /// Waits for a token.
+    pub async fn acquire(&self) {
+        let wait = self.reserve();
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Both buckets.
+#[derive(Debug)]
+pub struct RateBudget {
+    mutating: TokenBucket,
+    describe: TokenBucket,
+}
+
+impl RateBudget {
+    pub fn new(cfg: BudgetConfig) -> Self {
+        RateBudget { mutating: TokenBucket::new(cfg.mutating), describe: TokenBucket::new(cfg.describe) }
+    }
+
+    pub async fn acquire(&self, class: ApiClass) {
+        match class {
+            ApiClass::Mutating => self.mutating.acquire().await,
+            ApiClass::Describe => self.describe.acquire().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[tokio::test(start_paused = true)]
+    async fn burst_then_refill_rate() {
+        let b = TokenBucket::new(BucketConfig { qps: 2.0, burst: 3 });
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            b.acquire().await;
+        }
+        assert_eq!(t0.elapsed(), Duration::ZERO, "the burst goes at once");
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(500));
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::from_millis(1000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_time_refills_up_to_burst_only() {
+        let b = TokenBucket::new(BucketConfig { qps: 1.0, burst: 2 });
+        b.acquire().await;
+        b.acquire().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let t0 = Instant::now();
+        b.acquire().await;
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        b.acquire().await;
+        assert_eq!(t0.elapsed(), Duration::from_secs(1), "no more than `burst` saved up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_waiters_are_spaced_by_the_rate() {
+        let budget = Arc::new(RateBudget::new(BudgetConfig {
+            mutating: BucketConfig { qps: 5.0, burst: 1 },
+            describe: BucketConfig { qps: 100.0, burst: 100 },
+        }));
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..10)
+            .map(|_| {
+                let b = budget.clone();
+                tokio::spawn(async move {
+                    b.acquire(ApiClass::Mutating).await;
+                    t0.elapsed()
+                })
+            })
+            .collect();
+        let mut done = Vec::new();
+        for t in tasks {
+            done.push(t.await.unwrap());
+        }
+        done.sort();
+        // 1 at once, then one every 200 ms: the 10th at 1.8 s.
+        assert_eq!(done[0], Duration::ZERO);
+        assert_eq!(done[9], Duration::from_millis(1800));
+        // The describe bucket is separate and untouched.
+        let t1 = Instant::now();
+        budget.acquire(ApiClass::Describe).await;
+        assert_eq!(t1.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c = BudgetConfig::default();
+        assert!(c.validate().is_ok());
+        c.mutating.qps = 0.0;
+        assert!(c.validate().unwrap_err().contains("rate_budget.mutating.qps"));
+        let mut c = BudgetConfig::default();
+        c.describe.burst = 0;
+        assert!(c.validate().unwrap_err().contains("rate_budget.describe.burst"));
+    }
+}

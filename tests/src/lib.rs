@@ -1,0 +1,23 @@
+//! Test harness shared by underway's test suites.
+//!
+//! - [`localstack`]: one LocalStack per test run on 127.0.0.1, installed into a venv when missing,
+//!   killed with its whole process group when the test process ends (even on panic or SIGKILL);
+//!   each test takes its own [`localstack::Account`] so tests never see each other's state.
+//! - [`imds`]: an IMDSv2 server on loopback serving a map of metadata paths, with tokens checked.
+
+pub mod fixture;
+pub mod imds;
+pub mod localstack;
+
+/// Errors of the harness: a test that cannot set up its world fails with one of these.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error("installing LocalStack into {venv}: {reason}")]
+    Install { venv: String, reason: String },
+    #[error("starting LocalStack: {0}")]
+    Start(String),
+    #[error("LocalStack at {endpoint} is not healthy after {waited_s} s: {reason}")]
+    Unhealthy { endpoint: String, waited_s: u64, reason: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
