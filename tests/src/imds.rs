@@ -32,13 +32,35 @@ pub struct FakeImds {
 impl FakeImds {
     /// Serves `paths` (keys like `/latest/meta-data/instance-id`) on 127.0.0.1 at a free port.
     pub async fn start(paths: BTreeMap<String, String>) -> std::io::Result<Self> {
+        Self::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, Vec::new(), paths)
+    }
+
+    /// Serves on `main` (whose address is [`FakeImds::addr`]) and on `more` listeners, which may
+    /// have been bound inside another network namespace (e.g. 169.254.169.254:80 in a node).
+    pub fn start_on(
+        main: std::net::TcpListener,
+        more: Vec<std::net::TcpListener>,
+        paths: BTreeMap<String, String>,
+    ) -> std::io::Result<Self> {
         let shared = Shared { paths: Arc::new(Mutex::new(paths)), tokens: Arc::default() };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
+        let addr = main.local_addr()?;
         let paths = shared.paths.clone();
         let app = Router::new().fallback(handle).with_state(shared);
+        let mut listeners = Vec::new();
+        for l in std::iter::once(main).chain(more) {
+            l.set_nonblocking(true)?;
+            listeners.push(TcpListener::from_std(l)?);
+        }
         let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let serving = listeners.into_iter().map(|l| {
+                let app = app.clone();
+                tokio::spawn(async move {
+                    let _ = axum::serve(l, app).await;
+                })
+            });
+            let handles: Vec<_> = serving.collect();
+            let _guard = AbortAll(handles);
+            std::future::pending::<()>().await;
         });
         Ok(FakeImds { addr, paths, task })
     }
@@ -57,6 +79,15 @@ impl FakeImds {
 impl Drop for FakeImds {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// Aborts the serving tasks when the owning task is aborted.
+struct AbortAll(Vec<JoinHandle<()>>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        self.0.iter().for_each(JoinHandle::abort);
     }
 }
 

@@ -8,6 +8,8 @@
 pub mod fixture;
 pub mod imds;
 pub mod localstack;
+pub mod netns;
+pub mod world;
 
 /// Errors of the harness: a test that cannot set up its world fails with one of these.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +20,10 @@ pub enum HarnessError {
     Start(String),
     #[error("LocalStack at {endpoint} is not healthy after {waited_s} s: {reason}")]
     Unhealthy { endpoint: String, waited_s: u64, reason: String },
+    #[error("command failed: {0}")]
+    Command(String),
+    #[error("EC2 (test set-up): {0}")]
+    Ec2(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
