@@ -125,6 +125,22 @@ async fn prefix_delegation_create_and_assign() {
     );
 }
 
+/// Gap: LocalStack ignores prefixes, so releasing one can only be checked on the request.
+#[tokio::test]
+async fn unassign_prefixes_names_each_prefix() {
+    let (cloud, replay) = cloud(
+        vec![ok(format!(
+            "<UnassignPrivateIpAddressesResponse {NS}><requestId>r</requestId><return>true</return></UnassignPrivateIpAddressesResponse>"
+        ))],
+        1,
+    );
+    cloud.unassign_prefixes("eni-0a1b2c3d4e5f60001", &["10.0.1.32/28".parse().unwrap()]).await.unwrap();
+    let sent = bodies(&replay);
+    assert!(sent[0].contains("Action=UnassignPrivateIpAddresses"), "{}", sent[0]);
+    assert!(sent[0].contains("Ipv4Prefix.1=10.0.1.32%2F28"), "{}", sent[0]);
+    assert!(!sent[0].contains("PrivateIpAddress.1"), "{}", sent[0]);
+}
+
 /// Gap: LocalStack does not keep the attachment's DeleteOnTermination flag reliably.
 #[tokio::test]
 async fn attach_sets_delete_on_termination() {

@@ -202,6 +202,10 @@ async fn hot_plug_and_imds_follow_ec2() {
     assert_eq!(id.interfaces[0].interface_id, eni0);
     assert_eq!(id.primary_mac, mac_string(mac_for(&eni0)));
     assert_eq!(id.interfaces[0].local_ipv4s, vec![ip0.parse::<Ipv4Addr>().unwrap()]);
+    let raw = aws_config::imds::Client::builder().endpoint(a.imds.endpoint()).unwrap().build();
+    assert_eq!(String::from(raw.get("/latest/meta-data/local-ipv4").await.unwrap()), ip0);
+    let mac_leaf = format!("/latest/meta-data/network/interfaces/macs/{}/mac", i1.mac);
+    assert_eq!(String::from(raw.get(mac_leaf).await.unwrap()), i1.mac);
 
     // Inside the node: IMDS at 169.254.169.254 (IMDSv1 refused), EC2 at the node's endpoint.
     let (imds_in, ec2_in) = (a.imds_endpoint_in_ns(), a.ec2_endpoint_in_ns());
