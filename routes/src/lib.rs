@@ -1,0 +1,40 @@
+//! The node datapath of underway, over rtnetlink.
+//!
+//! Every operation on a namespace goes through a netlink socket opened *in* that namespace
+//! ([`netns::handle_in`]); no thread of the process stays in another namespace. Set-up and
+//! teardown are symmetric and idempotent; teardown tolerates any missing piece.
+
+pub mod netns;
+pub mod pod;
+
+pub use pod::{PodSpec, host_veth_name, setup_pod, teardown_pod};
+
+/// Errors of the datapath. `op` says what was being done, so a failure names its step.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutesError {
+    #[error("netns {path}: {source}")]
+    Netns { path: String, source: std::io::Error },
+    #[error("{op}: {source}")]
+    Netlink { op: String, source: rtnetlink::Error },
+    #[error("{0} not found")]
+    Missing(String),
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl RoutesError {
+    pub(crate) fn netlink(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutesError {
+        let op = op.into();
+        move |source| RoutesError::Netlink { op, source }
+    }
+
+    /// The errno of a netlink error (positive), if it is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            RoutesError::Netlink { source: rtnetlink::Error::NetlinkError(m), .. } => m.raw_code().checked_neg(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = RoutesError> = std::result::Result<T, E>;

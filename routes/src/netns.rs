@@ -1,0 +1,48 @@
+//! Netlink handles bound to a network namespace.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use rtnetlink::Handle;
+
+use crate::{Result, RoutesError};
+
+/// A namespace: its file (kept open, for moving links into it) and a netlink handle inside it.
+pub struct Ns {
+    pub file: File,
+    pub handle: Handle,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RoutesError + '_ {
+    move |source| RoutesError::Netns { path: path.display().to_string(), source }
+}
+
+/// Opens a netlink socket inside the namespace at `path` (a short-lived thread enters the
+/// namespace, creates the socket and leaves; the socket stays bound to the namespace) and drives
+/// its connection on the current tokio runtime. `None` is the caller's own namespace.
+pub fn handle_in(path: Option<&Path>) -> Result<Ns> {
+    let own = Path::new("/proc/self/ns/net");
+    let target = path.unwrap_or(own);
+    let file = File::open(target).map_err(io_err(target))?;
+    let (conn, handle, _) = match path {
+        None => rtnetlink::new_connection().map_err(io_err(target))?,
+        Some(_) => {
+            let fd = file.try_clone().map_err(io_err(target))?;
+            let rt = tokio::runtime::Handle::current();
+            std::thread::spawn(move || -> std::io::Result<_> {
+                let _in_runtime = rt.enter(); // the socket registers with this runtime's reactor
+                nix::sched::setns(fd.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                rtnetlink::new_connection()
+            })
+            .join()
+            .map_err(|_| RoutesError::Netns {
+                path: target.display().to_string(),
+                source: std::io::Error::other("thread panicked"),
+            })?
+            .map_err(io_err(target))?
+        }
+    };
+    tokio::spawn(conn);
+    Ok(Ns { file, handle })
+}

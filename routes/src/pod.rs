@@ -1,0 +1,269 @@
+//! Pod set-up and teardown: the veth, the pod's /32 and link-local gateway, the host route and,
+//! for an address of a secondary ENI, the policy rules.
+//!
+//! ```text
+//! pod netns:  <ifname> 10.0.1.5/32, 169.254.1.1 dev <ifname> scope link,
+//!             default via 169.254.1.1, neigh 169.254.1.1 lladdr <host veth MAC> PERMANENT
+//! host:       <host veth> up, 10.0.1.5/32 dev <host veth> scope link,
+//!             [secondary ENI] rule 512: to 10.0.1.5 lookup main; rule 1536: from 10.0.1.5 lookup <table>
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::netns::{Ns, handle_in};
+use crate::{Result, RoutesError};
+
+/// Priority of the `to <pod> lookup main` rule (before the `from` rules).
+pub const RULE_TO_POD: u32 = 512;
+/// Priority of the `from <pod> lookup <ENI table>` rule.
+pub const RULE_FROM_POD: u32 = 1536;
+pub const MAIN_TABLE: u32 = 254;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+
+/// What to build for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub host_veth: String,
+    pub ifname: String,
+    pub address: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mtu: u32,
+    /// The secondary ENI's route table; `None` for the primary ENI and VPC-route mode.
+    pub route_table: Option<u32>,
+}
+
+/// The host veth's name: `prefix` + a hash of (container id, ifname), 15 bytes at most, the same
+/// for the same pod every time (so DEL finds what ADD made).
+pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain(std::iter::once(b'/')).chain(ifname.bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    let hex = format!("{h:016x}");
+    let keep = 15usize.saturating_sub(prefix.len()).min(hex.len());
+    format!("{prefix}{}", &hex[..keep])
+}
+
+/// Checks an interface name as the kernel would take it.
+pub fn check_ifname(field: &'static str, name: &str) -> Result<()> {
+    let bad = |reason: &str| Err(RoutesError::Invalid { field, reason: format!("{name:?} {reason}") });
+    if name.is_empty() || name.len() > 15 {
+        return bad("must be 1 to 15 bytes");
+    }
+    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return bad("has a character an interface name cannot have");
+    }
+    Ok(())
+}
+
+async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+    let mut s = h.link().get().match_name(name.to_string()).execute();
+    match s.try_next().await {
+        Ok(Some(m)) => {
+            let mac = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Address(mac) => Some(mac.clone()),
+                _ => None,
+            });
+            Ok(Some((m.header.index, mac.unwrap_or_default())))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => {
+            let e = RoutesError::Netlink { op: format!("get link {name}"), source: e };
+            if e.errno() == Some(ENODEV) { Ok(None) } else { Err(e) }
+        }
+    }
+}
+
+async fn need_link(h: &Handle, name: &str, where_: &str) -> Result<(u32, Vec<u8>)> {
+    link(h, name).await?.ok_or_else(|| RoutesError::Missing(format!("link {name} in {where_}")))
+}
+
+fn ok_if_exists(r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.errno() == Some(EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
+/// Builds the pod's datapath. `host` is the node's namespace (`None`: this process's own).
+/// On failure, whatever was made is removed again before the error is returned.
+pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<()> {
+    check_ifname("host_veth", &spec.host_veth)?;
+    check_ifname("ifname", &spec.ifname)?;
+    let host = handle_in(host)?;
+    let pod = handle_in(Some(pod_netns))?;
+    let res = build(&host, &pod, spec).await;
+    if res.is_err() {
+        let _ = remove(&host.handle, spec).await;
+    }
+    res
+}
+
+async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<()> {
+    let (h, p) = (&host.handle, &pod.handle);
+    // A veth left by an earlier, interrupted ADD of the same pod is replaced.
+    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
+        h.link().del(idx).execute().await.map_err(RoutesError::netlink("delete stale host veth"))?;
+    }
+    let tmp = format!("{}t", &spec.host_veth[..spec.host_veth.len().min(14)]);
+    h.link()
+        .add(LinkVeth::new(&spec.host_veth, &tmp).mtu(spec.mtu).build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink(format!("create veth {}", spec.host_veth)))?;
+    let (tmp_idx, _) = need_link(h, &tmp, "host").await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(tmp_idx).setns_by_fd(pod.file.as_raw_fd()).build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink("move the pod end into the pod netns"))?;
+
+    let (pidx, _) = need_link(p, &tmp, "pod netns").await?;
+    p.link()
+        .set(LinkUnspec::new_with_index(pidx).name(spec.ifname.clone()).mtu(spec.mtu).build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink(format!("rename the pod end to {}", spec.ifname)))?;
+    p.link()
+        .set(LinkUnspec::new_with_index(pidx).up().build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink("pod link up"))?;
+    if let Some((lo, _)) = link(p, "lo").await? {
+        p.link()
+            .set(LinkUnspec::new_with_index(lo).up().build())
+            .execute()
+            .await
+            .map_err(RoutesError::netlink("pod lo up"))?;
+    }
+    ok_if_exists(
+        p.address()
+            .add(pidx, IpAddr::V4(spec.address), 32)
+            .execute()
+            .await
+            .map_err(RoutesError::netlink(format!("add {}/32 in the pod", spec.address))),
+    )?;
+
+    let (hidx, host_mac) = need_link(h, &spec.host_veth, "host").await?;
+    h.link()
+        .set(LinkUnspec::new_with_index(hidx).up().build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink("host veth up"))?;
+
+    let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(spec.gateway, 32)
+        .output_interface(pidx)
+        .scope(RouteScope::Link)
+        .build();
+    p.route().add(gw_route).replace().execute().await.map_err(RoutesError::netlink("pod route to the gateway"))?;
+    let default = RouteMessageBuilder::<Ipv4Addr>::new().gateway(spec.gateway).output_interface(pidx).build();
+    p.route().add(default).replace().execute().await.map_err(RoutesError::netlink("pod default route"))?;
+    p.neighbours()
+        .add(pidx, IpAddr::V4(spec.gateway))
+        .link_layer_address(&host_mac)
+        .state(NeighbourState::Permanent)
+        .replace()
+        .execute()
+        .await
+        .map_err(RoutesError::netlink("pod neighbour for the gateway"))?;
+
+    let host_route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(spec.address, 32)
+        .output_interface(hidx)
+        .scope(RouteScope::Link)
+        .build();
+    h.route().add(host_route).replace().execute().await.map_err(RoutesError::netlink("host route to the pod"))?;
+
+    if let Some(table) = spec.route_table {
+        ok_if_exists(
+            h.rule()
+                .add()
+                .v4()
+                .destination_prefix(spec.address, 32)
+                .table_id(MAIN_TABLE)
+                .priority(RULE_TO_POD)
+                .execute()
+                .await
+                .map_err(RoutesError::netlink("rule to pod lookup main")),
+        )?;
+        ok_if_exists(
+            h.rule()
+                .add()
+                .v4()
+                .source_prefix(spec.address, 32)
+                .table_id(table)
+                .priority(RULE_FROM_POD)
+                .execute()
+                .await
+                .map_err(RoutesError::netlink(format!("rule from pod lookup {table}"))),
+        )?;
+    }
+    Ok(())
+}
+
+/// Removes the pod's datapath from the host side: its rules and its veth (the pod end, and the
+/// routes on both, go with it). Anything already gone is fine; the pod netns may be gone too.
+pub async fn teardown_pod(host: Option<&Path>, spec: &PodSpec) -> Result<()> {
+    let host = handle_in(host)?;
+    remove(&host.handle, spec).await
+}
+
+fn is_pod_rule(r: &RuleMessage, addr: Ipv4Addr) -> bool {
+    let prio = r.attributes.iter().find_map(|a| if let RuleAttribute::Priority(p) = a { Some(*p) } else { None });
+    let matches = |want: &RuleAttribute| r.attributes.iter().any(|a| a == want);
+    match prio {
+        Some(RULE_TO_POD) => r.header.dst_len == 32 && matches(&RuleAttribute::Destination(IpAddr::V4(addr))),
+        Some(RULE_FROM_POD) => r.header.src_len == 32 && matches(&RuleAttribute::Source(IpAddr::V4(addr))),
+        _ => false,
+    }
+}
+
+async fn remove(h: &Handle, spec: &PodSpec) -> Result<()> {
+    let rules: Vec<RuleMessage> =
+        h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
+    for r in rules.into_iter().filter(|r| is_pod_rule(r, spec.address)) {
+        h.rule().del(r).execute().await.map_err(RoutesError::netlink("delete pod rule"))?;
+    }
+    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
+        match h.link().del(idx).execute().await {
+            Err(e) if RoutesError::Netlink { op: String::new(), source: e.clone() }.errno() == Some(ENODEV) => {}
+            r => r.map_err(RoutesError::netlink(format!("delete {}", spec.host_veth)))?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_veth_names_are_short_stable_and_distinct() {
+        let a = host_veth_name("uw", "f00dcafe0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("uw", "f00dcafe0123456789abcdef", "eth0"));
+        assert_eq!(a.len(), 15);
+        assert!(a.starts_with("uw"));
+        assert_ne!(a, host_veth_name("uw", "f00dcafe0123456789abcdef", "eth1"));
+        assert_ne!(a, host_veth_name("uw", "f00dcafe0123456789abcdee", "eth0"));
+        assert!(check_ifname("host_veth", &a).is_ok());
+    }
+
+    #[test]
+    fn interface_names_are_checked() {
+        for bad in ["", "a-name-longer-than-15", "a/b", "a b", ".", "x:1"] {
+            assert!(check_ifname("ifname", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_ifname("ifname", "eth0").is_ok());
+    }
+}

@@ -1,0 +1,112 @@
+//! The pod datapath in throwaway namespaces (root): a "node" namespace plays the host, a "pod"
+//! namespace the container. Both are removed even when a test fails.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use underway_routes::{PodSpec, host_veth_name, setup_pod, teardown_pod};
+
+struct Netns(String);
+
+impl Netns {
+    fn new(role: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("uwr-{}-{}-{role}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success(), "needs root");
+        Netns(name)
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/var/run/netns/{}", self.0))
+    }
+    fn sh(&self, cmd: &str) -> (bool, String) {
+        let o = Command::new("ip").args(["netns", "exec", &self.0, "sh", "-c", cmd]).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
+    PodSpec {
+        host_veth: host_veth_name("uw", &format!("container-{addr:?}"), "eth0"),
+        ifname: "eth0".into(),
+        address: Ipv4Addr::from(addr),
+        gateway: Ipv4Addr::new(169, 254, 1, 1),
+        mtu: 1500,
+        route_table: table,
+    }
+}
+
+#[tokio::test]
+async fn setup_pings_both_ways_and_teardown_leaves_nothing() {
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo && sysctl -qw net.ipv4.ip_forward=1").0);
+    let s = spec([10, 99, 0, 5], None);
+    setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+
+    let (_, addrs) = pod.sh("ip -4 -br addr show eth0");
+    assert!(addrs.contains("10.99.0.5/32"), "{addrs}");
+    let (_, neigh) = pod.sh("ip neigh show 169.254.1.1");
+    assert!(neigh.contains("PERMANENT"), "{neigh}");
+    let (_, routes) = pod.sh("ip route");
+    assert!(routes.contains("default via 169.254.1.1 dev eth0"), "{routes}");
+    assert!(pod.sh("ping -c1 -W2 10.99.1.1").0, "pod → node");
+    assert!(node.sh("ping -c1 -W2 10.99.0.5").0, "node → pod");
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.5"), "primary ENI / VPC-route: no rule: {rules}");
+
+    // ADD again is idempotent (the stale veth is replaced).
+    setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+    assert!(node.sh("ping -c1 -W2 10.99.0.5").0);
+
+    teardown_pod(Some(&node.path()), &s).await.unwrap();
+    let (_, links) = node.sh("ip -br link");
+    assert!(!links.contains(&s.host_veth), "{links}");
+    let (_, plinks) = pod.sh("ip -br link");
+    assert!(!plinks.contains("eth0"), "{plinks}");
+    let (_, routes) = node.sh("ip route");
+    assert!(!routes.contains("10.99.0.5"), "{routes}");
+    // Teardown again, and with the pod netns gone, is fine.
+    teardown_pod(Some(&node.path()), &s).await.unwrap();
+    drop(pod);
+    teardown_pod(Some(&node.path()), &s).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_secondary_eni_address_gets_its_rules() {
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    let s = spec([10, 99, 0, 6], Some(101));
+    setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert!(rules.contains("512:\tfrom all to 10.99.0.6 lookup main"), "{rules}");
+    assert!(rules.contains("1536:\tfrom 10.99.0.6 lookup 101"), "{rules}");
+    setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert_eq!(rules.matches("10.99.0.6").count(), 2, "no duplicate rules: {rules}");
+    teardown_pod(Some(&node.path()), &s).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.6"), "{rules}");
+}
+
+#[tokio::test]
+async fn a_failed_setup_leaves_no_veth() {
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    // An interface named like the pod's already in the pod netns makes the rename fail midway.
+    assert!(pod.sh("ip link add eth0 type veth peer name eth0p").0);
+    let s = spec([10, 99, 0, 7], None);
+    let e = setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap_err();
+    assert!(e.to_string().contains("rename the pod end to eth0"), "{e}");
+    let (_, links) = node.sh("ip -br link");
+    assert!(!links.contains(&s.host_veth), "half-made veth left: {links}");
+    let (_, plinks) = pod.sh("ip -br link");
+    assert_eq!(plinks.lines().count(), 3, "only lo and the test's own veth pair: {plinks}");
+}
