@@ -7,7 +7,7 @@
 pub mod netns;
 pub mod pod;
 
-pub use pod::{PodSpec, host_veth_name, setup_pod, teardown_pod};
+pub use pod::{PodLinks, PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_pod, teardown_veth};
 
 /// Errors of the datapath. `op` says what was being done, so a failure names its step.
 #[derive(Debug, thiserror::Error)]

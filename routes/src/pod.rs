@@ -13,9 +13,10 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::LinkAttribute;
-use rtnetlink::packet_route::neighbour::NeighbourState;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -40,6 +41,17 @@ pub struct PodSpec {
     pub mtu: u32,
     /// The secondary ENI's route table; `None` for the primary ENI and VPC-route mode.
     pub route_table: Option<u32>,
+}
+
+/// The MACs of the two ends, for the CNI result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLinks {
+    pub host_mac: String,
+    pub pod_mac: String,
+}
+
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// The host veth's name: `prefix` + a hash of (container id, ifname), 15 bytes at most, the same
@@ -97,7 +109,7 @@ fn ok_if_exists(r: Result<()>) -> Result<()> {
 
 /// Builds the pod's datapath. `host` is the node's namespace (`None`: this process's own).
 /// On failure, whatever was made is removed again before the error is returned.
-pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<()> {
+pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<PodLinks> {
     check_ifname("host_veth", &spec.host_veth)?;
     check_ifname("ifname", &spec.ifname)?;
     let host = handle_in(host)?;
@@ -109,7 +121,7 @@ pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
     res
 }
 
-async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<()> {
+async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
     let (h, p) = (&host.handle, &pod.handle);
     // A veth left by an earlier, interrupted ADD of the same pod is replaced.
     if let Some((idx, _)) = link(h, &spec.host_veth).await? {
@@ -209,7 +221,126 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<()> {
                 .map_err(RoutesError::netlink(format!("rule from pod lookup {table}"))),
         )?;
     }
+    let (_, pod_mac) = need_link(p, &spec.ifname, "pod netns").await?;
+    Ok(PodLinks { host_mac: mac_string(&host_mac), pod_mac: mac_string(&pod_mac) })
+}
+
+fn route_dump() -> RouteMessage {
+    RouteMessageBuilder::<Ipv4Addr>::new().build()
+}
+
+/// The /32 destinations routed through link `idx` (the pods behind a host veth).
+async fn addresses_via(h: &Handle, idx: u32) -> Result<Vec<Ipv4Addr>> {
+    let routes: Vec<RouteMessage> =
+        h.route().get(route_dump()).execute().try_collect().await.map_err(RoutesError::netlink("list routes"))?;
+    Ok(routes
+        .iter()
+        .filter(|r| r.header.destination_prefix_length == 32 && r.attributes.contains(&RouteAttribute::Oif(idx)))
+        .filter_map(|r| {
+            r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
+/// Verifies every piece `setup_pod` makes; the error names the first missing one.
+pub async fn check_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<()> {
+    let host = handle_in(host)?;
+    let pod = handle_in(Some(pod_netns))?;
+    let (h, p) = (&host.handle, &pod.handle);
+    let (hidx, host_mac) = need_link(h, &spec.host_veth, "host").await?;
+    let mut s = p.link().get().match_name(spec.ifname.clone()).execute();
+    let pl = match s.try_next().await {
+        Ok(Some(m)) => m,
+        _ => return Err(RoutesError::Missing(format!("interface {} in the pod netns", spec.ifname))),
+    };
+    if !pl.header.flags.contains(LinkFlags::Up) {
+        return Err(RoutesError::Missing(format!("interface {} is down", spec.ifname)));
+    }
+    let pidx = pl.header.index;
+    let addrs: Vec<_> = p
+        .address()
+        .get()
+        .set_link_index_filter(pidx)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(RoutesError::netlink("list pod addresses"))?;
+    let has_addr = addrs.iter().any(|a| {
+        a.header.prefix_len == 32 && a.attributes.contains(&AddressAttribute::Address(IpAddr::V4(spec.address)))
+    });
+    if !has_addr {
+        return Err(RoutesError::Missing(format!("address {}/32 on {}", spec.address, spec.ifname)));
+    }
+    let routes: Vec<RouteMessage> =
+        p.route().get(route_dump()).execute().try_collect().await.map_err(RoutesError::netlink("list pod routes"))?;
+    let default = routes.iter().any(|r| {
+        r.header.destination_prefix_length == 0
+            && r.attributes.contains(&RouteAttribute::Gateway(RouteAddress::Inet(spec.gateway)))
+            && r.attributes.contains(&RouteAttribute::Oif(pidx))
+    });
+    if !default {
+        return Err(RoutesError::Missing(format!("default route via {} in the pod", spec.gateway)));
+    }
+    let neighs: Vec<_> =
+        p.neighbours().get().execute().try_collect().await.map_err(RoutesError::netlink("list pod neighbours"))?;
+    let neigh = neighs.iter().any(|n| {
+        n.header.ifindex == pidx
+            && n.header.state == NeighbourState::Permanent
+            && n.attributes.contains(&NeighbourAttribute::Destination(NeighbourAddress::Inet(spec.gateway)))
+            && n.attributes.contains(&NeighbourAttribute::LinkLayerAddress(host_mac.clone()))
+    });
+    if !neigh {
+        return Err(RoutesError::Missing(format!("permanent neighbour {} → host veth MAC in the pod", spec.gateway)));
+    }
+    if !addresses_via(h, hidx).await?.contains(&spec.address) {
+        return Err(RoutesError::Missing(format!("host route {}/32 dev {}", spec.address, spec.host_veth)));
+    }
+    if let Some(table) = spec.route_table {
+        let rules: Vec<RuleMessage> =
+            h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
+        let pod_rules: Vec<&RuleMessage> = rules.iter().filter(|r| is_pod_rule(r, spec.address)).collect();
+        let has = |prio: u32, t: u32| {
+            pod_rules.iter().any(|r| {
+                r.attributes.contains(&RuleAttribute::Priority(prio))
+                    && (r.attributes.contains(&RuleAttribute::Table(t)) || u32::from(r.header.table) == t)
+            })
+        };
+        if !has(RULE_TO_POD, MAIN_TABLE) {
+            return Err(RoutesError::Missing(format!("rule {RULE_TO_POD}: to {} lookup main", spec.address)));
+        }
+        if !has(RULE_FROM_POD, table) {
+            return Err(RoutesError::Missing(format!("rule {RULE_FROM_POD}: from {} lookup {table}", spec.address)));
+        }
+    }
     Ok(())
+}
+
+/// Deletes host veths named `prefix…` (15 bytes, as [`host_veth_name`] makes them) that are not
+/// in `keep`, with their pods' rules. Returns the names removed.
+pub async fn gc_host_veths(
+    host: Option<&Path>,
+    prefix: &str,
+    keep: &std::collections::BTreeSet<String>,
+) -> Result<Vec<String>> {
+    let host = handle_in(host)?;
+    let h = &host.handle;
+    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
+    let mut removed = Vec::new();
+    for l in links {
+        let Some(name) =
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
+        else {
+            continue;
+        };
+        if name.len() == 15 && name.starts_with(prefix) && !keep.contains(&name) {
+            remove_veth(h, &name, None).await?;
+            removed.push(name);
+        }
+    }
+    Ok(removed)
 }
 
 /// Removes the pod's datapath from the host side: its rules and its veth (the pod end, and the
@@ -230,18 +361,35 @@ fn is_pod_rule(r: &RuleMessage, addr: Ipv4Addr) -> bool {
 }
 
 async fn remove(h: &Handle, spec: &PodSpec) -> Result<()> {
+    remove_veth(h, &spec.host_veth, Some(spec.address)).await
+}
+
+/// Removes a host veth and the rules of every pod address routed through it (and of `also`).
+async fn remove_veth(h: &Handle, veth: &str, also: Option<Ipv4Addr>) -> Result<()> {
+    let found = link(h, veth).await?;
+    let mut addrs: Vec<Ipv4Addr> = also.into_iter().collect();
+    if let Some((idx, _)) = found {
+        addrs.extend(addresses_via(h, idx).await?);
+    }
     let rules: Vec<RuleMessage> =
         h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
-    for r in rules.into_iter().filter(|r| is_pod_rule(r, spec.address)) {
+    for r in rules.into_iter().filter(|r| addrs.iter().any(|a| is_pod_rule(r, *a))) {
         h.rule().del(r).execute().await.map_err(RoutesError::netlink("delete pod rule"))?;
     }
-    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
-        match h.link().del(idx).execute().await {
-            Err(e) if RoutesError::Netlink { op: String::new(), source: e.clone() }.errno() == Some(ENODEV) => {}
-            r => r.map_err(RoutesError::netlink(format!("delete {}", spec.host_veth)))?,
+    if let Some((idx, _)) = found {
+        match h.link().del(idx).execute().await.map_err(RoutesError::netlink(format!("delete {veth}"))) {
+            Err(e) if e.errno() == Some(ENODEV) => {}
+            r => r?,
         }
     }
     Ok(())
+}
+
+/// Tears down by host veth name alone, finding the pod's address from the host route (DEL when
+/// ipamd cannot say which address the pod had).
+pub async fn teardown_veth(host: Option<&Path>, host_veth: &str) -> Result<()> {
+    let host = handle_in(host)?;
+    remove_veth(&host.handle, host_veth, None).await
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use underway_routes::{PodSpec, host_veth_name, setup_pod, teardown_pod};
+use underway_routes::{PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_pod, teardown_veth};
 
 struct Netns(String);
 
@@ -109,4 +109,47 @@ async fn a_failed_setup_leaves_no_veth() {
     assert!(!links.contains(&s.host_veth), "half-made veth left: {links}");
     let (_, plinks) = pod.sh("ip -br link");
     assert_eq!(plinks.lines().count(), 3, "only lo and the test's own veth pair: {plinks}");
+}
+
+#[tokio::test]
+async fn check_names_the_missing_piece_and_gc_and_veth_teardown_clean_up() {
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    let s = spec([10, 99, 0, 8], Some(102));
+    let links = setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+    assert_eq!(links.host_mac.len(), 17);
+    check_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+
+    let cases: [(&str, &Netns, &str); 4] = [
+        ("ip rule del priority 1536", &node, "rule 1536"),
+        ("ip rule del priority 512", &node, "rule 512"),
+        ("ip neigh del 169.254.1.1 dev eth0", &pod, "neighbour"),
+        ("ip route del default", &pod, "default route"),
+    ];
+    for (cmd, ns, want) in cases {
+        assert!(ns.sh(cmd).0, "{cmd}");
+        let e = check_pod(Some(&node.path()), &pod.path(), &s).await.unwrap_err();
+        assert!(e.to_string().contains(want), "after {cmd:?}: {e}");
+        setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+        check_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
+    }
+
+    // Teardown by veth name alone finds the address from the host route and removes its rules.
+    teardown_veth(Some(&node.path()), &s.host_veth).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.8"), "{rules}");
+    assert!(check_pod(Some(&node.path()), &pod.path(), &s).await.is_err());
+
+    // GC removes the prefix's veths that are not kept, and only those.
+    let keep = spec([10, 99, 0, 9], None);
+    let drop_ = spec([10, 99, 0, 10], Some(103));
+    let pod2 = Netns::new("pod");
+    setup_pod(Some(&node.path()), &pod.path(), &keep).await.unwrap();
+    setup_pod(Some(&node.path()), &pod2.path(), &drop_).await.unwrap();
+    let kept = std::collections::BTreeSet::from([keep.host_veth.clone()]);
+    let removed = gc_host_veths(Some(&node.path()), "uw", &kept).await.unwrap();
+    assert_eq!(removed, vec![drop_.host_veth.clone()]);
+    check_pod(Some(&node.path()), &pod.path(), &keep).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.10"), "{rules}");
 }
