@@ -2,35 +2,12 @@
 //! namespace the container. Both are removed even when a test fails.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+
+use underway_tests::netns::TempNs;
 
 use underway_routes::{PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_pod, teardown_veth};
 
-struct Netns(String);
-
-impl Netns {
-    fn new(role: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("uwr-{}-{}-{role}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
-        assert!(Command::new("ip").args(["netns", "add", &name]).status().unwrap().success(), "needs root");
-        Netns(name)
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/var/run/netns/{}", self.0))
-    }
-    fn sh(&self, cmd: &str) -> (bool, String) {
-        let o = Command::new("ip").args(["netns", "exec", &self.0, "sh", "-c", cmd]).output().unwrap();
-        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+type Netns = TempNs;
 
 fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
     PodSpec {
@@ -45,8 +22,8 @@ fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
 
 #[tokio::test]
 async fn setup_pings_both_ways_and_teardown_leaves_nothing() {
-    let node = Netns::new("node");
-    let pod = Netns::new("pod");
+    let node = Netns::new("node").unwrap();
+    let pod = Netns::new("pod").unwrap();
     assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo && sysctl -qw net.ipv4.ip_forward=1").0);
     let s = spec([10, 99, 0, 5], None);
     setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
@@ -81,8 +58,8 @@ async fn setup_pings_both_ways_and_teardown_leaves_nothing() {
 
 #[tokio::test]
 async fn a_secondary_eni_address_gets_its_rules() {
-    let node = Netns::new("node");
-    let pod = Netns::new("pod");
+    let node = Netns::new("node").unwrap();
+    let pod = Netns::new("pod").unwrap();
     let s = spec([10, 99, 0, 6], Some(101));
     setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
     let (_, rules) = node.sh("ip rule");
@@ -98,8 +75,8 @@ async fn a_secondary_eni_address_gets_its_rules() {
 
 #[tokio::test]
 async fn a_failed_setup_leaves_no_veth() {
-    let node = Netns::new("node");
-    let pod = Netns::new("pod");
+    let node = Netns::new("node").unwrap();
+    let pod = Netns::new("pod").unwrap();
     // An interface named like the pod's already in the pod netns makes the rename fail midway.
     assert!(pod.sh("ip link add eth0 type veth peer name eth0p").0);
     let s = spec([10, 99, 0, 7], None);
@@ -113,8 +90,8 @@ async fn a_failed_setup_leaves_no_veth() {
 
 #[tokio::test]
 async fn check_names_the_missing_piece_and_gc_and_veth_teardown_clean_up() {
-    let node = Netns::new("node");
-    let pod = Netns::new("pod");
+    let node = Netns::new("node").unwrap();
+    let pod = Netns::new("pod").unwrap();
     let s = spec([10, 99, 0, 8], Some(102));
     let links = setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
     assert_eq!(links.host_mac.len(), 17);
@@ -143,7 +120,7 @@ async fn check_names_the_missing_piece_and_gc_and_veth_teardown_clean_up() {
     // GC removes the prefix's veths that are not kept, and only those.
     let keep = spec([10, 99, 0, 9], None);
     let drop_ = spec([10, 99, 0, 10], Some(103));
-    let pod2 = Netns::new("pod");
+    let pod2 = Netns::new("pod").unwrap();
     setup_pod(Some(&node.path()), &pod.path(), &keep).await.unwrap();
     setup_pod(Some(&node.path()), &pod2.path(), &drop_).await.unwrap();
     let kept = std::collections::BTreeSet::from([keep.host_veth.clone()]);

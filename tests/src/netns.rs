@@ -98,3 +98,36 @@ pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static
     .join()
     .map_err(|_| HarnessError::Command("namespace thread panicked".into()))?
 }
+
+/// A throwaway namespace named `uwt-<pid>-x<n>-<role>`, deleted on drop (also when a test
+/// panics); `world::reap_orphans` removes those of killed processes.
+pub struct TempNs(pub String);
+
+impl TempNs {
+    pub fn new(role: &str) -> Result<Self, HarnessError> {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("uwt-{}-x{n}-{role}", std::process::id());
+        add_ns(&name)?;
+        Ok(TempNs(name))
+    }
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::PathBuf::from(format!("/var/run/netns/{}", self.0))
+    }
+    /// `sh -c cmd` inside; (success, stdout + stderr).
+    pub fn sh(&self, cmd: &str) -> (bool, String) {
+        match exec(&self.0, &["sh", "-c", cmd]) {
+            Ok(o) => (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+            ),
+            Err(e) => (false, e.to_string()),
+        }
+    }
+}
+
+impl Drop for TempNs {
+    fn drop(&mut self) {
+        del_ns(&self.0);
+    }
+}

@@ -99,6 +99,8 @@ pub enum ErrorKind {
     EniLimitReached,
     Throttled,
     RouteTableFull,
+    /// ipamd holds no address for this attachment (CHECK).
+    UnknownAttachment,
     VersionMismatch,
     BadRequest,
     Internal,

@@ -1,0 +1,107 @@
+//! The CNI_* environment variables, checked.
+
+use std::collections::BTreeMap;
+
+use crate::error::CniError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Add,
+    Del,
+    Check,
+    Version,
+    Status,
+    Gc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Env {
+    pub command: Command,
+    pub container_id: String,
+    pub netns: String,
+    pub ifname: String,
+    pub args: BTreeMap<String, String>,
+}
+
+impl Env {
+    pub fn pod_namespace(&self) -> Option<String> {
+        self.args.get("K8S_POD_NAMESPACE").cloned()
+    }
+    pub fn pod_name(&self) -> Option<String> {
+        self.args.get("K8S_POD_NAME").cloned()
+    }
+}
+
+pub const MAX_CONTAINER_ID: usize = 256;
+
+fn container_id(v: &str) -> Result<String, CniError> {
+    if v.is_empty() {
+        return Err(CniError::env("CNI_CONTAINERID", "is empty"));
+    }
+    if v.len() > MAX_CONTAINER_ID {
+        return Err(CniError::env("CNI_CONTAINERID", format!("is {} bytes, more than {MAX_CONTAINER_ID}", v.len())));
+    }
+    if !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-')
+        || !v.starts_with(|c: char| c.is_ascii_alphanumeric())
+    {
+        return Err(CniError::env("CNI_CONTAINERID", format!("{v:?} has characters other than A-Z a-z 0-9 _ . -")));
+    }
+    Ok(v.to_string())
+}
+
+fn cni_args(v: &str) -> Result<BTreeMap<String, String>, CniError> {
+    let mut out = BTreeMap::new();
+    for pair in v.split(';').filter(|p| !p.is_empty()) {
+        let Some((k, val)) = pair.split_once('=') else {
+            return Err(CniError::env("CNI_ARGS", format!("{pair:?} is not KEY=VALUE")));
+        };
+        if k.is_empty() {
+            return Err(CniError::env("CNI_ARGS", format!("{pair:?} has an empty key")));
+        }
+        out.insert(k.to_string(), val.to_string());
+    }
+    Ok(out)
+}
+
+/// Reads and checks the variables the command needs. `get` is the environment.
+pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
+    let command = match get("CNI_COMMAND").as_deref() {
+        Some("ADD") => Command::Add,
+        Some("DEL") => Command::Del,
+        Some("CHECK") => Command::Check,
+        Some("VERSION") => Command::Version,
+        Some("STATUS") => Command::Status,
+        Some("GC") => Command::Gc,
+        Some(other) => return Err(CniError::env("CNI_COMMAND", format!("unknown command {other:?}"))),
+        None => return Err(CniError::env("CNI_COMMAND", "is not set")),
+    };
+    let mut env = Env {
+        command,
+        container_id: String::new(),
+        netns: String::new(),
+        ifname: String::new(),
+        args: BTreeMap::new(),
+    };
+    if !matches!(command, Command::Add | Command::Del | Command::Check) {
+        return Ok(env);
+    }
+    env.container_id = container_id(&get("CNI_CONTAINERID").unwrap_or_default())?;
+    env.ifname = get("CNI_IFNAME").unwrap_or_default();
+    underway_routes::pod::check_ifname("CNI_IFNAME", &env.ifname)
+        .map_err(|e| CniError::env("CNI_IFNAME", e.to_string()))?;
+    if get("CNI_PATH").is_none() {
+        return Err(CniError::env("CNI_PATH", "is not set"));
+    }
+    env.args = cni_args(&get("CNI_ARGS").unwrap_or_default())?;
+    env.netns = get("CNI_NETNS").unwrap_or_default();
+    match command {
+        // DEL must succeed with an empty or vanished netns (containerd's second DEL).
+        Command::Del => {}
+        _ if env.netns.is_empty() => return Err(CniError::env("CNI_NETNS", "is empty")),
+        _ if !std::path::Path::new(&env.netns).exists() => {
+            return Err(CniError::env("CNI_NETNS", format!("{} does not exist", env.netns)));
+        }
+        _ => {}
+    }
+    Ok(env)
+}

@@ -1,0 +1,229 @@
+//! The underway CNI plugin (spec 1.1): ADD, DEL, CHECK, VERSION, STATUS, GC.
+//!
+//! It stays thin: one request to ipamd over its unix socket (`underway-api`), then the datapath
+//! (`underway-routes`), then the result. No cloud SDK, no multi-thread runtime. Everything it
+//! prints on stdout is the spec's JSON; logs go to `logFile` or stderr.
+
+pub mod config;
+pub mod env;
+pub mod error;
+pub mod result;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use underway_api::client::{ClientError, call};
+use underway_api::{AddRequest, ApiError, AttachmentKey, ErrorKind, GcRequest, Request, Response};
+use underway_routes::{PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_veth};
+
+use crate::config::NetConf;
+use crate::env::{Command, Env};
+use crate::error::{CniError, code};
+
+/// What to print and the exit status.
+pub struct Output {
+    pub stdout: String,
+    pub status: i32,
+}
+
+/// Runs one invocation. `get` reads the environment; `stdin` is the network config.
+pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
+    let fallback_version = serde_json::from_slice::<serde_json::Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(|s| s.as_str()).map(str::to_string))
+        .filter(|v| config::version_rank(v).is_some())
+        .unwrap_or_else(|| "1.1.0".to_string());
+    let fail = |e: CniError| Output { stdout: e.to_json(&fallback_version), status: 1 };
+    let env = match env::parse(&get) {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    if env.command == Command::Version {
+        return Output { stdout: result::version_result(&fallback_version).to_string(), status: 0 };
+    }
+    let conf = match config::parse(stdin, env.command) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(CniError::new(code::IO, "cannot start the runtime", e.to_string())),
+    };
+    let log = Log { conf: &conf, container: &env.container_id };
+    let res = match env.command {
+        Command::Add => add(&rt, &env, &conf, &log),
+        Command::Del => del(&rt, &env, &conf, &log).map(|_| String::new()),
+        Command::Check => check(&rt, &env, &conf).map(|_| String::new()),
+        Command::Status => status(&conf).map(|_| String::new()),
+        Command::Gc => gc(&rt, &conf, &log).map(|_| String::new()),
+        Command::Version => unreachable!("answered above"),
+    };
+    match res {
+        Ok(stdout) => Output { stdout, status: 0 },
+        Err(e) => {
+            log.write("error", &e.to_string());
+            Output { stdout: e.to_json(&conf.cni_version), status: 1 }
+        }
+    }
+}
+
+struct Log<'a> {
+    conf: &'a NetConf,
+    container: &'a str,
+}
+
+impl Log<'_> {
+    fn write(&self, level: &str, msg: &str) {
+        if level == "debug" && !self.conf.debug {
+            return;
+        }
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let line = format!("{t:.3} {level} underway[{}] container={} {msg}\n", std::process::id(), self.container);
+        let written = self.conf.log_file.as_ref().is_some_and(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .and_then(|mut f| f.write_all(line.as_bytes()))
+                .is_ok()
+        });
+        if !written {
+            eprint!("{line}");
+        }
+    }
+}
+
+fn key(env: &Env, conf: &NetConf) -> AttachmentKey {
+    AttachmentKey { network: conf.name.clone(), container_id: env.container_id.clone(), ifname: env.ifname.clone() }
+}
+
+fn rpc(conf: &NetConf, req: &Request) -> Result<Response, ClientError> {
+    call(&conf.ipamd_socket, req, conf.ipamd_timeout)
+}
+
+fn unreachable_err(e: ClientError) -> CniError {
+    CniError::new(code::TRY_AGAIN_LATER, "ipamd is not reachable; try again later", e.to_string())
+}
+
+fn api_err(what: &str, e: ApiError) -> CniError {
+    let c = match e.kind {
+        ErrorKind::VersionMismatch => code::INCOMPATIBLE_VERSION,
+        ErrorKind::BadRequest => code::INVALID_CONFIG,
+        ErrorKind::Internal => code::IO,
+        ErrorKind::UnknownAttachment => code::UNKNOWN_CONTAINER,
+        ErrorKind::NotReady
+        | ErrorKind::PoolEmpty
+        | ErrorKind::SubnetExhausted
+        | ErrorKind::EniLimitReached
+        | ErrorKind::Throttled
+        | ErrorKind::RouteTableFull => code::TRY_AGAIN_LATER,
+    };
+    CniError::new(c, what, format!("{:?}: {}", e.kind, e.message))
+}
+
+fn unexpected(what: &str, r: Response) -> CniError {
+    CniError::new(code::IO, what, format!("unexpected answer from ipamd: {r:?}"))
+}
+
+fn spec_for(env: &Env, conf: &NetConf, alloc: &underway_api::Allocation) -> PodSpec {
+    PodSpec {
+        host_veth: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
+        ifname: env.ifname.clone(),
+        address: alloc.address,
+        gateway: alloc.gateway,
+        mtu: conf.mtu.or(alloc.mtu).unwrap_or(9001),
+        route_table: alloc.route_table,
+    }
+}
+
+fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Result<String, CniError> {
+    const WHAT: &str = "ipamd could not assign an address";
+    let req = Request::Add(AddRequest {
+        key: key(env, conf),
+        netns: env.netns.clone(),
+        pod_namespace: env.pod_namespace(),
+        pod_name: env.pod_name(),
+    });
+    let alloc = match rpc(conf, &req).map_err(unreachable_err)? {
+        Response::Added(a) => a,
+        Response::Error(e) => return Err(api_err(WHAT, e)),
+        other => return Err(unexpected(WHAT, other)),
+    };
+    let spec = spec_for(env, conf, &alloc);
+    log.write("debug", &format!("ADD {} → {} table {:?}", spec.host_veth, alloc.address, alloc.route_table));
+    match rt.block_on(setup_pod(None, Path::new(&env.netns), &spec)) {
+        Ok(links) => {
+            Ok(result::add_result(&conf.cni_version, &spec.host_veth, &env.ifname, &env.netns, &links, &alloc)
+                .to_string())
+        }
+        Err(e) => {
+            // setup_pod removed what it made; hand the address back so nothing leaks.
+            let released = rpc(conf, &Request::Del(key(env, conf)));
+            log.write(
+                "error",
+                &format!("ADD datapath failed ({e}); address {} released: {}", alloc.address, released.is_ok()),
+            );
+            Err(CniError::new(code::IO, "setting up the pod's network failed", e.to_string()))
+        }
+    }
+}
+
+fn del(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
+    let veth = host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname);
+    // The datapath goes first and needs nothing from ipamd: the host route names the address.
+    rt.block_on(teardown_veth(None, &veth))
+        .map_err(|e| CniError::new(code::IO, "removing the pod's network failed", e.to_string()))?;
+    match rpc(conf, &Request::Del(key(env, conf))) {
+        Ok(Response::Released { found }) => {
+            log.write("debug", &format!("DEL {veth}: released={found}"));
+            Ok(())
+        }
+        Ok(Response::Error(e)) => Err(api_err("ipamd could not release the address", e)),
+        Ok(other) => Err(unexpected("ipamd could not release the address", other)),
+        // The runtime retries DEL on code 11, so the release is not lost.
+        Err(e) => Err(unreachable_err(e)),
+    }
+}
+
+fn check(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf) -> Result<(), CniError> {
+    const WHAT: &str = "CHECK failed";
+    let alloc = match rpc(conf, &Request::Check(key(env, conf))).map_err(unreachable_err)? {
+        Response::Checked(a) => a,
+        Response::Error(e) => return Err(api_err(WHAT, e)),
+        other => return Err(unexpected(WHAT, other)),
+    };
+    let spec = spec_for(env, conf, &alloc);
+    rt.block_on(check_pod(None, Path::new(&env.netns), &spec)).map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))
+}
+
+fn status(conf: &NetConf) -> Result<(), CniError> {
+    const WHAT: &str = "underway cannot add pods now";
+    match rpc(conf, &Request::Status) {
+        Ok(Response::Status(s)) if s.ready => Ok(()),
+        Ok(Response::Status(s)) => Err(CniError::new(code::NOT_AVAILABLE, WHAT, s.reason)),
+        Ok(Response::Error(e)) => Err(CniError::new(code::NOT_AVAILABLE, WHAT, e.message)),
+        Ok(other) => Err(unexpected(WHAT, other)),
+        Err(e) => Err(CniError::new(code::NOT_AVAILABLE, WHAT, e.to_string())),
+    }
+}
+
+fn gc(rt: &tokio::runtime::Runtime, conf: &NetConf, log: &Log) -> Result<(), CniError> {
+    const WHAT: &str = "GC failed";
+    let valid: Vec<AttachmentKey> = conf
+        .valid_attachments
+        .iter()
+        .map(|(c, i)| AttachmentKey { network: conf.name.clone(), container_id: c.clone(), ifname: i.clone() })
+        .collect();
+    let keep = valid.iter().map(|k| host_veth_name(&conf.veth_prefix, &k.container_id, &k.ifname)).collect();
+    match rpc(conf, &Request::Gc(GcRequest { network: conf.name.clone(), valid })).map_err(unreachable_err)? {
+        Response::Collected { released } => log.write("debug", &format!("GC released {released:?}")),
+        Response::Error(e) => return Err(api_err(WHAT, e)),
+        other => return Err(unexpected(WHAT, other)),
+    }
+    let removed = rt
+        .block_on(gc_host_veths(None, &conf.veth_prefix, &keep))
+        .map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))?;
+    log.write("debug", &format!("GC removed host veths {removed:?}"));
+    Ok(())
+}

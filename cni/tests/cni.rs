@@ -1,0 +1,298 @@
+//! The real `underway` binary, run as a runtime runs it, inside a throwaway node namespace, against
+//! an in-test ipamd speaking the real wire API. Needs root.
+
+mod support;
+
+use std::process::Command;
+
+use serde_json::{Value, json};
+use support::FakeIpamd;
+use underway_tests::netns::TempNs;
+
+const BIN: &str = env!("CARGO_BIN_EXE_underway");
+
+struct Run {
+    status: i32,
+    json: Value,
+    raw: String,
+}
+
+/// Runs the plugin inside `node` (or this namespace) with a clean environment.
+fn cni(node: Option<&TempNs>, env: &[(&str, &str)], stdin: &str) -> Run {
+    let mut cmd = match node {
+        Some(n) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &n.0, BIN]);
+            c
+        }
+        None => Command::new(BIN),
+    };
+    cmd.env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).envs(env.iter().copied());
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let raw = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {raw:?}"))
+    };
+    Run { status: out.status.code().unwrap_or(-1), json, raw }
+}
+
+fn conf(version: &str, ipamd: &FakeIpamd) -> String {
+    json!({ "cniVersion": version, "name": "underway", "type": "underway", "ipamdSocket": ipamd.socket, "mtu": 1500 })
+        .to_string()
+}
+
+fn env<'a>(command: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"),
+    ]
+}
+
+fn node() -> TempNs {
+    let n = TempNs::new("node").expect("needs root");
+    assert!(n.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo && sysctl -qw net.ipv4.ip_forward=1").0);
+    n
+}
+
+fn host_veths(node: &TempNs) -> usize {
+    node.sh("ip -br link").1.lines().filter(|l| l.starts_with("uw")).count()
+}
+
+#[test]
+fn add_check_del_cycle() {
+    let ipamd = FakeIpamd::start();
+    let node = node();
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    let c = conf("1.1.0", &ipamd);
+
+    let r = cni(Some(&node), &env("ADD", "c0ffee01", &netns), &c);
+    assert_eq!(r.status, 0, "{}", r.raw);
+    assert_eq!(r.json["cniVersion"], "1.1.0");
+    assert_eq!(r.json["ips"][0]["address"], "10.99.0.10/32");
+    assert_eq!(r.json["ips"][0]["gateway"], "169.254.1.1");
+    assert!(r.json["ips"][0].get("version").is_none(), "no version field in 1.x");
+    assert_eq!(r.json["interfaces"][1]["sandbox"], netns.as_str());
+    assert_eq!(r.json["interfaces"][1]["name"], "eth0");
+    assert_eq!(r.json["routes"][0]["dst"], "0.0.0.0/0");
+    let req = ipamd.state.lock().unwrap().requests[0].clone();
+    match req {
+        underway_api::Request::Add(a) => {
+            assert_eq!(a.pod_namespace.as_deref(), Some("default"));
+            assert_eq!(a.pod_name.as_deref(), Some("web-0"));
+            assert_eq!(a.netns, netns);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(pod.sh("ping -c1 -W2 10.99.1.1").0, "pod → node");
+    assert!(node.sh("ping -c1 -W2 10.99.0.10").0, "node → pod");
+
+    assert_eq!(cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &c).status, 0);
+    assert!(pod.sh("ip neigh del 169.254.1.1 dev eth0").0);
+    let r = cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &c);
+    assert_eq!(r.status, 1);
+    assert!(r.json["details"].as_str().unwrap().contains("neighbour"), "{}", r.raw);
+    let r = cni(Some(&node), &env("CHECK", "unknown01", &netns), &c);
+    assert_eq!(r.json["code"], 3, "ipamd holds nothing for it: {}", r.raw);
+
+    let r = cni(Some(&node), &env("DEL", "c0ffee01", &netns), &c);
+    assert_eq!((r.status, r.raw.as_str()), (0, ""), "DEL prints nothing");
+    assert_eq!(ipamd.assigned(), 0);
+    assert_eq!(host_veths(&node), 0);
+    assert_eq!(cni(Some(&node), &env("DEL", "c0ffee01", &netns), &c).status, 0, "DEL twice");
+}
+
+#[test]
+fn results_are_written_in_the_asked_version() {
+    let ipamd = FakeIpamd::start();
+    let node = node();
+    for (i, v) in ["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"].into_iter().enumerate() {
+        let pod = TempNs::new("pod").unwrap();
+        let netns = pod.path().display().to_string();
+        let id = format!("ver{i}");
+        let r = cni(Some(&node), &env("ADD", &id, &netns), &conf(v, &ipamd));
+        assert_eq!(r.status, 0, "{v}: {}", r.raw);
+        assert_eq!(r.json["cniVersion"], v);
+        assert_eq!(r.json["ips"][0].get("version").is_some(), v.starts_with('0'), "{v}: {}", r.raw);
+        assert_eq!(cni(Some(&node), &env("DEL", &id, &netns), &conf(v, &ipamd)).status, 0);
+    }
+    assert_eq!(ipamd.assigned(), 0);
+}
+
+#[test]
+fn del_variants_succeed_and_ipamd_down_is_try_again_later() {
+    let mut ipamd = FakeIpamd::start();
+    let node = node();
+    let c = conf("1.1.0", &ipamd);
+    // Empty CNI_NETNS (containerd's second DEL on RemovePodSandbox).
+    assert_eq!(cni(Some(&node), &env("DEL", "never-added", ""), &c).status, 0);
+
+    // The netns is gone before DEL: the veth went with it, the address is still released.
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    assert_eq!(cni(Some(&node), &env("ADD", "gone01", &netns), &c).status, 0);
+    drop(pod);
+    assert_eq!(cni(Some(&node), &env("DEL", "gone01", &netns), &c).status, 0);
+    assert_eq!(ipamd.assigned(), 0);
+
+    // ipamd down: the datapath is removed all the same, and the runtime is told to retry.
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    assert_eq!(cni(Some(&node), &env("ADD", "down01", &netns), &c).status, 0);
+    ipamd.stop();
+    let r = cni(Some(&node), &env("DEL", "down01", &netns), &c);
+    assert_eq!((r.status, r.json["code"].as_u64()), (1, Some(11)), "{}", r.raw);
+    assert!(r.json["details"].as_str().unwrap().contains("ipamd.sock"), "{}", r.raw);
+    assert_eq!(host_veths(&node), 0, "veth removed before the error");
+}
+
+#[test]
+fn a_failure_after_the_rpc_leaves_no_veth_and_releases_the_address() {
+    let ipamd = FakeIpamd::start();
+    let node = node();
+    let pod = TempNs::new("pod").unwrap();
+    assert!(pod.sh("ip link add eth0 type veth peer name eth0p").0, "the pod's ifname is taken");
+    let r = cni(Some(&node), &env("ADD", "fail01", &pod.path().display().to_string()), &conf("1.0.0", &ipamd));
+    assert_eq!((r.status, r.json["code"].as_u64()), (1, Some(5)), "{}", r.raw);
+    assert!(r.json["details"].as_str().unwrap().contains("eth0"), "{}", r.raw);
+    assert_eq!(host_veths(&node), 0, "no half-made veth");
+    assert_eq!(ipamd.assigned(), 0, "address released");
+    let reqs = ipamd.state.lock().unwrap().requests.clone();
+    assert!(matches!(reqs.last(), Some(underway_api::Request::Del(_))), "{reqs:?}");
+}
+
+#[test]
+fn version_status_and_gc() {
+    // Podman calls VERSION with dummy values and may send no config.
+    let r = cni(None, &[("CNI_COMMAND", "VERSION"), ("CNI_NETNS", "dummy"), ("CNI_PATH", "dummy")], "");
+    assert_eq!(r.status, 0, "{}", r.raw);
+    assert_eq!(r.json["supportedVersions"], json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"]));
+    let r = cni(None, &[("CNI_COMMAND", "VERSION")], r#"{"cniVersion":"0.4.0"}"#);
+    assert_eq!(r.json["cniVersion"], "0.4.0");
+
+    let mut ipamd = FakeIpamd::start();
+    let c = conf("1.1.0", &ipamd);
+    assert_eq!(cni(None, &[("CNI_COMMAND", "STATUS")], &c).status, 0);
+    ipamd.state.lock().unwrap().not_ready = Some("waiting for IMDS".into());
+    let r = cni(None, &[("CNI_COMMAND", "STATUS")], &c);
+    assert_eq!(r.json["code"], 50);
+    assert!(r.raw.contains("waiting for IMDS"), "{}", r.raw);
+    ipamd.state.lock().unwrap().not_ready = None;
+
+    let node = node();
+    let (p1, p2) = (TempNs::new("pod").unwrap(), TempNs::new("pod").unwrap());
+    assert_eq!(cni(Some(&node), &env("ADD", "keep01", &p1.path().display().to_string()), &c).status, 0);
+    assert_eq!(cni(Some(&node), &env("ADD", "stale01", &p2.path().display().to_string()), &c).status, 0);
+    let mut gc: Value = serde_json::from_str(&c).unwrap();
+    gc["cni.dev/valid-attachments"] = json!([{ "containerID": "keep01", "ifname": "eth0" }]);
+    let r = cni(Some(&node), &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")], &gc.to_string());
+    assert_eq!(r.status, 0, "{}", r.raw);
+    assert_eq!(ipamd.assigned(), 1, "the stale attachment's address is released");
+    assert_eq!(host_veths(&node), 1, "and its veth removed");
+    assert!(p1.sh("ping -c1 -W2 10.99.1.1").0, "the kept pod still works");
+
+    ipamd.stop();
+    let r = cni(None, &[("CNI_COMMAND", "STATUS")], &c);
+    assert_eq!(r.json["code"], 50, "ipamd down: {}", r.raw);
+}
+
+#[test]
+fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
+    let ipamd = FakeIpamd::start();
+    let good = json!({ "cniVersion": "1.1.0", "name": "underway", "type": "underway", "ipamdSocket": ipamd.socket });
+    let with = |k: &str, v: Value| {
+        let mut c = good.clone();
+        c[k] = v;
+        c.to_string()
+    };
+    let without = |k: &str| {
+        let mut c = good.clone();
+        c.as_object_mut().unwrap().remove(k);
+        c.to_string()
+    };
+    let netns = "/proc/self/ns/net";
+    let long_id = "a".repeat(300);
+    let g = good.to_string();
+    let unset = "";
+    // (env overrides, stdin, expected code, text the message must contain)
+    let cases: Vec<(Vec<(&str, &str)>, String, u64, &str)> = vec![
+        (vec![("CNI_COMMAND", "")], g.clone(), 4, "CNI_COMMAND"),
+        (vec![("CNI_COMMAND", "EXPLODE")], g.clone(), 4, "CNI_COMMAND"),
+        (vec![("CNI_CONTAINERID", "")], g.clone(), 4, "CNI_CONTAINERID"),
+        (vec![("CNI_CONTAINERID", &long_id)], g.clone(), 4, "CNI_CONTAINERID"),
+        (vec![("CNI_CONTAINERID", "bad/id")], g.clone(), 4, "CNI_CONTAINERID"),
+        (vec![("CNI_CONTAINERID", "-leading")], g.clone(), 4, "CNI_CONTAINERID"),
+        (vec![("CNI_IFNAME", "")], g.clone(), 4, "CNI_IFNAME"),
+        (vec![("CNI_IFNAME", "a-very-long-ifname")], g.clone(), 4, "CNI_IFNAME"),
+        (vec![("CNI_IFNAME", "eth/0")], g.clone(), 4, "CNI_IFNAME"),
+        (vec![("CNI_NETNS", "")], g.clone(), 4, "CNI_NETNS"),
+        (vec![("CNI_PATH", unset)], g.clone(), 4, "CNI_PATH"),
+        (vec![("CNI_NETNS", "/var/run/netns/does-not-exist")], g.clone(), 4, "CNI_NETNS"),
+        (vec![("CNI_ARGS", "K8S_POD_NAME")], g.clone(), 4, "CNI_ARGS"),
+        (vec![("CNI_ARGS", "=x")], g.clone(), 4, "CNI_ARGS"),
+        (vec![], "not json".into(), 6, "decode"),
+        (vec![], "[1,2]".into(), 6, "not a JSON object"),
+        (vec![], "".into(), 6, "decode"),
+        (vec![], without("cniVersion"), 7, "cniVersion"),
+        (vec![], with("cniVersion", json!("0.2.0")), 1, "cniVersion"),
+        (vec![], with("cniVersion", json!("9.9.9")), 1, "cniVersion"),
+        (vec![], with("cniVersion", json!(1)), 7, "cniVersion"),
+        (vec![], without("name"), 7, "name"),
+        (vec![], with("name", json!("bad name")), 7, "name"),
+        (vec![], with("name", json!(7)), 7, "name"),
+        (vec![], without("type"), 7, "type"),
+        (vec![], with("type", json!("bridge")), 7, "type"),
+        (vec![], with("mtu", json!("1500")), 7, "mtu"),
+        (vec![], with("mtu", json!(10)), 7, "mtu"),
+        (vec![], with("mtu", json!(-1)), 7, "mtu"),
+        (vec![], with("ipamdSocket", json!("relative.sock")), 7, "ipamdSocket"),
+        (vec![], with("ipamdSocket", json!(["a"])), 7, "ipamdSocket"),
+        (vec![], with("vethPrefix", json!("toolong")), 7, "vethPrefix"),
+        (vec![], with("logLevel", json!("loud")), 7, "logLevel"),
+        (vec![], with("logFile", json!("rel.log")), 7, "logFile"),
+        (vec![], with("ipamdTimeoutSeconds", json!(0)), 7, "ipamdTimeoutSeconds"),
+        (vec![], with("runtimeConfig", json!("x")), 7, "runtimeConfig"),
+        (vec![], with("prevResult", json!(3)), 7, "prevResult"),
+        (vec![("CNI_COMMAND", "CHECK")], with("cniVersion", json!("0.3.1")), 1, "cniVersion"),
+        (vec![("CNI_COMMAND", "STATUS")], with("cniVersion", json!("1.0.0")), 1, "cniVersion"),
+        (vec![("CNI_COMMAND", "GC")], with("cni.dev/valid-attachments", json!("all")), 7, "cni.dev/valid-attachments"),
+        (
+            vec![("CNI_COMMAND", "GC")],
+            with("cni.dev/valid-attachments", json!([{ "ifname": "eth0" }])),
+            7,
+            "containerID",
+        ),
+    ];
+    assert!(cases.len() >= 30);
+    for (overrides, stdin, want_code, want_text) in cases {
+        let mut e = env("ADD", "c0ffee", netns);
+        // STATUS/GC and the like run without the ADD variables; DEL-only quirks are tested above.
+        for (k, v) in &overrides {
+            e.retain(|(ek, _)| ek != k);
+            e.push((k, v));
+        }
+        // Missing-variable cases: an empty CNI_COMMAND or CNI_PATH stands for "not set".
+        let e: Vec<(&str, &str)> =
+            e.into_iter().filter(|(k, v)| !((*k == "CNI_COMMAND" || *k == "CNI_PATH") && v.is_empty())).collect();
+        let r = cni(None, &e, &stdin);
+        assert_eq!(r.status, 1, "{overrides:?} {stdin}: {}", r.raw);
+        assert_eq!(r.json["code"].as_u64(), Some(want_code), "{overrides:?} {stdin}: {}", r.raw);
+        let text = format!("{} {}", r.json["msg"], r.json["details"]);
+        assert!(text.contains(want_text), "{overrides:?} {stdin}: message must name {want_text}: {text}");
+    }
+    assert_eq!(ipamd.assigned(), 0, "refused input assigns nothing");
+}
