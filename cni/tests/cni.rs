@@ -210,6 +210,9 @@ fn version_status_and_gc() {
     assert_eq!(r.json["code"], 50, "ipamd down: {}", r.raw);
 }
 
+/// (environment overrides, stdin, expected code, text the message must contain)
+type Case<'a> = (Vec<(&'a str, &'a str)>, String, u64, &'a str);
+
 #[test]
 fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
     let ipamd = FakeIpamd::start();
@@ -229,7 +232,7 @@ fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
     let g = good.to_string();
     let unset = "";
     // (env overrides, stdin, expected code, text the message must contain)
-    let cases: Vec<(Vec<(&str, &str)>, String, u64, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (vec![("CNI_COMMAND", "")], g.clone(), 4, "CNI_COMMAND"),
         (vec![("CNI_COMMAND", "EXPLODE")], g.clone(), 4, "CNI_COMMAND"),
         (vec![("CNI_CONTAINERID", "")], g.clone(), 4, "CNI_CONTAINERID"),
