@@ -4,9 +4,11 @@
 //! ([`netns::handle_in`]); no thread of the process stays in another namespace. Set-up and
 //! teardown are symmetric and idempotent; teardown tolerates any missing piece.
 
+pub mod eni;
 pub mod netns;
 pub mod pod;
 
+pub use eni::{EniSpec, setup_eni, teardown_eni};
 pub use pod::{PodLinks, PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_pod, teardown_veth};
 
 /// Errors of the datapath. `op` says what was being done, so a failure names its step.

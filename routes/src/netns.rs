@@ -46,3 +46,28 @@ pub fn handle_in(path: Option<&Path>) -> Result<Ns> {
     tokio::spawn(conn);
     Ok(Ns { file, handle })
 }
+
+/// Writes `/proc/sys/<key>` as seen from the namespace at `path` (`None`: this one).
+pub fn sysctl_in(path: Option<&Path>, key: &str, value: &str) -> Result<()> {
+    let file = format!("/proc/sys/{key}");
+    let write = {
+        let (file, value) = (file.clone(), value.to_string());
+        move || std::fs::write(&file, value)
+    };
+    let res = match path {
+        None => write(),
+        Some(p) => {
+            let ns = File::open(p).map_err(io_err(p))?;
+            std::thread::spawn(move || -> std::io::Result<()> {
+                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                write()
+            })
+            .join()
+            .map_err(|_| RoutesError::Netns {
+                path: p.display().to_string(),
+                source: std::io::Error::other("thread panicked"),
+            })?
+        }
+    };
+    res.map_err(|source| RoutesError::Netns { path: file, source })
+}
