@@ -299,3 +299,42 @@ fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
     }
     assert_eq!(ipamd.assigned(), 0, "refused input assigns nothing");
 }
+
+/// A conflist `underway → portmap` (Debian's containernetworking-plugins): portmap takes our
+/// result as prevResult, maps a host port to the pod's address, and passes the result on.
+#[test]
+fn portmap_chains_after_underway() {
+    let ipamd = FakeIpamd::start();
+    let node = node();
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    let r = cni(Some(&node), &env("ADD", "chain01", &netns), &conf("1.0.0", &ipamd));
+    assert_eq!(r.status, 0, "{}", r.raw);
+    let pod_ip = r.json["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").to_string();
+
+    let portmap = |command: &str| {
+        let conf = json!({
+            "cniVersion": "1.0.0", "name": "underway", "type": "portmap",
+            "capabilities": { "portMappings": true },
+            "runtimeConfig": { "portMappings": [{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }] },
+            "prevResult": r.json,
+        });
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &node.0, "/usr/lib/cni/portmap"]).env_clear();
+        c.envs(env(command, "chain01", &netns)).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        let mut child = c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = portmap("ADD");
+    assert!(out.status.success(), "portmap ADD: {}", String::from_utf8_lossy(&out.stdout));
+    let chained: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(chained["ips"], r.json["ips"], "portmap passes our result on");
+    let (_, nat) = node.sh("iptables -t nat -S");
+    assert!(nat.contains(&format!("--to-destination {pod_ip}:80")), "DNAT to the pod: {nat}");
+
+    assert!(portmap("DEL").status.success());
+    assert!(!node.sh("iptables -t nat -S").1.contains(&pod_ip));
+    assert_eq!(cni(Some(&node), &env("DEL", "chain01", &netns), &conf("1.0.0", &ipamd)).status, 0);
+}
