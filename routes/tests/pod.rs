@@ -77,11 +77,11 @@ async fn a_secondary_eni_address_gets_its_rules() {
 async fn a_failed_setup_leaves_no_veth() {
     let node = Netns::new("node").unwrap();
     let pod = Netns::new("pod").unwrap();
-    // An interface named like the pod's already in the pod netns makes the rename fail midway.
+    // An interface named like the pod's already in the pod netns makes the set-up fail.
     assert!(pod.sh("ip link add eth0 type veth peer name eth0p").0);
     let s = spec([10, 99, 0, 7], None);
     let e = setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap_err();
-    assert!(e.to_string().contains("rename the pod end to eth0"), "{e}");
+    assert!(e.to_string().contains("with eth0 in the pod netns"), "{e}");
     let (_, links) = node.sh("ip -br link");
     assert!(!links.contains(&s.host_veth), "half-made veth left: {links}");
     let (_, plinks) = pod.sh("ip -br link");
