@@ -85,8 +85,6 @@ pub struct Ec2Cloud {
     stats: Arc<CallStats>,
 }
 
-const ALL_ADDRESSES_ARG: &str = "count";
-
 impl Ec2Cloud {
     /// Loads credentials and region from the default chain (env, profile, IMDS) and applies `cfg`.
     pub async fn connect(cfg: &Ec2Config) -> Self {
@@ -123,11 +121,6 @@ impl Ec2Cloud {
     /// Calls made so far, by operation and outcome.
     pub fn stats(&self) -> &Arc<CallStats> {
         &self.stats
-    }
-
-    /// The raw SDK client, for test set-up only (creating VPCs, instances...).
-    pub fn sdk(&self) -> &Client {
-        &self.client
     }
 
     async fn call<T, E, Fut>(&self, op: &'static str, class: ApiClass, fut: Fut) -> Result<T>
@@ -588,7 +581,7 @@ impl Interfaces for Ec2Cloud {
 
     async fn assign(&self, known: &Eni, count: AddressCount) -> Result<Assigned> {
         const OP: &str = "AssignPrivateIpAddresses";
-        if let Err(e) = check_id("eni", &known.id, "eni-").and_then(|_| count.validate(ALL_ADDRESSES_ARG, false)) {
+        if let Err(e) = check_id("eni", &known.id, "eni-").and_then(|_| count.validate("count", false)) {
             return self.refuse(OP, e);
         }
         let call = self
