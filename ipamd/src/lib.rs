@@ -1,0 +1,4 @@
+//! underway's node IPAM daemon. So far: [`targets`], the pure decision of how the warm pool
+//! should change; the daemon around it (pool, store, reconciler, RPC server) is issue #5.
+
+pub mod targets;
