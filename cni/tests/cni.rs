@@ -338,3 +338,28 @@ fn portmap_chains_after_underway() {
     assert!(!node.sh("iptables -t nat -S").1.contains(&pod_ip));
     assert_eq!(cni(Some(&node), &env("DEL", "chain01", &netns), &conf("1.0.0", &ipamd)).status, 0);
 }
+
+/// An address of a secondary ENI: ADD adds the two policy rules; DEL, which knows only the host
+/// veth's name, finds the address from the host route and removes them.
+#[test]
+fn a_secondary_eni_address_gets_rules_that_del_removes() {
+    let ipamd = FakeIpamd::start();
+    ipamd.state.lock().unwrap().route_table = Some(101);
+    let node = node();
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    let c = conf("1.1.0", &ipamd);
+    assert_eq!(cni(Some(&node), &env("ADD", "sec01", &netns), &c).status, 0);
+    let (_, rules) = node.sh("ip rule");
+    assert!(rules.contains("512:\tfrom all to 10.99.0.10 lookup main"), "{rules}");
+    assert!(rules.contains("1536:\tfrom 10.99.0.10 lookup 101"), "{rules}");
+    assert_eq!(cni(Some(&node), &env("CHECK", "sec01", &netns), &c).status, 0);
+    assert!(node.sh("ip rule del priority 1536").0);
+    let r = cni(Some(&node), &env("CHECK", "sec01", &netns), &c);
+    assert!(r.json["details"].as_str().unwrap().contains("rule 1536"), "{}", r.raw);
+
+    assert_eq!(cni(Some(&node), &env("DEL", "sec01", &netns), &c).status, 0);
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.10"), "rules left after DEL: {rules}");
+    assert_eq!(ipamd.assigned(), 0);
+}

@@ -214,16 +214,6 @@ impl Account {
             )))
             .build()
     }
-
-    /// The environment a process (ipamd) needs to reach this account.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ACCESS_KEY_ID", self.id.clone()),
-            ("AWS_SECRET_ACCESS_KEY", "test".into()),
-            ("AWS_REGION", REGION.into()),
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-        ]
-    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,11 @@ pub fn mac_for(eni_id: &str) -> [u8; 6] {
     [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
+/// The VPC router's address in a subnet: its first host.
+fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
 pub fn mac_string(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
@@ -170,7 +175,7 @@ pub fn plan(snap: &Snapshot, nodes: &BTreeMap<String, usize>) -> Plan {
             p.routes.entry(r.destination).or_insert(RouterRoute { link: link.clone(), via: *via });
         }
     }
-    p.gateways = snap.subnets.values().map(|c| Ipv4Addr::from(u32::from(c.network()) + 1)).collect();
+    p.gateways = snap.subnets.values().copied().map(first_host).collect();
     p
 }
 
@@ -600,7 +605,7 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
                     .get(&eni.subnet_id)
                     .copied()
                     .unwrap_or_else(|| Ipv4Net::new(eni.primary_ip, 16).expect("/16"));
-                let gw = Ipv4Addr::from(u32::from(cidr.network()) + 1).to_string();
+                let gw = first_host(cidr).to_string();
                 netns::ip_in(&n.ns, &["link", "set", &eth, "up"])?;
                 netns::ip_in(
                     &n.ns,
