@@ -136,18 +136,29 @@ pub fn start(owner_pid: u32, log: &Path) -> Result<(LocalStack, Child), HarnessE
         .spawn()
         .map_err(|e| HarnessError::Start(e.to_string()))?;
     let pgid = child.id();
-    // The watchdog outlives a panicking or killed test process and takes LocalStack with it.
+    spawn_watchdog(owner_pid, pgid)?;
+    let endpoint = format!("http://{listen}");
+    wait_healthy(&endpoint, Duration::from_secs(90)).inspect_err(|_| stop_group(pgid))?;
+    Ok((LocalStack { endpoint, pid: Some(pgid) }, child))
+}
+
+/// Starts a shell, in its own process group, that waits for `owner_pid` to end (however it ends:
+/// panic, Ctrl-C, SIGKILL) and then kills process group `pgid`: TERM, then KILL (LocalStack often
+/// ignores TERM).
+pub fn spawn_watchdog(owner_pid: u32, pgid: u32) -> Result<(), HarnessError> {
+    // dash's kill takes `-PGID` after the signal, but not `--`.
+    let script = format!(
+        "while kill -0 {owner_pid} 2>/dev/null; do sleep 1; done; kill -TERM -{pgid} 2>/dev/null; sleep 3; kill -KILL -{pgid} 2>/dev/null"
+    );
     Command::new("sh")
         .arg("-c")
-        .arg(format!("while kill -0 {owner_pid} 2>/dev/null; do sleep 1; done; kill -TERM -- -{pgid} 2>/dev/null; sleep 3; kill -KILL -- -{pgid} 2>/dev/null"))
+        .arg(script)
         .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let endpoint = format!("http://{listen}");
-    wait_healthy(&endpoint, Duration::from_secs(90)).inspect_err(|_| stop_group(pgid))?;
-    Ok((LocalStack { endpoint, pid: Some(pgid) }, child))
+    Ok(())
 }
 
 /// Kills a LocalStack process group: TERM, then KILL (it often ignores TERM).
@@ -219,6 +230,26 @@ impl Account {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_kills_the_group_when_its_owner_ends() {
+        // A process group that ignores TERM, like LocalStack often does, and a short-lived owner.
+        let mut group = Command::new("sh").args(["-c", "trap '' TERM; sleep 60"]).process_group(0).spawn().unwrap();
+        let mut owner = Command::new("sleep").arg("1").spawn().unwrap();
+        spawn_watchdog(owner.id(), group.id()).unwrap();
+        owner.wait().unwrap();
+        let mut ended = None;
+        for _ in 0..100 {
+            ended = group.try_wait().unwrap();
+            if ended.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = ended.expect("the group outlived its owner by 10 s");
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "killed with KILL after TERM was ignored: {status:?}");
+    }
 
     #[test]
     fn account_ids_are_twelve_digits_and_distinct() {
