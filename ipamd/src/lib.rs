@@ -1,5 +1,25 @@
-//! underway's node IPAM daemon. So far: [`pool`], the address pool as pure data, and [`targets`],
-//! the pure decision of how the warm pool should change; the daemon around it (pool, store, reconciler, RPC server) is issue #5.
+//! underway's node IPAM daemon.
+//!
+//! - [`config`]: one typed, validated configuration;
+//! - [`pool`] (pure data) and [`targets`] (pure decisions): the warm pool;
+//! - [`store`]: the durable snapshot; [`state`]: the shared book with group commit;
+//! - [`service`] + [`server`]: the RPC the CNI binary calls;
+//! - [`reconcile`] + [`eni_mode`]: bringing the pool to its targets through the cloud seam;
+//! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
+//! - [`daemon`]: start-up and shutdown.
 
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod eni_mode;
+pub mod error;
+pub mod http;
+pub mod identity;
+pub mod metrics;
 pub mod pool;
+pub mod reconcile;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
 pub mod targets;

@@ -11,11 +11,13 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
 use underway_api::AttachmentKey;
 
 use crate::targets::PoolStats;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Slot {
     Free,
     Assigned(AttachmentKey),
@@ -27,7 +29,7 @@ pub enum Slot {
     Releasing,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Eni {
     pub id: String,
     pub device_index: u32,
@@ -53,6 +55,19 @@ pub enum PoolError {
     UnknownEni(String),
     #[error("address {0} is already in the pool")]
     Duplicate(Ipv4Addr),
+    #[error("address {0} is not free")]
+    NotFree(Ipv4Addr),
+}
+
+/// What [`Pool::sync_eni`] changed to match the cloud.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// In the cloud, not in the pool: added as free.
+    pub added: Vec<Ipv4Addr>,
+    /// In the pool, not in the cloud: dropped. Assigned ones are listed with their holder (their
+    /// pods keep an address the node no longer owns: reported, never handed out again).
+    pub dropped: Vec<Ipv4Addr>,
+    pub dropped_assigned: Vec<(Ipv4Addr, AttachmentKey)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -67,8 +82,99 @@ impl Pool {
         Pool { cooldown_ms, ..Pool::default() }
     }
 
+    /// A pool from stored ENIs (assignments are rebuilt from their slots).
+    pub fn from_enis(cooldown_ms: u64, enis: Vec<Eni>) -> Self {
+        let mut p = Pool::new(cooldown_ms);
+        for e in enis {
+            for (ip, s) in &e.slots {
+                if let Slot::Assigned(k) = s {
+                    p.held.insert(k.clone(), *ip);
+                }
+            }
+            p.enis.insert(e.device_index, e);
+        }
+        p
+    }
+
     pub fn enis(&self) -> impl Iterator<Item = &Eni> {
         self.enis.values()
+    }
+
+    /// Every attachment and its address.
+    pub fn held(&self) -> impl Iterator<Item = (&AttachmentKey, &Ipv4Addr)> {
+        self.held.iter()
+    }
+
+    /// Makes the pool's view of one ENI match the cloud's: same device index and table, and the
+    /// addresses (and prefixes) the cloud says it holds. Creates the ENI when it is new.
+    pub fn sync_eni(
+        &mut self,
+        id: &str,
+        device_index: u32,
+        route_table: Option<u32>,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Net],
+    ) -> SyncReport {
+        if self.enis.get(&device_index).is_some_and(|e| e.id != id) {
+            // Another ENI sat at this index: it is gone.
+            self.remove_eni_at(device_index);
+        }
+        self.add_eni(id, device_index, route_table);
+        let e = self.enis.get_mut(&device_index).expect("just added");
+        e.route_table = route_table;
+        let mut want: Vec<Ipv4Addr> = ips.to_vec();
+        for p in prefixes {
+            want.extend(prefix_addresses(*p));
+        }
+        e.prefixes = prefixes.to_vec();
+        let mut report = SyncReport::default();
+        let gone: Vec<Ipv4Addr> = e.slots.keys().filter(|ip| !want.contains(ip)).copied().collect();
+        // A release the cloud did not carry out (ipamd stopped in between): the address is free again.
+        for (ip, s) in e.slots.iter_mut() {
+            if *s == Slot::Releasing && want.contains(ip) {
+                *s = Slot::Free;
+            }
+        }
+        for ip in gone {
+            match e.slots.remove(&ip) {
+                Some(Slot::Assigned(k)) => {
+                    self.held.remove(&k);
+                    report.dropped_assigned.push((ip, k));
+                }
+                _ => report.dropped.push(ip),
+            }
+        }
+        for ip in want {
+            if let std::collections::btree_map::Entry::Vacant(v) = e.slots.entry(ip) {
+                v.insert(Slot::Free);
+                report.added.push(ip);
+            }
+        }
+        report
+    }
+
+    /// Forgets the ENI at `device_index` (it was detached); returns its assignments, now lost.
+    pub fn remove_eni_at(&mut self, device_index: u32) -> Vec<(Ipv4Addr, AttachmentKey)> {
+        let Some(e) = self.enis.remove(&device_index) else { return Vec::new() };
+        let mut lost = Vec::new();
+        for (ip, s) in e.slots {
+            if let Slot::Assigned(k) = s {
+                self.held.remove(&k);
+                lost.push((ip, k));
+            }
+        }
+        lost
+    }
+
+    /// Records that `key` holds `ip` (host state found a pod using a free address).
+    pub fn assign_address(&mut self, key: &AttachmentKey, ip: Ipv4Addr) -> Result<(), PoolError> {
+        let slot = self.enis.values_mut().find_map(|e| e.slots.get_mut(&ip)).ok_or(PoolError::NotFree(ip))?;
+        if *slot != Slot::Free && !matches!(slot, Slot::Cooling { .. }) {
+            return Err(PoolError::NotFree(ip));
+        }
+        *slot = Slot::Assigned(key.clone());
+        self.held.insert(key.clone(), ip);
+        Ok(())
     }
 
     pub fn add_eni(&mut self, id: &str, device_index: u32, route_table: Option<u32>) {
@@ -103,7 +209,7 @@ impl Pool {
 
     /// Adds a /28 prefix: its 16 addresses become free.
     pub fn add_prefix(&mut self, eni: &str, prefix: Ipv4Net) -> Result<(), PoolError> {
-        let ips: Vec<Ipv4Addr> = prefix.hosts().chain([prefix.network(), prefix.broadcast()]).collect();
+        let ips: Vec<Ipv4Addr> = prefix_addresses(prefix).collect();
         self.add_addresses(eni, &ips)?;
         self.eni_mut(eni)?.prefixes.push(prefix);
         Ok(())
@@ -177,6 +283,37 @@ impl Pool {
         out
     }
 
+    /// Prefix mode: picks up to `n` prefixes whose 16 addresses are all free (last ENI and last
+    /// prefix first) and marks their addresses releasing.
+    pub fn begin_release_prefixes(&mut self, n: u32) -> BTreeMap<String, Vec<Ipv4Net>> {
+        let mut out: BTreeMap<String, Vec<Ipv4Net>> = BTreeMap::new();
+        let mut left = n;
+        for e in self.enis.values_mut().rev() {
+            for p in e.prefixes.iter().rev() {
+                if left == 0 {
+                    return out;
+                }
+                if prefix_addresses(*p).all(|ip| e.slots.get(&ip) == Some(&Slot::Free)) {
+                    for ip in prefix_addresses(*p) {
+                        e.slots.insert(ip, Slot::Releasing);
+                    }
+                    out.entry(e.id.clone()).or_default().push(*p);
+                    left -= 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The cloud took these prefixes back: forget them and their addresses.
+    pub fn finish_release_prefixes(&mut self, prefixes: &[Ipv4Net]) {
+        let ips: Vec<Ipv4Addr> = prefixes.iter().flat_map(|p| prefix_addresses(*p)).collect();
+        self.finish_release(&ips);
+        for e in self.enis.values_mut() {
+            e.prefixes.retain(|p| !prefixes.contains(p));
+        }
+    }
+
     /// The cloud took them back: forget them.
     pub fn finish_release(&mut self, ips: &[Ipv4Addr]) {
         for e in self.enis.values_mut() {
@@ -220,7 +357,21 @@ impl Pool {
         s
     }
 
-    fn stats(&self) -> PoolStats {
+    /// Addresses in each state: (free, assigned, cooling, releasing) of one ENI.
+    pub fn eni_counts(e: &Eni) -> (u32, u32, u32, u32) {
+        let mut c = (0, 0, 0, 0);
+        for s in e.slots.values() {
+            match s {
+                Slot::Free => c.0 += 1,
+                Slot::Assigned(_) => c.1 += 1,
+                Slot::Cooling { .. } => c.2 += 1,
+                Slot::Releasing => c.3 += 1,
+            }
+        }
+        c
+    }
+
+    pub fn stats(&self) -> PoolStats {
         PoolStats {
             enis: self.enis.len() as u32,
             total: self.count(|s| *s != Slot::Releasing),
@@ -229,6 +380,12 @@ impl Pool {
             free_slots_on_enis: 0,
         }
     }
+}
+
+/// The 16 addresses of a /28 (AWS hands out all of them to pods).
+pub(crate) fn prefix_addresses(prefix: Ipv4Net) -> impl Iterator<Item = Ipv4Addr> {
+    let base = u32::from(prefix.network());
+    (0..(1u32 << (32 - prefix.prefix_len()))).map(move |i| Ipv4Addr::from(base + i))
 }
 
 #[cfg(test)]
@@ -322,5 +479,67 @@ mod tests {
         assert_eq!(released, vec![Ipv4Addr::new(10, 0, 1, 16)], "only the stale attachment of this network");
         assert!(p.lease_of(&other).is_some());
         assert_eq!(p.stats_with(9, true).assigned, 2);
+    }
+
+    #[test]
+    fn sync_with_the_cloud_adds_drops_and_reports() {
+        let mut p = pool();
+        p.assign(&key("a"), 0).unwrap(); // 10 on eni-0
+        p.assign(&key("b"), 0).unwrap(); // 11 on eni-0
+        // The cloud says eni-0 now holds 11 and 12 (10 vanished while its pod ran).
+        let r = p.sync_eni("eni-0", 0, None, &[ip(11), ip(12)], &[]);
+        assert_eq!(r.added, vec![ip(12)]);
+        assert_eq!(r.dropped, Vec::<Ipv4Addr>::new());
+        assert_eq!(r.dropped_assigned, vec![(ip(10), key("a"))]);
+        assert!(p.lease_of(&key("a")).is_none(), "a lost address is never handed out or reported as held");
+        assert_eq!(p.lease_of(&key("b")).unwrap().address, ip(11));
+        // A different ENI at device 1 replaces the old one; its assignments are lost with it.
+        p.assign(&key("c"), 0).unwrap(); // 12
+        p.assign(&key("d"), 0).unwrap(); // 20 on eni-1
+        let r = p.sync_eni("eni-9", 1, Some(101), &[ip(30)], &[]);
+        assert_eq!(r.added, vec![ip(30)]);
+        assert!(p.lease_of(&key("d")).is_none());
+        assert_eq!(p.enis().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["eni-0", "eni-9"]);
+        // Idempotent.
+        assert_eq!(p.sync_eni("eni-9", 1, Some(101), &[ip(30)], &[]), SyncReport::default());
+        let lost = p.remove_eni_at(0);
+        assert_eq!(lost.iter().map(|(a, _)| *a).collect::<Vec<_>>(), vec![ip(11), ip(12)]);
+        assert_eq!(p.held().count(), 0);
+    }
+
+    #[test]
+    fn a_stored_pool_comes_back_with_its_assignments() {
+        let mut p = pool();
+        p.assign(&key("a"), 0).unwrap();
+        p.assign(&key("b"), 0).unwrap();
+        p.release(&key("b"), 100);
+        let back = Pool::from_enis(30_000, p.enis().cloned().collect());
+        assert_eq!(back.lease_of(&key("a")), p.lease_of(&key("a")));
+        assert_eq!(back.stats(), p.stats());
+        let mut back = back;
+        assert_eq!(back.assign(&key("c"), 200).unwrap().address, ip(20), "11 still cools after the restart");
+        back.assign_address(&key("h"), ip(21)).unwrap();
+        assert_eq!(back.assign_address(&key("i"), ip(21)), Err(PoolError::NotFree(ip(21))));
+        assert_eq!(back.assign_address(&key("i"), ip(99)), Err(PoolError::NotFree(ip(99))));
+    }
+
+    #[test]
+    fn only_wholly_free_prefixes_are_released() {
+        let mut p = Pool::new(0);
+        p.add_eni("eni-0", 0, None);
+        let (a, b): (Ipv4Net, Ipv4Net) = ("10.0.1.0/28".parse().unwrap(), "10.0.1.16/28".parse().unwrap());
+        p.add_prefix("eni-0", a).unwrap();
+        p.add_prefix("eni-0", b).unwrap();
+        p.assign(&key("x"), 0).unwrap(); // 10.0.1.0, in prefix a
+        assert_eq!(p.begin_release_prefixes(2), BTreeMap::from([("eni-0".to_string(), vec![b])]));
+        assert!(matches!(p.assign(&key("y"), 0), Ok(l) if a.contains(&l.address)), "b's addresses are not handed out");
+        p.finish_release_prefixes(&[b]);
+        assert_eq!(p.enis().next().unwrap().prefixes, vec![a]);
+        assert_eq!(p.stats().total, 16);
+        // Releasing slots still in the cloud after a restart become free again.
+        p.begin_release(1);
+        let cloud: Vec<Ipv4Addr> = prefix_addresses(a).collect();
+        p.sync_eni("eni-0", 0, None, &[], &[a]);
+        assert_eq!(p.stats().free(), 14, "{cloud:?}");
     }
 }

@@ -338,6 +338,23 @@ pub async fn gc_host_veths(
     Ok(removed)
 }
 
+/// Host veths named `prefix…` (as [`host_veth_name`] makes them) with the pod addresses routed
+/// through each: what the node's own state says is in use (ipamd checks its store against it).
+pub async fn pod_veths(host: Option<&Path>, prefix: &str) -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
+    let host = handle_in(host)?;
+    let h = &host.handle;
+    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
+    let mut out = Vec::new();
+    for l in links {
+        let name =
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
+        if let Some(name) = name.filter(|n| n.len() == 15 && n.starts_with(prefix)) {
+            out.push((name, addresses_via(h, l.header.index).await?));
+        }
+    }
+    Ok(out)
+}
+
 /// Removes the pod's datapath from the host side: its rules and its veth (the pod end, and the
 /// routes on both, go with it). Anything already gone is fine; the pod netns may be gone too.
 pub async fn teardown_pod(host: Option<&Path>, spec: &PodSpec) -> Result<()> {

@@ -1,0 +1,352 @@
+//! ipamd's configuration: one typed struct with defaults, read from a TOML file with
+//! `UNDERWAY_*` environment overrides, and validated before anything starts. Every error names the
+//! field it is about.
+//!
+//! Environment overrides use `__` between levels: `UNDERWAY_CLUSTER=demo`,
+//! `UNDERWAY_TARGETS__WARM_IP_TARGET=5`, `UNDERWAY_CLOUD__ENDPOINT=http://127.0.0.1:4566`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::Value;
+use serde::{Deserialize, Serialize};
+use underway_cloud::aws::Ec2Config;
+
+use crate::error::IpamdError;
+use crate::targets::Targets;
+
+/// How this node gets its pod addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Secondary IPs (or /28 prefixes) on ENIs attached to the node.
+    Eni,
+}
+
+/// Where the node learns who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    /// The instance metadata service (IMDSv2).
+    Imds,
+    /// A fixed instance id; the rest comes from EC2 (tests, or nodes without IMDS). ENI MACs come
+    /// from the EC2 API then, which must report well-formed ones.
+    Static,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    /// IMDS endpoint override (default: the SDK's, `AWS_EC2_METADATA_SERVICE_ENDPOINT`).
+    pub imds_endpoint: Option<String>,
+    /// The instance id (`source = "static"` only).
+    pub instance_id: Option<String>,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig { source: IdentitySource::Imds, imds_endpoint: None, instance_id: None }
+    }
+}
+
+/// How new ENIs are made and set up (ENI mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EniConfig {
+    /// Subnets for new ENIs, by id. Empty (and no `subnet_tags`): the node's own subnet.
+    pub subnets: Vec<String>,
+    /// Subnets for new ENIs, by tags (all must match), in the node's VPC and availability zone.
+    pub subnet_tags: BTreeMap<String, String>,
+    /// Security groups for new ENIs. Empty: those of the node's primary ENI.
+    pub security_groups: Vec<String>,
+    /// A secondary ENI at device index N gets policy route table `route_table_base + N`.
+    pub route_table_base: u32,
+    /// How long to wait for an attached ENI's link to appear on the node.
+    pub link_wait_ms: u64,
+    /// How long a subnet that reported no free addresses is skipped.
+    pub subnet_pause_ms: u64,
+    /// An ENI this cluster made for this node that has been detached this long is deleted.
+    pub leak_grace_ms: u64,
+    /// How often the leaked-ENI GC runs.
+    pub gc_interval_ms: u64,
+    /// MTU of ENI links and pod veths.
+    pub mtu: u32,
+}
+
+impl Default for EniConfig {
+    fn default() -> Self {
+        EniConfig {
+            subnets: Vec::new(),
+            subnet_tags: BTreeMap::new(),
+            security_groups: Vec::new(),
+            route_table_base: 100,
+            link_wait_ms: 60_000,
+            subnet_pause_ms: 600_000,
+            leak_grace_ms: 300_000,
+            gc_interval_ms: 60_000,
+            mtu: 9001,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub mode: Mode,
+    /// Tags every ENI this daemon creates, so GC finds only its own.
+    pub cluster: String,
+    pub identity: IdentityConfig,
+    pub cloud: Ec2Config,
+    /// The RPC socket for the CNI binary (created 0600, in a 0700 directory).
+    pub socket: PathBuf,
+    /// Where the durable store lives.
+    pub state_dir: PathBuf,
+    pub targets: Targets,
+    pub eni: EniConfig,
+    /// A released address is not handed out again for this long.
+    pub cooldown_ms: u64,
+    /// How long an Add waits for an address when the pool is empty.
+    pub add_wait_ms: u64,
+    /// Bursts of pool changes within this window are decided on once.
+    pub reconcile_min_interval_ms: u64,
+    /// The reconciler also runs this often with nothing to trigger it.
+    pub reconcile_interval_ms: u64,
+    /// Host veth prefix, as in the CNI conflist (`vethPrefix`): lets ipamd match host state.
+    pub veth_prefix: String,
+    /// Prometheus text on `GET /metrics`; `None` turns it off.
+    pub metrics_listen: Option<SocketAddr>,
+    /// JSON introspection on `GET /v1/...`; `None` turns it off. Keep it on loopback.
+    pub introspection_listen: Option<SocketAddr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Eni,
+            cluster: String::new(),
+            identity: IdentityConfig::default(),
+            cloud: Ec2Config::default(),
+            socket: PathBuf::from(underway_api::DEFAULT_SOCKET),
+            state_dir: PathBuf::from("/var/lib/underway"),
+            targets: Targets::default(),
+            eni: EniConfig::default(),
+            cooldown_ms: 30_000,
+            add_wait_ms: 15_000,
+            reconcile_min_interval_ms: 20,
+            reconcile_interval_ms: 5_000,
+            veth_prefix: "uw".into(),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61678))),
+            introspection_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61679))),
+        }
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> IpamdError {
+    IpamdError::Config { field: field.to_string(), reason: reason.into() }
+}
+
+impl Config {
+    /// Defaults, then the file (when given), then `UNDERWAY_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, IpamdError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(invalid("--config", format!("{} does not exist", f.display())));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        // The environment is passed in (not read here), so tests need not mutate the process's.
+        for (k, v) in env {
+            if let Some(rest) = k.strip_prefix("UNDERWAY_") {
+                let path = rest.to_ascii_lowercase().replace("__", ".");
+                let value: Value = v.parse().unwrap_or_else(|never| match never {});
+                fig = fig.merge(Serialized::default(&path, value));
+            }
+        }
+        let cfg: Config = fig.extract().map_err(|e| {
+            let field = e.path.join(".");
+            let field = if field.is_empty() { "config".to_string() } else { field };
+            invalid(&field, e.kind.to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what types cannot: ranges, names and relations between fields.
+    pub fn validate(&self) -> Result<(), IpamdError> {
+        if self.cluster.is_empty()
+            || self.cluster.len() > 63
+            || !self.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid("cluster", format!("{:?}: 1–63 characters of [A-Za-z0-9._-]", self.cluster)));
+        }
+        let id = &self.identity;
+        match (id.source, &id.instance_id) {
+            (IdentitySource::Static, None) => {
+                return Err(invalid("identity.instance_id", "required with source = \"static\""));
+            }
+            (IdentitySource::Static, Some(i)) if underway_cloud::check_id("identity.instance_id", i, "i-").is_err() => {
+                return Err(invalid("identity.instance_id", format!("{i:?} is not an i-… id")));
+            }
+            (IdentitySource::Imds, Some(_)) => {
+                return Err(invalid("identity.instance_id", "only with source = \"static\" (IMDS knows it)"));
+            }
+            _ => {}
+        }
+        if let Some(e) = &id.imds_endpoint
+            && !e.starts_with("http://")
+        {
+            return Err(invalid("identity.imds_endpoint", format!("{e:?} must be an http:// URL")));
+        }
+        self.cloud.validate().map_err(|m| {
+            let field = m.split_whitespace().next().unwrap_or("cloud").to_string();
+            let field = if field.starts_with("cloud.") { field } else { format!("cloud.{field}") };
+            invalid(&field, m)
+        })?;
+        if !self.socket.is_absolute() {
+            return Err(invalid("socket", format!("{} must be an absolute path", self.socket.display())));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", format!("{} must be an absolute path", self.state_dir.display())));
+        }
+        let t = &self.targets;
+        if t.max_eni == Some(0) {
+            return Err(invalid("targets.max_eni", "must be at least 1 (the primary ENI)"));
+        }
+        if t.prefix_mode && t.warm_ip_target.is_none() && t.minimum_ip_target.is_none() && t.warm_prefix_target == 0 {
+            return Err(invalid("targets.warm_prefix_target", "0 with no IP target keeps no free address at all"));
+        }
+        for s in &self.eni.subnets {
+            underway_cloud::check_id("eni.subnets", s, "subnet-").map_err(|e| invalid("eni.subnets", e.to_string()))?;
+        }
+        if !self.eni.subnets.is_empty() && !self.eni.subnet_tags.is_empty() {
+            return Err(invalid("eni.subnet_tags", "give subnets by id or by tags, not both"));
+        }
+        for g in &self.eni.security_groups {
+            underway_cloud::check_id("eni.security_groups", g, "sg-")
+                .map_err(|e| invalid("eni.security_groups", e.to_string()))?;
+        }
+        if !(1..=30_000).contains(&self.eni.route_table_base) {
+            return Err(invalid("eni.route_table_base", "must be within 1..=30000 (tables 253–255 are the kernel's)"));
+        }
+        if !(576..=9001).contains(&self.eni.mtu) {
+            return Err(invalid("eni.mtu", format!("{} is outside 576..=9001", self.eni.mtu)));
+        }
+        if self.add_wait_ms > 120_000 {
+            return Err(invalid("add_wait_ms", "at most 120000: the runtime gives up on the CNI call before that"));
+        }
+        if self.reconcile_interval_ms == 0 || self.reconcile_min_interval_ms > self.reconcile_interval_ms {
+            return Err(invalid("reconcile_interval_ms", "must be > 0 and at least reconcile_min_interval_ms"));
+        }
+        if self.eni.gc_interval_ms == 0 {
+            return Err(invalid("eni.gc_interval_ms", "must be > 0"));
+        }
+        if self.veth_prefix.is_empty()
+            || self.veth_prefix.len() > 4
+            || !self.veth_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(invalid("veth_prefix", format!("{:?}: 1–4 letters or digits", self.veth_prefix)));
+        }
+        if self.metrics_listen.is_some() && self.metrics_listen == self.introspection_listen {
+            return Err(invalid("introspection_listen", "must differ from metrics_listen"));
+        }
+        Ok(())
+    }
+
+    /// The tags that mark this node's ENIs (GC looks for these).
+    pub fn node_tags(&self, instance_id: &str) -> underway_cloud::Tags {
+        underway_cloud::Tags::from([
+            (underway_cloud::TAG_CLUSTER.to_string(), self.cluster.clone()),
+            (underway_cloud::TAG_INSTANCE.to_string(), instance_id.to_string()),
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn write(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("underway-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let f = write(
+            "ok.toml",
+            r#"
+cluster = "prod"
+socket = "/run/uw/ipamd.sock"
+[identity]
+source = "static"
+instance_id = "i-0abc"
+[targets]
+warm_ip_target = 3
+[eni]
+subnets = ["subnet-1a"]
+"#,
+        );
+        let c = Config::load(
+            Some(&f),
+            &env(&[("UNDERWAY_TARGETS__MINIMUM_IP_TARGET", "10"), ("UNDERWAY_COOLDOWN_MS", "5")]),
+        )
+        .unwrap();
+        assert_eq!(c.cluster, "prod");
+        assert_eq!(c.identity.source, IdentitySource::Static);
+        assert_eq!(c.identity.instance_id.as_deref(), Some("i-0abc"));
+        assert_eq!(c.targets.warm_ip_target, Some(3));
+        assert_eq!(c.targets.minimum_ip_target, Some(10), "environment overrides");
+        assert_eq!(c.cooldown_ms, 5);
+        assert_eq!(c.eni.route_table_base, 100, "defaults fill the rest");
+        assert_eq!(c.targets.warm_eni_target, 1);
+    }
+
+    #[test]
+    fn every_error_names_its_field() {
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
+            ("", &[], "cluster"),
+            ("cluster = \"a b\"", &[], "cluster"),
+            ("cluster = \"c\"\nwarm = 1", &[], "warm"),
+            ("cluster = \"c\"\n[targets]\nwarm_ip_target = -1", &[], "targets.warm_ip_target"),
+            ("cluster = \"c\"\n[targets]\nmax_eni = 0", &[], "targets.max_eni"),
+            ("cluster = \"c\"\nsocket = \"rel.sock\"", &[], "socket"),
+            ("cluster = \"c\"\n[identity]\nsource = \"static\"", &[], "identity.instance_id"),
+            ("cluster = \"c\"\n[identity]\nimds_endpoint = \"169.254.169.254\"", &[], "identity.imds_endpoint"),
+            ("cluster = \"c\"\n[identity]\nsource = \"static\"\ninstance_id = \"vm-1\"", &[], "identity.instance_id"),
+            ("cluster = \"c\"\n[eni]\nsubnets = [\"sg-1\"]", &[], "eni.subnets"),
+            ("cluster = \"c\"\n[eni]\nmtu = 100", &[], "eni.mtu"),
+            ("cluster = \"c\"\n[cloud]\nendpoint = \"localhost\"", &[], "cloud.endpoint"),
+            ("cluster = \"c\"\n[cloud.rate_budget.mutating]\nqps = 0.0\nburst = 1", &[], "rate_budget.mutating.qps"),
+            ("cluster = \"c\"", &[("UNDERWAY_ADD_WAIT_MS", "many")], "add_wait_ms"),
+            ("cluster = \"c\"", &[("UNDERWAY_VETH_PREFIX", "toolong")], "veth_prefix"),
+            ("cluster = \"c\"\nmode = \"overlay\"", &[], "mode"),
+        ];
+        for (i, (text, vars, field)) in cases.iter().enumerate() {
+            let f = write(&format!("bad{i}.toml"), text);
+            let e = Config::load(Some(&f), &env(vars)).expect_err(text);
+            assert!(e.to_string().contains(field), "case {i} {text:?}: {e} should name {field}");
+        }
+        let e = Config::load(Some(Path::new("/nonexistent/u.toml")), &[]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/u.toml"), "{e}");
+    }
+
+    #[test]
+    fn unrelated_variables_are_ignored() {
+        let c = Config::load(None, &env(&[("UNDERWAY_CLUSTER", "x"), ("HOME", "/root")])).unwrap();
+        assert_eq!(c.cluster, "x");
+    }
+}

@@ -1,0 +1,492 @@
+//! ENI mode: the pool's addresses are secondary IPs (or /28 prefixes) on ENIs attached to the
+//! node. This module carries out what [`crate::targets`] decides, through the cloud seam:
+//! grow attached ENIs, create an ENI *with* its first addresses, attach it at the next free
+//! device index, wait (bounded) for its link, set it up, and only then offer its addresses;
+//! release surplus addresses through the release handshake; delete this node's leaked ENIs.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use underway_cloud::{
+    AddressCount, Attachment, Cloud, CloudError, CreateEni, Eni as CloudEni, InstanceLimits, LimitKind, Subnet,
+    TAG_CREATED_AT, eni_tags,
+};
+use underway_routes::EniSpec;
+
+use crate::clock::unix_ms;
+use crate::config::Config;
+use crate::error::{IpamdError, Result};
+use crate::identity::{Macs, NodeInfo};
+use crate::metrics::Metrics;
+use crate::reconcile::{Source, Step};
+use crate::service::recovered_key;
+use crate::state::{Blocker, NodeState};
+
+pub struct EniMode<C> {
+    cloud: Arc<C>,
+    cfg: Arc<Config>,
+    node: NodeInfo,
+    macs: Macs,
+    limits: InstanceLimits,
+    metrics: Arc<Metrics>,
+    /// Attached ENIs as last seen (assign diffs against these).
+    known: BTreeMap<String, CloudEni>,
+    subnets: BTreeMap<String, Subnet>,
+    /// Subnets that reported no free addresses, skipped until the time (Unix ms).
+    paused: BTreeMap<String, u64>,
+    /// Attached ENIs whose link is not set up yet: id → device index.
+    pending: BTreeMap<String, u32>,
+    last_gc: Option<Instant>,
+}
+
+fn slot_count(prefix_mode: bool, n: u32) -> AddressCount {
+    if prefix_mode { AddressCount::prefixes(n) } else { AddressCount::ips(n) }
+}
+
+impl<C: Cloud + 'static> EniMode<C> {
+    pub fn new(
+        cloud: Arc<C>,
+        cfg: Arc<Config>,
+        node: NodeInfo,
+        macs: Macs,
+        limits: InstanceLimits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        EniMode {
+            cloud,
+            cfg,
+            node,
+            macs,
+            limits,
+            metrics,
+            known: BTreeMap::new(),
+            subnets: BTreeMap::new(),
+            paused: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            last_gc: None,
+        }
+    }
+
+    fn table_of(&self, device_index: u32) -> Option<u32> {
+        (device_index > 0).then(|| self.cfg.eni.route_table_base + device_index)
+    }
+
+    fn prefix_mode(&self) -> bool {
+        self.cfg.targets.prefix_mode
+    }
+
+    async fn subnet(&mut self, id: &str) -> Result<Subnet> {
+        if let Some(s) = self.subnets.get(id) {
+            return Ok(s.clone());
+        }
+        let s = self.cloud.subnets(&[id.to_string()]).await?.into_iter().next().ok_or_else(|| {
+            IpamdError::Cloud(CloudError::NotFound { op: "DescribeSubnets", code: "404".into(), message: id.into() })
+        })?;
+        self.subnets.insert(id.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Waits (bounded) for the ENI's MAC and link, then sets the link and its route table up.
+    async fn setup_link(&mut self, eni: &CloudEni, device_index: u32) -> Result<String> {
+        let subnet = self.subnet(&eni.subnet_id).await?;
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.eni.link_wait_ms);
+        let mut mac = None;
+        loop {
+            if mac.is_none() {
+                mac = self.macs.mac_of(&*self.cloud, &eni.id).await?;
+            }
+            if let Some(m) = mac {
+                let ns = underway_routes::netns::handle_in(None)?;
+                if underway_routes::eni::link_by_mac(&ns.handle, m).await?.is_some() {
+                    let spec = EniSpec {
+                        mac: m,
+                        mtu: self.cfg.eni.mtu,
+                        table: self.table_of(device_index).expect("secondary ENI"),
+                        primary_ip: eni.primary_ip,
+                        subnet: subnet.cidr.network(),
+                        subnet_prefix: subnet.cidr.prefix_len(),
+                    };
+                    return Ok(underway_routes::setup_eni(None, &spec).await?);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(IpamdError::Routes(underway_routes::RoutesError::Missing(format!(
+                    "the link of {} (device {device_index}, MAC {}) after {} ms",
+                    eni.id,
+                    mac.map(|m| underway_routes::pod::mac_string(&m)).unwrap_or_else(|| "not yet in IMDS".into()),
+                    self.cfg.eni.link_wait_ms
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Offers an attached, set-up ENI's addresses to the pool.
+    fn offer(&self, state: &NodeState, eni: &CloudEni, device_index: u32) {
+        let table = self.table_of(device_index);
+        let ((), _) = state.change(|b| {
+            let r = b.pool.sync_eni(&eni.id, device_index, table, &eni.secondary_ips, &eni.prefixes);
+            if !r.dropped_assigned.is_empty() {
+                let lost: Vec<String> =
+                    r.dropped_assigned.iter().map(|(a, k)| format!("{a} ({})", k.container_id)).collect();
+                state.record_error(format!("{}: EC2 no longer has assigned addresses {}", eni.id, lost.join(", ")));
+            }
+            if !r.dropped.is_empty() {
+                tracing::info!("{}: dropped {} addresses EC2 no longer has", eni.id, r.dropped.len());
+            }
+        });
+        state.freed.notify_waiters();
+    }
+
+    async fn finish_pending(&mut self, state: &NodeState) -> Result<()> {
+        for (id, idx) in self.pending.clone() {
+            let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
+            self.setup_link(&eni, idx).await?;
+            self.pending.remove(&id);
+            self.offer(state, &eni, idx);
+            tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
+        }
+        Ok(())
+    }
+
+    /// Matches the store's assignments against the pods on the host.
+    async fn sync_host(&self, state: &NodeState) -> Result<()> {
+        let veths = underway_routes::pod_veths(None, &self.cfg.veth_prefix).await?;
+        let on_host: std::collections::BTreeSet<String> = veths.iter().map(|(v, _)| v.clone()).collect();
+        let ((recovered, orphaned), g) = state.change(|b| {
+            let mut recovered = Vec::new();
+            for (veth, addrs) in &veths {
+                for a in addrs {
+                    let held = b.pool.held().any(|(_, ip)| ip == a);
+                    if !held && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
+                        recovered.push(format!("{a} on {veth}"));
+                    }
+                }
+            }
+            let orphaned = b
+                .pool
+                .held()
+                .filter(|(k, _)| {
+                    let veth = underway_routes::host_veth_name(&self.cfg.veth_prefix, &k.container_id, &k.ifname);
+                    k.network != crate::service::RECOVERED && !on_host.contains(&veth)
+                })
+                .count();
+            (recovered, orphaned)
+        });
+        if !recovered.is_empty() {
+            state.record_error(format!(
+                "pods on the host that the store did not know, held until their DEL or GC: {}",
+                recovered.join(", ")
+            ));
+        }
+        if orphaned > 0 {
+            tracing::info!("{orphaned} assignments have no host veth; they wait for the runtime's DEL or GC");
+        }
+        state.commit(g).await
+    }
+
+    /// The subnet for a new ENI: the configured one with the most free addresses, not paused.
+    async fn pick_subnet(&mut self, need: u32) -> Result<std::result::Result<Subnet, Blocker>> {
+        let e = &self.cfg.eni;
+        let ids: Vec<String> = if !e.subnets.is_empty() {
+            e.subnets.clone()
+        } else if !e.subnet_tags.is_empty() {
+            let found = self.cloud.subnets_by_tags(&self.node.vpc_id, &e.subnet_tags).await?;
+            found.into_iter().filter(|s| s.availability_zone == self.node.availability_zone).map(|s| s.id).collect()
+        } else {
+            vec![self.node.subnet_id.clone()]
+        };
+        let subs = if ids.is_empty() { Vec::new() } else { self.cloud.subnets(&ids).await? };
+        let now = unix_ms();
+        let mut why = Vec::new();
+        let mut best: Option<Subnet> = None;
+        for s in subs {
+            self.subnets.insert(s.id.clone(), s.clone());
+            if let Some(until) = self.paused.get(&s.id).filter(|u| **u > now) {
+                why.push(format!("{} paused for {} s after it ran out", s.id, (until - now) / 1000));
+            } else if s.available_addresses < need {
+                why.push(format!("{} has {} free addresses", s.id, s.available_addresses));
+            } else if best.as_ref().is_none_or(|b| s.available_addresses > b.available_addresses) {
+                best = Some(s);
+            }
+        }
+        Ok(best.ok_or_else(|| {
+            if why.is_empty() {
+                why.push(format!("no subnet matches {:?}", e.subnet_tags));
+            }
+            Blocker::SubnetExhausted(format!("subnet exhausted: {}", why.join("; ")))
+        }))
+    }
+
+    fn pause(&mut self, subnet: &str) {
+        self.paused.insert(subnet.to_string(), unix_ms() + self.cfg.eni.subnet_pause_ms);
+    }
+
+    fn per_slot(&self) -> u32 {
+        if self.prefix_mode() { underway_cloud::limits::ADDRESSES_PER_PREFIX } else { 1 }
+    }
+
+    /// Adds up to `n` slots to attached ENIs, lowest device first; returns how many it added.
+    async fn grow(&mut self, state: &NodeState, mut n: u32) -> Result<(u32, Option<Blocker>)> {
+        let asked = n;
+        let slots = self.limits.slots_per_eni();
+        let prefix_mode = self.prefix_mode();
+        let rooms: Vec<(String, u32, u32)> = state.read(|b| {
+            b.pool
+                .enis()
+                .map(|e| {
+                    let used = if prefix_mode { e.prefixes.len() as u32 } else { e.slots.len() as u32 };
+                    (e.id.clone(), e.device_index, slots.saturating_sub(used))
+                })
+                .filter(|(_, _, room)| *room > 0)
+                .collect()
+        });
+        let mut blocker = None;
+        for (id, _, room) in rooms {
+            if n == 0 {
+                break;
+            }
+            let Some(known) = self.known.get(&id).cloned() else { continue };
+            // One DescribeSubnets per grow: never ask a subnet for more than it has.
+            let sub = self.cloud.subnets(std::slice::from_ref(&known.subnet_id)).await?;
+            let free = sub.first().map_or(0, |s| s.available_addresses) / self.per_slot();
+            if self.paused.get(&known.subnet_id).is_some_and(|u| *u > unix_ms()) || free == 0 {
+                blocker = Some(Blocker::SubnetExhausted(format!(
+                    "subnet exhausted: {} (of {}) has no free {}",
+                    known.subnet_id,
+                    id,
+                    if prefix_mode { "/28" } else { "address" }
+                )));
+                continue;
+            }
+            let count = n.min(room).min(free);
+            match self.cloud.assign(&known, slot_count(prefix_mode, count)).await {
+                Ok(a) => {
+                    let k = self.known.get_mut(&id).expect("known");
+                    k.secondary_ips.extend(&a.ips);
+                    k.prefixes.extend(&a.prefixes);
+                    let (r, g) = state.change(|b| -> std::result::Result<(), crate::pool::PoolError> {
+                        b.pool.add_addresses(&id, &a.ips)?;
+                        for p in &a.prefixes {
+                            b.pool.add_prefix(&id, *p)?;
+                        }
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        state.record_error(format!("{id}: {e}"));
+                    }
+                    state.commit(g).await?;
+                    state.freed.notify_waiters();
+                    n = n.saturating_sub(count);
+                }
+                Err(CloudError::LimitReached {
+                    limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, ..
+                }) => {
+                    self.pause(&known.subnet_id);
+                    blocker = Some(Blocker::SubnetExhausted(format!(
+                        "subnet exhausted: {} refused more addresses; paused",
+                        known.subnet_id
+                    )));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok((asked - n, blocker))
+    }
+
+    /// Creates an ENI with `first` slots, attaches it, sets it up and offers its addresses.
+    async fn new_eni(&mut self, state: &NodeState, first: u32) -> Result<Option<Blocker>> {
+        let subnet = match self.pick_subnet(self.per_slot()).await? {
+            Ok(s) => s,
+            Err(b) => return Ok(Some(b)),
+        };
+        let count = first.min(subnet.available_addresses / self.per_slot()).max(1);
+        let sgs = if self.cfg.eni.security_groups.is_empty() {
+            self.node.security_groups.clone()
+        } else {
+            self.cfg.eni.security_groups.clone()
+        };
+        let req = CreateEni {
+            subnet_id: subnet.id.clone(),
+            security_groups: sgs,
+            description: format!("underway pod ENI of {}", self.node.instance_id),
+            tags: eni_tags(&self.cfg.cluster, &self.node.instance_id, unix_ms() / 1000),
+            initial: slot_count(self.prefix_mode(), count),
+        };
+        let mut eni = match self.cloud.create_eni(&req).await {
+            Ok(e) => e,
+            Err(CloudError::LimitReached { limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, .. }) => {
+                self.pause(&subnet.id);
+                return Ok(Some(Blocker::SubnetExhausted(format!(
+                    "subnet exhausted: {} refused a new ENI; paused",
+                    subnet.id
+                ))));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let used: Vec<u32> = self
+            .known
+            .values()
+            .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
+            .chain(self.pending.values().copied())
+            .collect();
+        let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
+        let attachment = match self.cloud.attach_eni(&eni.id, &self.node.instance_id, idx).await {
+            Ok(a) => a,
+            Err(e) => {
+                // Never leave it behind: delete now (GC by tag catches it if this fails too).
+                if let Err(d) = self.cloud.delete_eni(&eni.id).await {
+                    state.record_error(format!("{}: attach failed and delete failed ({d}); GC will retry", eni.id));
+                }
+                return Err(e.into());
+            }
+        };
+        eni.attachment = Some(Attachment {
+            id: attachment,
+            instance_id: self.node.instance_id.clone(),
+            device_index: idx,
+            status: "attached".into(),
+            delete_on_termination: true,
+        });
+        tracing::info!("created {} in {} with {count} slots, attached at device {idx}", eni.id, subnet.id);
+        self.pending.insert(eni.id.clone(), idx);
+        self.known.insert(eni.id.clone(), eni);
+        Ok(None)
+    }
+
+    async fn release(&mut self, state: &NodeState, n: u32) -> Result<()> {
+        if self.prefix_mode() {
+            let (picked, _) = state.change(|b| b.pool.begin_release_prefixes(n));
+            for (eni, prefixes) in picked {
+                match self.cloud.unassign_prefixes(&eni, &prefixes).await {
+                    Ok(()) => {
+                        let (_, g) = state.change(|b| b.pool.finish_release_prefixes(&prefixes));
+                        if let Some(k) = self.known.get_mut(&eni) {
+                            k.prefixes.retain(|p| !prefixes.contains(p));
+                        }
+                        state.commit(g).await?;
+                    }
+                    Err(e) => {
+                        let ips: Vec<Ipv4Addr> =
+                            prefixes.iter().flat_map(|p| crate::pool::prefix_addresses(*p)).collect();
+                        state.change(|b| b.pool.abort_release(&ips));
+                        return Err(e.into());
+                    }
+                }
+            }
+        } else {
+            let (picked, _) = state.change(|b| b.pool.begin_release(n));
+            for (eni, ips) in picked {
+                match self.cloud.unassign_ips(&eni, &ips).await {
+                    Ok(()) => {
+                        let (_, g) = state.change(|b| b.pool.finish_release(&ips));
+                        if let Some(k) = self.known.get_mut(&eni) {
+                            k.secondary_ips.retain(|a| !ips.contains(a));
+                        }
+                        state.commit(g).await?;
+                    }
+                    Err(e) => {
+                        state.change(|b| b.pool.abort_release(&ips));
+                        return Err(e.into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes ENIs this cluster made for this node that have stayed detached past the grace.
+    async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
+        let now_s = unix_ms() / 1000;
+        let grace_s = self.cfg.eni.leak_grace_ms / 1000;
+        for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.instance_id)).await? {
+            let created: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
+            if e.in_use() || e.status != "available" || now_s.saturating_sub(created) < grace_s {
+                continue;
+            }
+            match self.cloud.delete_eni(&e.id).await {
+                Ok(()) => {
+                    self.metrics.eni_deleted();
+                    tracing::info!("deleted leaked ENI {} (detached, created {}s ago)", e.id, now_s - created);
+                }
+                Err(err) => state.record_error(format!("GC of leaked ENI {}: {err}", e.id)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<C: Cloud + 'static> Source for EniMode<C> {
+    async fn sync(&mut self, state: &NodeState) -> Result<()> {
+        let enis = self.cloud.enis_of_instance(&self.node.instance_id).await?;
+        let mut seen = Vec::new();
+        self.known.clear();
+        for e in enis {
+            let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
+            seen.push(idx);
+            self.known.insert(e.id.clone(), e.clone());
+            if idx > 0
+                && let Err(err) = self.setup_link(&e, idx).await
+            {
+                state.record_error(format!("{} at device {idx}: {err}; its addresses wait", e.id));
+                self.pending.insert(e.id.clone(), idx);
+                continue;
+            }
+            self.offer(state, &e, idx);
+        }
+        let (lost, g) = state.change(|b| {
+            let gone: Vec<u32> = b.pool.enis().map(|e| e.device_index).filter(|i| !seen.contains(i)).collect();
+            gone.into_iter().flat_map(|i| b.pool.remove_eni_at(i)).collect::<Vec<_>>()
+        });
+        if !lost.is_empty() {
+            state.record_error(format!("ENIs detached while ipamd was away took {} assigned addresses", lost.len()));
+        }
+        state.commit(g).await?;
+        self.sync_host(state).await
+    }
+
+    async fn step(&mut self, state: &NodeState) -> Result<Step> {
+        self.finish_pending(state).await?;
+        let (mut stats, waiting) =
+            state.read(|b| (b.pool.stats_with(self.limits.slots_per_eni(), self.prefix_mode()), b.waiting));
+        stats.assigned += waiting;
+        stats.enis += self.pending.len() as u32;
+        let d = self.cfg.targets.decide(&stats, &self.limits);
+        let mut blocker = None;
+        let mut acted = false;
+        if d.grow > 0 {
+            let (added, b) = self.grow(state, d.grow).await?;
+            blocker = b;
+            acted = added > 0;
+        }
+        for first in &d.new_enis {
+            if let Some(b) = self.new_eni(state, *first).await? {
+                blocker = Some(b);
+                break;
+            }
+            acted = true;
+        }
+        if !self.pending.is_empty() {
+            self.finish_pending(state).await?;
+        }
+        if d.limited.is_some() && blocker.is_none() {
+            let max = self.cfg.targets.max_enis(&self.limits);
+            blocker = Some(Blocker::EniLimitReached(format!(
+                "ENI limit reached: {} allows {max} ENIs × {} addresses each{}, all in use",
+                self.node.instance_type,
+                self.limits.slots_per_eni() * self.per_slot(),
+                self.cfg.targets.max_eni.map(|m| format!(" (max_eni = {m})")).unwrap_or_default()
+            )));
+        }
+        if d.release > 0 {
+            self.release(state, d.release).await?;
+        }
+        if self.last_gc.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.gc_interval_ms)) {
+            self.last_gc = Some(Instant::now());
+            self.gc_leaked(state).await?;
+        }
+        Ok(Step { blocker, again: acted && d.limited.is_none() })
+    }
+}

@@ -1,0 +1,142 @@
+//! The HTTP side: Prometheus text on `/metrics`, and JSON introspection under `/v1/` (ENIs,
+//! addresses, assignments, effective config, status, recent errors). Both listen on loopback by
+//! default; neither changes anything.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{IpamdError, Result};
+use crate::identity::NodeInfo;
+use crate::metrics::Metrics;
+use crate::pool::{Eni, Pool};
+use crate::state::{ErrorEntry, NodeState, Status};
+use crate::store::PodRecord;
+
+#[derive(Clone)]
+pub struct Http {
+    pub state: Arc<NodeState>,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<Config>,
+    pub node: Arc<std::sync::OnceLock<NodeInfo>>,
+}
+
+#[derive(Serialize)]
+struct EniView {
+    id: String,
+    device_index: u32,
+    route_table: Option<u32>,
+    prefixes: Vec<ipnet::Ipv4Net>,
+    free: u32,
+    assigned: u32,
+    cooling: u32,
+    releasing: u32,
+}
+
+#[derive(Serialize)]
+struct StatusView {
+    ready: bool,
+    line: String,
+    #[serde(flatten)]
+    status: Status,
+    node: Option<NodeInfo>,
+}
+
+async fn metrics(State(h): State<Http>) -> ([(&'static str, &'static str); 1], String) {
+    ([("content-type", "text/plain; version=0.0.4")], h.metrics.render())
+}
+
+async fn status(State(h): State<Http>) -> Json<StatusView> {
+    let st = h.state.status();
+    Json(StatusView { ready: st.ready(), line: st.line(), status: st, node: h.node.get().cloned() })
+}
+
+async fn enis(State(h): State<Http>) -> Json<Vec<EniView>> {
+    Json(h.state.read(|b| {
+        b.pool
+            .enis()
+            .map(|e| {
+                let (free, assigned, cooling, releasing) = Pool::eni_counts(e);
+                EniView {
+                    id: e.id.clone(),
+                    device_index: e.device_index,
+                    route_table: e.route_table,
+                    prefixes: e.prefixes.clone(),
+                    free,
+                    assigned,
+                    cooling,
+                    releasing,
+                }
+            })
+            .collect()
+    }))
+}
+
+async fn addresses(State(h): State<Http>) -> Json<Vec<Eni>> {
+    Json(h.state.read(|b| b.pool.enis().cloned().collect()))
+}
+
+#[derive(Serialize)]
+struct AssignmentView {
+    address: std::net::Ipv4Addr,
+    #[serde(flatten)]
+    pod: PodRecord,
+}
+
+async fn assignments(State(h): State<Http>) -> Json<Vec<AssignmentView>> {
+    Json(h.state.read(|b| {
+        b.pool
+            .held()
+            .map(|(k, a)| AssignmentView {
+                address: *a,
+                pod: b.pods.get(k).cloned().unwrap_or(PodRecord {
+                    key: k.clone(),
+                    namespace: None,
+                    name: None,
+                    assigned_at: 0,
+                }),
+            })
+            .collect()
+    }))
+}
+
+async fn config(State(h): State<Http>) -> Json<Config> {
+    Json((*h.config).clone())
+}
+
+async fn errors(State(h): State<Http>) -> Json<Vec<ErrorEntry>> {
+    Json(h.state.errors())
+}
+
+/// Binds both listeners now (so a port in use fails start-up) and serves them in the background.
+pub async fn start(h: Http) -> Result<()> {
+    let metrics_app = Router::new().route("/metrics", get(metrics)).with_state(h.clone());
+    let intro_app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/enis", get(enis))
+        .route("/v1/addresses", get(addresses))
+        .route("/v1/assignments", get(assignments))
+        .route("/v1/config", get(config))
+        .route("/v1/errors", get(errors))
+        .with_state(h.clone());
+    for (addr, app) in [(h.config.metrics_listen, metrics_app), (h.config.introspection_listen, intro_app)] {
+        if let Some(addr) = addr {
+            let l = bind(addr).await?;
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::error!("http on {addr}: {e}");
+                }
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(IpamdError::io(format!("listen on {addr}")))
+}

@@ -1,0 +1,84 @@
+//! Who this node is: the instance, its VPC, subnet, security groups and primary ENI, and how to
+//! find an ENI's MAC (to find its link when EC2 attaches it).
+//!
+//! IMDS is the node's own authority on MACs; the EC2 API's MAC is used only with a static
+//! identity (and LocalStack's are malformed, which `Eni::mac` rejects).
+
+use serde::Serialize;
+use underway_cloud::imds::ImdsIdentity;
+use underway_cloud::{Discovery, parse_mac};
+
+use crate::config::{IdentityConfig, IdentitySource};
+use crate::error::{IpamdError, Result};
+
+/// What ipamd needs to know about its instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeInfo {
+    pub instance_id: String,
+    pub instance_type: String,
+    pub availability_zone: String,
+    pub vpc_id: String,
+    pub subnet_id: String,
+    pub security_groups: Vec<String>,
+    pub primary_eni: String,
+}
+
+/// Where MACs come from.
+pub enum Macs {
+    Imds(ImdsIdentity),
+    Api,
+}
+
+/// Reads the instance id (and region, with IMDS) before the cloud client exists.
+pub async fn instance_id(cfg: &IdentityConfig) -> Result<(String, Option<String>, Macs)> {
+    match cfg.source {
+        IdentitySource::Static => Ok((cfg.instance_id.clone().unwrap_or_default(), None, Macs::Api)),
+        IdentitySource::Imds => {
+            let imds = match &cfg.imds_endpoint {
+                Some(e) => ImdsIdentity::with_endpoint(e)?,
+                None => ImdsIdentity::new(),
+            };
+            let id = imds.identity().await?;
+            Ok((id.instance_id, Some(id.region), Macs::Imds(imds)))
+        }
+    }
+}
+
+/// The rest from EC2.
+pub async fn node_info<C: Discovery>(cloud: &C, instance_id: &str) -> Result<NodeInfo> {
+    let i = cloud.instance(instance_id).await?;
+    if i.state != "running" && i.state != "pending" {
+        return Err(IpamdError::Identity(format!("instance {instance_id} is {}", i.state)));
+    }
+    Ok(NodeInfo {
+        instance_id: i.id,
+        instance_type: i.instance_type,
+        availability_zone: i.availability_zone,
+        vpc_id: i.vpc_id,
+        subnet_id: i.subnet_id,
+        security_groups: i.security_groups,
+        primary_eni: i.primary_eni,
+    })
+}
+
+impl Macs {
+    /// The MAC of an attached ENI, once the node knows it (`None` until then).
+    pub async fn mac_of<C: Discovery>(&self, cloud: &C, eni_id: &str) -> Result<Option<[u8; 6]>> {
+        match self {
+            Macs::Imds(imds) => {
+                let id = imds.identity().await?;
+                Ok(id.interfaces.iter().find(|i| i.interface_id == eni_id).and_then(|i| parse_mac(&i.mac)))
+            }
+            Macs::Api => {
+                let eni = cloud.eni(eni_id).await?;
+                match eni.mac() {
+                    Some(m) => Ok(Some(m)),
+                    None => Err(IpamdError::Identity(format!(
+                        "EC2 reports a malformed MAC {:?} for {eni_id}; use identity source \"imds\"",
+                        eni.mac_raw
+                    ))),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! `underway-ipamd`: the node IPAM daemon. `run` serves; `check-config` validates a config and
+//! prints the effective one; `status` asks a running ipamd over its socket.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use underway_ipamd::config::Config;
+
+#[derive(Parser)]
+#[command(name = "underway-ipamd", version, about = "underway's node IPAM daemon")]
+struct Cli {
+    /// TOML config file; UNDERWAY_* variables override it (`__` between levels).
+    #[arg(long, short, global = true, env = "UNDERWAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon until SIGTERM or SIGINT.
+    Run,
+    /// Validate the configuration and print the effective one.
+    CheckConfig,
+    /// Ask the running daemon for its status line.
+    Status,
+}
+
+fn config(cli: &Cli) -> Result<Config, String> {
+    let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k != "UNDERWAY_CONFIG").collect();
+    Config::load(cli.config.as_deref(), &env).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("UNDERWAY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,aws=warn,hyper=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("underway-ipamd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.cmd {
+        Cmd::CheckConfig => {
+            println!("{}", serde_json::to_string_pretty(&cfg).expect("config serialises"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Status => {
+            match underway_api::client::call(&cfg.socket, &underway_api::Request::Status, Duration::from_secs(5)) {
+                Ok(r) => {
+                    println!("{}", serde_json::to_string(&r).expect("serialises"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Run => {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build();
+            let rt = match rt {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("underway-ipamd: tokio: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let r = rt.block_on(underway_ipamd::daemon::run(cfg, async {
+                use tokio::signal::unix::{SignalKind, signal};
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }));
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Prometheus metrics (text format, prometheus-client). Counters and the Add histogram are
+//! updated as things happen; pool, ENI and EC2-call figures are read from the live state at
+//! scrape time by one collector, so they can never drift from what ipamd holds.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use underway_cloud::stats::CallStats;
+
+use crate::pool::Pool;
+use crate::state::NodeState;
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    registry: Registry,
+    add_seconds: Family<Labels, Histogram>,
+    reconcile_runs: Family<Labels, Counter>,
+    enis_deleted: Counter,
+}
+
+/// What the collector reads at scrape time.
+#[derive(Debug)]
+struct Live {
+    state: Arc<NodeState>,
+    calls: Arc<OnceLock<Arc<CallStats>>>,
+    max_enis: Arc<OnceLock<u32>>,
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeState")
+    }
+}
+
+impl Metrics {
+    pub fn new(state: Arc<NodeState>, calls: Arc<OnceLock<Arc<CallStats>>>, max_enis: Arc<OnceLock<u32>>) -> Self {
+        let mut registry = Registry::with_prefix("underway");
+        let add_seconds =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
+        registry.register("add_seconds", "Time ipamd took to answer an Add, by result", add_seconds.clone());
+        let reconcile_runs = Family::<Labels, Counter>::default();
+        registry.register("reconcile_runs", "Reconciler runs, by result", reconcile_runs.clone());
+        let enis_deleted = Counter::default();
+        registry.register("leaked_enis_deleted", "Detached ENIs of this node deleted by GC", enis_deleted.clone());
+        registry.register_collector(Box::new(Live { state, calls, max_enis }));
+        Metrics { registry, add_seconds, reconcile_runs, enis_deleted }
+    }
+
+    pub fn observe_add(&self, took: Duration, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.add_seconds.get_or_create(&vec![("result", result.to_string())]).observe(took.as_secs_f64());
+    }
+
+    pub fn reconcile_run(&self, result: &str) {
+        self.reconcile_runs.get_or_create(&vec![("result", result.to_string())]).inc();
+    }
+
+    pub fn eni_deleted(&self) {
+        self.enis_deleted.inc();
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+fn gauge<'a>(
+    enc: &mut DescriptorEncoder<'a>,
+    name: &str,
+    help: &str,
+    rows: impl IntoIterator<Item = (Labels, i64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        if labels.is_empty() {
+            return ConstGauge::new(v).encode(m);
+        }
+        ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Live {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (rows, enis, assignments) = self.state.read(|b| {
+            let mut rows = Vec::new();
+            for e in b.pool.enis() {
+                let (free, assigned, cooling, releasing) = Pool::eni_counts(e);
+                for (state, n) in
+                    [("free", free), ("assigned", assigned), ("cooling", cooling), ("releasing", releasing)]
+                {
+                    rows.push((vec![("eni", e.id.clone()), ("state", state.to_string())], i64::from(n)));
+                }
+            }
+            let prefixes: Vec<(Labels, i64)> =
+                b.pool.enis().map(|e| (vec![("eni", e.id.clone())], e.prefixes.len() as i64)).collect();
+            (rows, (b.pool.enis().count() as i64, prefixes), b.pool.held().count() as i64)
+        });
+        gauge(&mut enc, "pool_addresses", "Pool addresses by ENI and state", rows)?;
+        gauge(&mut enc, "pool_prefixes", "/28 prefixes held, by ENI", enis.1)?;
+        gauge(&mut enc, "enis_attached", "ENIs in the pool", [(vec![], enis.0)])?;
+        if let Some(max) = self.max_enis.get() {
+            gauge(
+                &mut enc,
+                "enis_limit",
+                "ENIs this instance may have (type and max_eni)",
+                [(vec![], i64::from(*max))],
+            )?;
+        }
+        gauge(&mut enc, "assignments", "Attachments holding an address", [(vec![], assignments)])?;
+        let st = self.state.status();
+        gauge(&mut enc, "ready", "1 when ipamd serves Adds", [(vec![], i64::from(st.ready()))])?;
+        if let Some(calls) = self.calls.get() {
+            let snap = calls.snapshot();
+            let mut m = enc.encode_descriptor(
+                "cloud_calls",
+                "Cloud API calls by operation and outcome",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((op, outcome), n) in &snap {
+                let labels: Labels =
+                    vec![("operation", op.to_string()), ("outcome", format!("{outcome:?}").to_lowercase())];
+                ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+            }
+            let throttled = calls.with_outcome(underway_cloud::Outcome::Throttled);
+            let m = enc.encode_descriptor(
+                "cloud_throttles",
+                "Cloud calls refused for throttling",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(throttled).encode(m)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,122 @@
+//! The reconciler: one task that brings the pool to its targets. It wakes on demand (an Add that
+//! found the pool empty, a Del) or on its interval, waits a short window so a burst of changes is
+//! decided on once, and runs one step of the address source. Errors back off exponentially
+//! (backon) and say what blocks the pool in the status line.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use underway_cloud::CloudError;
+
+use crate::config::Config;
+use crate::error::{IpamdError, Result};
+use crate::metrics::Metrics;
+use crate::state::{Blocker, NodeState};
+
+/// What one step found.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// What keeps the pool from its target, if anything.
+    pub blocker: Option<Blocker>,
+    /// The step changed the pool and more may be needed: run again soon.
+    pub again: bool,
+}
+
+/// Where the pool's addresses come from (ENI mode; VPC-route mode follows).
+pub trait Source: Send {
+    /// Makes the pool match the cloud and the host (at start, and after a restart).
+    fn sync(&mut self, state: &NodeState) -> impl Future<Output = Result<()>> + Send;
+    /// One decision and what it implies.
+    fn step(&mut self, state: &NodeState) -> impl Future<Output = Result<Step>> + Send;
+}
+
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(30))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+/// What an error means for the pool, for the status line and a failed Add.
+pub fn blocker_of(e: &IpamdError) -> Blocker {
+    match e {
+        IpamdError::Cloud(CloudError::Throttled { op, .. }) => {
+            Blocker::Throttled(format!("EC2 is throttling {op}; ipamd backs off and retries"))
+        }
+        IpamdError::Cloud(c @ CloudError::LimitReached { .. }) => Blocker::EniLimitReached(c.to_string()),
+        other => Blocker::Cloud(other.to_string()),
+    }
+}
+
+fn result_label(e: &IpamdError) -> &'static str {
+    match e {
+        IpamdError::Cloud(CloudError::Throttled { .. }) => "throttled",
+        IpamdError::Cloud(CloudError::LimitReached { .. }) => "limit",
+        IpamdError::Cloud(_) => "cloud_error",
+        IpamdError::Routes(_) => "datapath_error",
+        _ => "error",
+    }
+}
+
+/// Syncs (retrying until it works), then runs steps forever.
+pub async fn run<S: Source>(mut src: S, state: Arc<NodeState>, cfg: Arc<Config>, metrics: Arc<Metrics>) {
+    let mut delays = backoff();
+    loop {
+        match src.sync(&state).await {
+            Ok(()) => break,
+            Err(e) => {
+                state.record_error(format!("sync with the cloud: {e}"));
+                state.set_status(|s| s.waiting_for = Some(format!("the first sync with the cloud ({e})")));
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
+            }
+        }
+    }
+    state.set_status(|s| {
+        s.synced = true;
+        s.waiting_for = None;
+    });
+    state.freed.notify_waiters();
+    tracing::info!("pool synced with the cloud; serving");
+    let mut delays = backoff();
+    let interval = Duration::from_millis(cfg.reconcile_interval_ms);
+    let window = Duration::from_millis(cfg.reconcile_min_interval_ms);
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = state.wake.notified() => {}
+                _ = tokio::time::sleep(interval) => {}
+            }
+            tokio::time::sleep(window).await;
+        }
+        first = false;
+        match src.step(&state).await {
+            Ok(step) => {
+                metrics.reconcile_run("ok");
+                delays = backoff();
+                state.set_status(|s| s.blocker = step.blocker.clone());
+                if step.blocker.is_some() {
+                    // Nothing can change until something does: let waiting Adds fail with the reason.
+                    state.freed.notify_waiters();
+                }
+                if step.again {
+                    state.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                metrics.reconcile_run(result_label(&e));
+                let b = blocker_of(&e);
+                state.record_error(format!("reconcile: {e}"));
+                state.set_status(|s| s.blocker = Some(b));
+                state.freed.notify_waiters();
+                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
+                state.wake.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! The RPC handlers: what ipamd answers the CNI binary. Add waits a bounded time for an address
+//! and is answered only once its assignment is on disk; Del of an unknown attachment is success.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use underway_api::{
+    AddRequest, Allocation, ApiError, AttachmentKey, ErrorKind, GcRequest, POD_GATEWAY, Request, Response, StatusReply,
+};
+
+use crate::clock::unix_ms;
+use crate::metrics::Metrics;
+use crate::pool::{Lease, PoolError};
+use crate::state::{Blocker, Book, NodeState};
+use crate::store::PodRecord;
+
+/// Attachments found in use on the host but unknown to the store (it was lost) are held under
+/// this network, keyed by their host veth name, until their owner's DEL or a GC matches them.
+pub const RECOVERED: &str = "recovered";
+
+pub fn recovered_key(veth: &str) -> AttachmentKey {
+    AttachmentKey { network: RECOVERED.into(), container_id: veth.into(), ifname: String::new() }
+}
+
+/// Counts an Add waiting for an address while it lives (the reconciler sees it as demand).
+struct Waiting<'a>(&'a NodeState);
+
+impl<'a> Waiting<'a> {
+    fn new(state: &'a NodeState) -> Self {
+        state.change(|b| b.waiting += 1);
+        Waiting(state)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.change(|b| b.waiting = b.waiting.saturating_sub(1));
+    }
+}
+
+pub struct Service {
+    pub state: Arc<NodeState>,
+    pub metrics: Arc<Metrics>,
+    pub add_wait: Duration,
+    pub mtu: u32,
+    pub veth_prefix: String,
+}
+
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(ApiError { kind, message: message.into() })
+}
+
+impl Service {
+    pub async fn handle(&self, req: Request) -> Response {
+        match req {
+            Request::Add(a) => {
+                let t = Instant::now();
+                let r = self.add(a).await;
+                self.metrics.observe_add(t.elapsed(), matches!(r, Response::Added(_)));
+                r
+            }
+            Request::Del(k) => self.del(k).await,
+            Request::Check(k) => self.check(&k),
+            Request::Status => self.status(),
+            Request::Gc(g) => self.gc(g).await,
+        }
+    }
+
+    /// The key this attachment is held under: its own, or the recovered one of its host veth.
+    fn resolve(&self, b: &Book, key: &AttachmentKey) -> Option<AttachmentKey> {
+        if b.pool.lease_of(key).is_some() {
+            return Some(key.clone());
+        }
+        let veth = underway_routes::host_veth_name(&self.veth_prefix, &key.container_id, &key.ifname);
+        let r = recovered_key(&veth);
+        b.pool.lease_of(&r).is_some().then_some(r)
+    }
+
+    fn allocation(&self, l: &Lease) -> Allocation {
+        Allocation {
+            address: l.address,
+            prefix_len: 32,
+            gateway: POD_GATEWAY,
+            route_table: l.route_table,
+            eni: Some(l.eni.clone()),
+            mtu: Some(self.mtu),
+        }
+    }
+
+    async fn add(&self, req: AddRequest) -> Response {
+        let deadline = Instant::now() + self.add_wait;
+        let mut waiting: Option<Waiting<'_>> = None;
+        loop {
+            // Arm the wake-up before looking, so a free address that appears in between is not missed.
+            let freed = self.state.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let (r, generation) = self.state.change(|b| {
+                let key = self.resolve(b, &req.key).unwrap_or_else(|| req.key.clone());
+                let r = b.pool.assign(&key, unix_ms());
+                if r.is_ok() && !b.pods.contains_key(&key) {
+                    b.pods.insert(
+                        key.clone(),
+                        PodRecord {
+                            key,
+                            namespace: req.pod_namespace.clone(),
+                            name: req.pod_name.clone(),
+                            assigned_at: unix_ms(),
+                        },
+                    );
+                }
+                r
+            });
+            match r {
+                Ok(lease) => {
+                    drop(waiting.take());
+                    self.state.wake.notify_one();
+                    if let Err(e) = self.state.commit(generation).await {
+                        // Not durable: give it back rather than answer with an address a restart would forget.
+                        let (_, g) = self.state.change(|b| {
+                            b.pool.release(&req.key, 0);
+                            b.pods.remove(&req.key);
+                        });
+                        let _ = self.state.commit(g).await;
+                        self.state.record_error(format!("add {}: {e}", req.key.container_id));
+                        return error(ErrorKind::Internal, format!("cannot record the assignment durably: {e}"));
+                    }
+                    return Response::Added(self.allocation(&lease));
+                }
+                Err(PoolError::Empty { free_later, releasing }) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        drop(waiting.take());
+                        return self.empty_error(free_later, releasing);
+                    }
+                    if waiting.is_none() {
+                        waiting = Some(Waiting::new(&self.state));
+                    }
+                    self.state.wake.notify_one();
+                    // Cooldowns end by the clock, without a signal: look again at least every 250 ms.
+                    let nap = (deadline - now).min(Duration::from_millis(250));
+                    tokio::select! {
+                        _ = freed.as_mut() => {}
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                }
+                Err(e) => return error(ErrorKind::Internal, e.to_string()),
+            }
+        }
+    }
+
+    fn empty_error(&self, free_later: u32, releasing: u32) -> Response {
+        let st = self.state.status();
+        let waited = format!("no free address after {} ms", self.add_wait.as_millis());
+        let extra = if free_later + releasing > 0 {
+            format!(" ({free_later} cooling, {releasing} being returned)")
+        } else {
+            String::new()
+        };
+        let (kind, why) = match (&st.waiting_for, &st.blocker) {
+            (Some(w), _) => (ErrorKind::NotReady, format!("ipamd is not ready: waiting for {w}")),
+            (None, Some(b @ Blocker::SubnetExhausted(_))) => (ErrorKind::SubnetExhausted, b.message().to_string()),
+            (None, Some(b @ Blocker::EniLimitReached(_))) => (ErrorKind::EniLimitReached, b.message().to_string()),
+            (None, Some(b @ Blocker::Throttled(_))) => (ErrorKind::Throttled, b.message().to_string()),
+            (None, Some(b)) => (ErrorKind::PoolEmpty, b.message().to_string()),
+            (None, None) => (ErrorKind::PoolEmpty, "the pool is still growing".to_string()),
+        };
+        error(kind, format!("{waited}{extra}: {why}"))
+    }
+
+    async fn del(&self, key: AttachmentKey) -> Response {
+        let (found, g) = self.state.change(|b| {
+            let Some(k) = self.resolve(b, &key) else { return false };
+            b.pods.remove(&k);
+            b.pool.release(&k, unix_ms()).is_some()
+        });
+        if found {
+            if let Err(e) = self.state.commit(g).await {
+                return error(ErrorKind::Internal, format!("cannot record the release durably: {e}"));
+            }
+            self.state.wake.notify_one();
+        }
+        Response::Released { found }
+    }
+
+    fn check(&self, key: &AttachmentKey) -> Response {
+        let lease = self.state.read(|b| self.resolve(b, key).and_then(|k| b.pool.lease_of(&k)));
+        match lease {
+            Some(l) => Response::Checked(self.allocation(&l)),
+            None => error(
+                ErrorKind::UnknownAttachment,
+                format!("ipamd holds no address for container {} ifname {}", key.container_id, key.ifname),
+            ),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let st = self.state.status();
+        let s = self.state.read(|b| b.pool.stats());
+        Response::Status(StatusReply { ready: st.ready(), reason: st.line(), free: s.free(), assigned: s.assigned })
+    }
+
+    async fn gc(&self, req: GcRequest) -> Response {
+        let now = unix_ms();
+        let valid_veths: std::collections::BTreeSet<String> = req
+            .valid
+            .iter()
+            .map(|k| underway_routes::host_veth_name(&self.veth_prefix, &k.container_id, &k.ifname))
+            .collect();
+        let (released, g) = self.state.change(|b| {
+            let mut out: Vec<Ipv4Addr> = b.pool.gc(&req.network, &req.valid, now);
+            let stale: Vec<AttachmentKey> = b
+                .pool
+                .held()
+                .map(|(k, _)| k)
+                .filter(|k| k.network == RECOVERED && !valid_veths.contains(&k.container_id))
+                .cloned()
+                .collect();
+            out.extend(stale.iter().filter_map(|k| b.pool.release(k, now)));
+            let held: std::collections::BTreeSet<AttachmentKey> = b.pool.held().map(|(k, _)| k.clone()).collect();
+            b.pods.retain(|k, _| held.contains(k));
+            out
+        });
+        if let Err(e) = self.state.commit(g).await {
+            return error(ErrorKind::Internal, format!("cannot record the GC durably: {e}"));
+        }
+        self.state.wake.notify_one();
+        Response::Collected { released }
+    }
+}

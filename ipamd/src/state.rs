@@ -1,0 +1,182 @@
+//! The node's state shared by the RPC server, the reconciler and the HTTP endpoints: the pool and
+//! its pod records behind one lock, a generation counter for durability (group commit), the
+//! status line, and the recent errors.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use underway_api::AttachmentKey;
+
+use crate::error::Result;
+use crate::pool::Pool;
+use crate::store::{PodRecord, Snapshot, Store};
+
+/// The pool and who holds what, changed only under the lock.
+#[derive(Debug)]
+pub struct Book {
+    pub pool: Pool,
+    pub pods: BTreeMap<AttachmentKey, PodRecord>,
+    /// Adds waiting for an address right now (the reconciler counts them as demand).
+    pub waiting: u32,
+}
+
+impl Book {
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot { enis: self.pool.enis().cloned().collect(), pods: self.pods.values().cloned().collect() }
+    }
+}
+
+/// Why the pool cannot grow right now (what a failed Add reports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum Blocker {
+    NotReady(String),
+    SubnetExhausted(String),
+    EniLimitReached(String),
+    Throttled(String),
+    Cloud(String),
+}
+
+impl Blocker {
+    pub fn message(&self) -> &str {
+        match self {
+            Blocker::NotReady(m)
+            | Blocker::SubnetExhausted(m)
+            | Blocker::EniLimitReached(m)
+            | Blocker::Throttled(m)
+            | Blocker::Cloud(m) => m,
+        }
+    }
+}
+
+/// What ipamd is doing, in one line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Status {
+    /// The pool was reconciled with the cloud at least once.
+    pub synced: bool,
+    /// The pool came from a valid store (Adds are served from it before the cloud answers).
+    pub from_store: bool,
+    /// What start-up still waits for.
+    pub waiting_for: Option<String>,
+    /// What keeps the pool from reaching its target.
+    pub blocker: Option<Blocker>,
+}
+
+impl Status {
+    pub fn ready(&self) -> bool {
+        self.synced || self.from_store
+    }
+
+    pub fn line(&self) -> String {
+        match (&self.waiting_for, &self.blocker) {
+            (Some(w), _) => format!("waiting for {w}"),
+            (None, Some(b)) => b.message().to_string(),
+            (None, None) if self.synced => "serving".into(),
+            (None, None) => "starting".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorEntry {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+const ERRORS_KEPT: usize = 32;
+
+pub struct NodeState {
+    book: Mutex<Book>,
+    generation: AtomicU64,
+    durable: AtomicU64,
+    write: tokio::sync::Mutex<()>,
+    store: Store,
+    status: Mutex<Status>,
+    errors: Mutex<VecDeque<ErrorEntry>>,
+    /// Signalled when free addresses may have appeared (Adds waiting for one wake up).
+    pub freed: Notify,
+    /// Signalled when the pool may need the reconciler.
+    pub wake: Notify,
+}
+
+impl NodeState {
+    pub fn new(store: Store, book: Book, status: Status) -> Self {
+        NodeState {
+            book: Mutex::new(book),
+            generation: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            write: tokio::sync::Mutex::new(()),
+            store,
+            status: Mutex::new(status),
+            errors: Mutex::new(VecDeque::new()),
+            freed: Notify::new(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Reads the book.
+    pub fn read<R>(&self, f: impl FnOnce(&Book) -> R) -> R {
+        f(&self.book.lock().expect("book lock"))
+    }
+
+    /// Changes the book; returns the result and the generation to [`commit`](Self::commit).
+    pub fn change<R>(&self, f: impl FnOnce(&mut Book) -> R) -> (R, u64) {
+        let mut b = self.book.lock().expect("book lock");
+        let r = f(&mut b);
+        let g = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        (r, g)
+    }
+
+    /// Returns once generation `g` (and every earlier one) is on disk. Concurrent callers share
+    /// one write: whoever takes the lock first saves the latest state, covering the others.
+    pub async fn commit(&self, g: u64) -> Result<()> {
+        if self.durable.load(Ordering::SeqCst) >= g {
+            return Ok(());
+        }
+        let _w = self.write.lock().await;
+        if self.durable.load(Ordering::SeqCst) >= g {
+            return Ok(());
+        }
+        let (snap, at) = {
+            let b = self.book.lock().expect("book lock");
+            (b.snapshot(), self.generation.load(Ordering::SeqCst))
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save(&snap))
+            .await
+            .map_err(|e| crate::error::IpamdError::Store { path: "spawn".into(), reason: e.to_string() })??;
+        self.durable.fetch_max(at, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Saves now whatever the book holds.
+    pub async fn flush(&self) -> Result<()> {
+        self.commit(self.generation.load(Ordering::SeqCst).max(1)).await
+    }
+
+    pub fn status(&self) -> Status {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    pub fn set_status(&self, f: impl FnOnce(&mut Status)) {
+        let mut s = self.status.lock().expect("status lock");
+        f(&mut s);
+    }
+
+    pub fn record_error(&self, what: impl Into<String>) {
+        let what = what.into();
+        tracing::warn!("{what}");
+        let mut e = self.errors.lock().expect("errors lock");
+        if e.len() == ERRORS_KEPT {
+            e.pop_front();
+        }
+        e.push_back(ErrorEntry { at_ms: crate::clock::unix_ms(), what });
+    }
+
+    pub fn errors(&self) -> Vec<ErrorEntry> {
+        self.errors.lock().expect("errors lock").iter().cloned().collect()
+    }
+}

@@ -1,0 +1,222 @@
+//! The durable store: one snapshot file, replaced atomically (write a temporary file, fsync it,
+//! rename it over the old one, fsync the directory). A reader sees the old snapshot or the new
+//! one, never half of one.
+//!
+//! The file is a header line `underway-ipamd-state <format> <crc32 hex> <body length>` followed
+//! by the JSON body. A torn, truncated or bit-flipped file fails the length or checksum test and
+//! is reported as corrupt (and kept aside for a post-mortem); ipamd then rebuilds from the cloud
+//! and the host instead of crashing.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use underway_api::AttachmentKey;
+
+use crate::error::{IpamdError, Result};
+use crate::pool::Eni;
+
+const MAGIC: &str = "underway-ipamd-state";
+/// Bumped on any incompatible change of [`Snapshot`].
+pub const FORMAT: u32 = 1;
+const FILE: &str = "ipamd-state";
+
+/// Who a pod is (recorded with its assignment when the runtime says).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRecord {
+    pub key: AttachmentKey,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    /// Unix milliseconds.
+    pub assigned_at: u64,
+}
+
+/// Everything ipamd must not forget.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The pool's ENIs, their addresses and who holds each.
+    pub enis: Vec<Eni>,
+    pub pods: Vec<PodRecord>,
+}
+
+/// What loading found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No store yet (a fresh node).
+    Fresh,
+    Ok(Snapshot),
+    /// The file was unreadable; it was moved to `kept` and `reason` says what was wrong.
+    Corrupt {
+        reason: String,
+        kept: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    dir: PathBuf,
+}
+
+fn store_err(path: &Path, reason: impl Into<String>) -> IpamdError {
+    IpamdError::Store { path: path.display().to_string(), reason: reason.into() }
+}
+
+impl Store {
+    /// A store in `dir` (created 0700 when missing).
+    pub fn open(dir: &Path) -> Result<Store> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| store_err(dir, format!("cannot create: {e}")))?;
+        Ok(Store { dir: dir.to_path_buf() })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE)
+    }
+
+    pub fn load(&self) -> Result<Loaded> {
+        let path = self.path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Fresh),
+            Err(e) => return Err(store_err(&path, e.to_string())),
+        };
+        match decode(&bytes) {
+            Ok(s) => Ok(Loaded::Ok(s)),
+            Err(reason) => {
+                let kept = self.dir.join(format!("{FILE}.corrupt-{}", crate::clock::unix_ms()));
+                std::fs::rename(&path, &kept)
+                    .map_err(|e| store_err(&path, format!("{reason}; and cannot move it aside: {e}")))?;
+                Ok(Loaded::Corrupt { reason, kept })
+            }
+        }
+    }
+
+    /// Replaces the snapshot durably; returns once the new one is on disk.
+    pub fn save(&self, snap: &Snapshot) -> Result<()> {
+        let path = self.path();
+        let tmp = self.dir.join(format!("{FILE}.tmp"));
+        let bytes = encode(snap);
+        let write = || -> std::io::Result<()> {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| store_err(&path, format!("cannot save: {e}")))
+    }
+}
+
+/// The file's bytes for a snapshot.
+pub fn encode(snap: &Snapshot) -> Vec<u8> {
+    let body = serde_json::to_vec(snap).expect("the snapshot serialises");
+    let mut out = format!("{MAGIC} {FORMAT} {:08x} {}\n", crc32fast::hash(&body), body.len()).into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// A snapshot back from the file's bytes, or why not.
+pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
+    let nl = bytes.iter().position(|b| *b == b'\n').ok_or("no header line (truncated?)")?;
+    let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
+    let body = &bytes[nl + 1..];
+    let f: Vec<&str> = header.split(' ').collect();
+    if f.len() != 4 || f[0] != MAGIC {
+        return Err(format!("not an underway state file (header {header:?})"));
+    }
+    let format: u32 = f[1].parse().map_err(|_| format!("bad format field {:?}", f[1]))?;
+    if format != FORMAT {
+        return Err(format!("format {format}, this ipamd reads {FORMAT}"));
+    }
+    let len: usize = f[3].parse().map_err(|_| format!("bad length field {:?}", f[3]))?;
+    if body.len() != len {
+        return Err(format!("body is {} bytes, header says {len} (torn write?)", body.len()));
+    }
+    let crc = format!("{:08x}", crc32fast::hash(body));
+    if crc != f[2] {
+        return Err(format!("checksum {crc}, header says {}", f[2]));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::Pool;
+
+    fn snapshot() -> Snapshot {
+        let mut p = Pool::new(1000);
+        p.add_eni("eni-0", 0, None);
+        p.add_addresses("eni-0", &["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()]).unwrap();
+        let key = AttachmentKey { network: "n".into(), container_id: "c1".into(), ifname: "eth0".into() };
+        p.assign(&key, 0).unwrap();
+        let pods = vec![PodRecord { key, namespace: Some("default".into()), name: Some("web".into()), assigned_at: 7 }];
+        Snapshot { enis: p.enis().cloned().collect(), pods }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("underway-store-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn save_then_load() {
+        let d = dir("ok");
+        let s = Store::open(&d).unwrap();
+        assert!(matches!(s.load().unwrap(), Loaded::Fresh));
+        s.save(&snapshot()).unwrap();
+        s.save(&snapshot()).unwrap();
+        match s.load().unwrap() {
+            Loaded::Ok(back) => assert_eq!(back, snapshot()),
+            other => panic!("{other:?}"),
+        }
+        let names: Vec<_> = std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(FILE)], "no temporary file left");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn every_kind_of_damage_is_detected() {
+        let good = encode(&snapshot());
+        let nl = good.iter().position(|b| *b == b'\n').unwrap();
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 0x01;
+        let mut other_format = good.clone();
+        other_format[MAGIC.len() + 1] = b'9';
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("empty", vec![], "no header"),
+            ("torn in the header", good[..nl / 2].to_vec(), "no header"),
+            ("torn in the body", good[..good.len() - 10].to_vec(), "torn"),
+            ("bit flip", flipped, "checksum"),
+            ("garbage", b"{\"enis\": []}\n".to_vec(), "not an underway state file"),
+            ("newer format", other_format, "format 9"),
+        ];
+        for (name, bytes, want) in cases {
+            let e = decode(&bytes).expect_err(name);
+            assert!(e.contains(want), "{name}: {e}");
+        }
+        assert_eq!(decode(&good).unwrap(), snapshot());
+    }
+
+    #[test]
+    fn a_corrupt_file_is_moved_aside_and_reported() {
+        let d = dir("corrupt");
+        let s = Store::open(&d).unwrap();
+        std::fs::write(s.path(), b"underway-ipamd-state 1 00000000 3\nabc").unwrap();
+        match s.load().unwrap() {
+            Loaded::Corrupt { reason, kept } => {
+                assert!(reason.contains("checksum"), "{reason}");
+                assert!(kept.exists());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(s.load().unwrap(), Loaded::Fresh), "the next load starts fresh");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
