@@ -161,8 +161,14 @@ impl Config {
             fig = fig.merge(Toml::file(f));
         }
         // The environment is passed in (not read here), so tests need not mutate the process's.
+        // Only variables naming a config field count: other UNDERWAY_* variables (the CNI's, a
+        // test harness's) are not ours.
+        let fields = serde_json::to_value(Config::default()).expect("config serialises");
+        let is_field = |path: &str| fields.get(path.split('.').next().unwrap_or_default()).is_some();
         for (k, v) in env {
-            if let Some(rest) = k.strip_prefix("UNDERWAY_") {
+            if let Some(rest) = k.strip_prefix("UNDERWAY_")
+                && is_field(&rest.to_ascii_lowercase().replace("__", "."))
+            {
                 let path = rest.to_ascii_lowercase().replace("__", ".");
                 let value: Value = v.parse().unwrap_or_else(|never| match never {});
                 fig = fig.merge(Serialized::default(&path, value));
@@ -346,7 +352,11 @@ subnets = ["subnet-1a"]
 
     #[test]
     fn unrelated_variables_are_ignored() {
-        let c = Config::load(None, &env(&[("UNDERWAY_CLUSTER", "x"), ("HOME", "/root")])).unwrap();
+        let c = Config::load(
+            None,
+            &env(&[("UNDERWAY_CLUSTER", "x"), ("HOME", "/root"), ("UNDERWAY_LOCALSTACK_ENDPOINT", "http://x")]),
+        )
+        .unwrap();
         assert_eq!(c.cluster, "x");
     }
 }

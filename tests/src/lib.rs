@@ -4,9 +4,11 @@
 //!   killed with its whole process group when the test process ends (even on panic or SIGKILL);
 //!   each test takes its own [`localstack::Account`] so tests never see each other's state.
 //! - [`imds`]: an IMDSv2 server on loopback serving a map of metadata paths, with tokens checked.
+//! - [`world`]: a VPC of node namespaces and a router; [`ipamd`]: a real ipamd inside a node.
 
 pub mod fixture;
 pub mod imds;
+pub mod ipamd;
 pub mod localstack;
 pub mod netns;
 pub mod world;

@@ -256,6 +256,7 @@ pub struct Node {
     /// The IMDS for the test process (loopback of the root namespace).
     pub imds: FakeImds,
     proxy: JoinHandle<()>,
+    ec2_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Node {
@@ -266,6 +267,11 @@ impl Node {
     /// The EC2 endpoint as seen from inside the node's namespace.
     pub fn ec2_endpoint_in_ns(&self) -> String {
         format!("http://{EC2_PROXY_ADDR}:{EC2_PROXY_PORT}")
+    }
+    /// Makes the node's EC2 endpoint stall each new connection this long before forwarding it
+    /// (a slow EC2, as the node sees it); 0 ends the stall.
+    pub fn set_ec2_delay(&self, d: Duration) {
+        self.ec2_delay_ms.store(d.as_millis() as u64, Ordering::SeqCst);
     }
     /// Runs a command inside the node's namespace.
     pub fn exec(&self, argv: &[&str]) -> Result<std::process::Output, HarnessError> {
@@ -388,7 +394,12 @@ impl World {
             )
         })?;
         let imds = FakeImds::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, vec![imds_in_ns?], BTreeMap::new())?;
-        let proxy = spawn_proxy(proxy_in_ns?, inner.account.endpoint.trim_start_matches("http://").to_string())?;
+        let ec2_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let proxy = spawn_proxy(
+            proxy_in_ns?,
+            inner.account.endpoint.trim_start_matches("http://").to_string(),
+            ec2_delay_ms.clone(),
+        )?;
         let node = Arc::new(Node {
             index,
             ns,
@@ -397,6 +408,7 @@ impl World {
             availability_zone: "us-east-1a".into(),
             imds,
             proxy,
+            ec2_delay_ms,
         });
         inner.nodes.lock().expect("nodes").push(node.clone());
         self.sync().await?;
@@ -463,14 +475,20 @@ impl Drop for World {
 
 /// Forwards TCP connections accepted on `listener` (bound in a node namespace) to `target`
 /// (LocalStack on the root namespace's loopback).
-fn spawn_proxy(listener: std::net::TcpListener, target: String) -> Result<JoinHandle<()>, HarnessError> {
+fn spawn_proxy(
+    listener: std::net::TcpListener,
+    target: String,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<JoinHandle<()>, HarnessError> {
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     Ok(tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         while let Ok((mut inbound, _)) = listener.accept().await {
             let target = target.clone();
+            let delay = Duration::from_millis(delay_ms.load(Ordering::SeqCst));
             conns.spawn(async move {
+                tokio::time::sleep(delay).await;
                 if let Ok(mut out) = tokio::net::TcpStream::connect(&target).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
                 }

@@ -1,0 +1,208 @@
+//! ipamd in ENI mode on the test world: a real ipamd process per node (inside the node's
+//! namespace, with its IMDS and EC2 endpoint), LocalStack behind it, RPC over the real socket.
+//! Needs root.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::*;
+use underway_api::{ErrorKind, Request, Response};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fresh_node_reaches_its_targets_with_the_calls_they_imply() {
+    let (w, n) = world("m5.large").await;
+    // Default targets: warm_eni_target = 1 → one ENI's worth (9 on an m5.large) free.
+    let p = start(&w, &n, FAST);
+    p.wait_ready(9, Duration::from_secs(60)).unwrap();
+    let enis = enis_in_ec2(&w, &n).await;
+    assert_eq!(enis.len(), 1, "no second ENI: {enis:?}");
+    assert_eq!(enis[0].2.len(), 9, "9 secondary addresses on the primary ENI");
+    let m = p.http_get(61678, "/metrics").unwrap();
+    let calls = |op: &str| sample(&m, &format!("underway_cloud_calls_total{{operation=\"{op}\",outcome=\"ok\"}}"));
+    assert_eq!(calls("AssignPrivateIpAddresses"), Some(1.0), "one batch call fills the target:\n{m}");
+    assert_eq!(calls("CreateNetworkInterface"), None, "{m}");
+    let eni0 = &enis[0].0;
+    assert_eq!(sample(&m, &format!("underway_pool_addresses{{eni=\"{eni0}\",state=\"free\"}}")), Some(9.0), "{m}");
+    assert_eq!(sample(&m, "underway_enis_limit"), Some(3.0));
+    assert_eq!(sample(&m, "underway_ready"), Some(1.0));
+    let v: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/enis").unwrap()).unwrap();
+    assert_eq!(v[0]["id"], serde_json::json!(eni0));
+    assert_eq!(v[0]["free"], 9);
+    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/config").unwrap()).unwrap();
+    assert_eq!(cfg["cluster"], serde_json::json!(w.id()), "the effective config");
+    let st: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/status").unwrap()).unwrap();
+    assert_eq!(st["node"]["instance_id"], serde_json::json!(n.instance_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_primary_brings_a_second_eni_whose_addresses_serve() {
+    let (w, n) = world("m5.large").await;
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 2\n"));
+    p.wait_ready(2, Duration::from_secs(60)).unwrap();
+    let answers = add_parallel(&p, "pod", 12);
+    let allocs: Vec<_> = answers.into_iter().map(|(_, r)| added(r)).collect();
+    let distinct: BTreeSet<_> = allocs.iter().map(|a| a.address).collect();
+    assert_eq!(distinct.len(), 12, "every pod its own address");
+    let enis = enis_in_ec2(&w, &n).await;
+    assert_eq!(enis.len(), 2, "{enis:?}");
+    let (eni1, dev1) = (&enis[1].0, enis[1].1);
+    assert_eq!(dev1, 1, "the next free device index");
+    let on_second: Vec<_> = allocs.iter().filter(|a| a.eni.as_deref() == Some(eni1.as_str())).collect();
+    assert!(on_second.len() >= 3, "12 pods on 9 + more: {allocs:?}");
+    assert!(on_second.iter().all(|a| a.route_table == Some(101)), "the ENI's table: {on_second:?}");
+    for a in &on_second {
+        assert!(enis[1].2.contains(&a.address), "{} is owned by {eni1} in EC2", a.address);
+    }
+    // The link was set up: up, with the ENI's table (subnet + default via the subnet's router).
+    let out = n.exec(&["ip", "route", "show", "table", "101"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("default via 10.0.0.1 dev eth1"), "table 101: {table}");
+    let link = String::from_utf8_lossy(&n.exec(&["ip", "link", "show", "eth1"]).unwrap().stdout).to_string();
+    assert!(link.contains("state UP") || link.contains(",UP"), "{link}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instance_limits_are_enforced_and_add_says_so() {
+    // t3.micro: 2 ENIs × 2 IPv4 (1 secondary each). LocalStack would accept far more.
+    let (w, n) = world("t3.micro").await;
+    let p = start(
+        &w,
+        &n,
+        "cooldown_ms = 1000\nadd_wait_ms = 3000\nreconcile_interval_ms = 500\n[targets]\nwarm_ip_target = 1\n",
+    );
+    p.wait_ready(1, Duration::from_secs(60)).unwrap();
+    let a = added(add(&p, "a"));
+    let b = added(add(&p, "b"));
+    assert_ne!(a.address, b.address);
+    let t = Instant::now();
+    match add(&p, "c") {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::EniLimitReached, "{e:?}");
+            assert!(e.message.contains("t3.micro") && e.message.contains("2 ENIs"), "{}", e.message);
+        }
+        other => panic!("a third address on a t3.micro: {other:?}"),
+    }
+    assert!(t.elapsed() >= Duration::from_millis(2500), "it waited its bounded time first");
+    let enis = enis_in_ec2(&w, &n).await;
+    assert_eq!(enis.len(), 2, "no ENI beyond the type's maximum: {enis:?}");
+    assert!(enis.iter().all(|e| e.2.len() <= 1), "no address beyond the per-ENI maximum: {enis:?}");
+    let st = status(&p);
+    assert!(st.reason.contains("ENI limit"), "{st:?}");
+    // A DEL frees one; after the cooldown it serves again.
+    assert_eq!(p.call(&Request::Del(key("a"))).unwrap(), Response::Released { found: true });
+    assert_eq!(p.call(&Request::Del(key("a"))).unwrap(), Response::Released { found: false }, "unknown is success");
+    let c = added(add(&p, "c"));
+    assert_eq!(c.address, a.address, "the only free address, after its cooldown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_assignments_survive_a_kill_and_a_corrupt_store_is_survived() {
+    let (w, n) = world("m5.4xlarge").await;
+    let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 5\n"));
+    p.wait_ready(5, Duration::from_secs(60)).unwrap();
+    let first: Vec<_> = add_parallel(&p, "pod", 50).into_iter().map(|(c, r)| (c, added(r).address)).collect();
+    assert_eq!(first.iter().map(|(_, a)| a).collect::<BTreeSet<_>>().len(), 50);
+    p.kill9();
+    p.spawn().unwrap();
+    // It answers from the store at once, before the cloud is reached.
+    eventually(Duration::from_secs(20), "ipamd answers after the restart", || {
+        p.call(&Request::Check(key("pod-0"))).is_ok()
+    });
+    for (c, addr) in &first {
+        match p.call(&Request::Check(key(c))).unwrap() {
+            Response::Checked(a) => assert_eq!(a.address, *addr, "{c} keeps its address"),
+            other => panic!("{c}: {other:?}"),
+        }
+    }
+    let more: Vec<_> = add_parallel(&p, "late", 10).into_iter().map(|(_, r)| added(r).address).collect();
+    let all: BTreeSet<_> = first.iter().map(|(_, a)| *a).chain(more.iter().copied()).collect();
+    assert_eq!(all.len(), 60, "no address handed out twice after the restart");
+    // Same again as a re-ADD of an existing attachment: the same address.
+    assert_eq!(added(add(&p, "pod-7")).address, first[7].1);
+
+    // A torn store: ipamd must start, say so, and rebuild from EC2 (no pods on the host here).
+    p.kill9();
+    let store = p.dir.join("state/ipamd-state");
+    let bytes = std::fs::read(&store).unwrap();
+    std::fs::write(&store, &bytes[..bytes.len() / 2]).unwrap();
+    p.spawn().unwrap();
+    p.wait_ready(5, Duration::from_secs(60)).unwrap();
+    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    assert!(errors.contains("corrupt") && errors.contains("torn"), "{errors}");
+    let kept: Vec<_> = std::fs::read_dir(p.dir.join("state"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("corrupt"))
+        .collect();
+    assert_eq!(kept.len(), 1, "the corrupt file is kept for a post-mortem");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_on_an_empty_pool_waits_out_a_slow_ec2() {
+    let (w, n) = world("m5.large").await;
+    // No warm addresses at all: every Add needs EC2.
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 0\n"));
+    p.wait_ready(0, Duration::from_secs(60)).unwrap();
+    assert_eq!(status(&p).free, 0);
+    n.set_ec2_delay(Duration::from_millis(2500));
+    let t = Instant::now();
+    let a = added(add(&p, "slow"));
+    let took = t.elapsed();
+    n.set_ec2_delay(Duration::ZERO);
+    assert!(took >= Duration::from_millis(2500), "the stall was in the way ({took:?})");
+    assert!(took < Duration::from_secs(10), "and the Add still got {} within its wait ({took:?})", a.address);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_exhausted_subnet_fails_add_with_that_reason() {
+    let (w, n) = world("m5.large").await;
+    let fx = w.ec2();
+    // A /28 for new ENIs, filled to the last address by someone else (a full subnet hangs
+    // LocalStack, so ipamd must not ask it for more than DescribeSubnets says is there).
+    let small = fx
+        .client
+        .create_subnet()
+        .vpc_id(&fx.vpc_id)
+        .cidr_block("10.0.200.0/28")
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let small = small.subnet().unwrap().subnet_id().unwrap().to_string();
+    let free = |s: &str| {
+        let (c, s) = (fx.client.clone(), s.to_string());
+        async move {
+            let o = c.describe_subnets().subnet_ids(s).send().await.unwrap();
+            o.subnets()[0].available_ip_address_count().unwrap()
+        }
+    };
+    let left = free(&small).await;
+    fx.client
+        .create_network_interface()
+        .subnet_id(&small)
+        .secondary_private_ip_address_count(left - 1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(free(&small).await, 0);
+    let p = start(
+        &w,
+        &n,
+        &format!(
+            "cooldown_ms = 1000\nadd_wait_ms = 3000\nreconcile_interval_ms = 500\n[targets]\nminimum_ip_target = 9\nwarm_ip_target = 0\n[eni]\nsubnets = [\"{small}\"]\n"
+        ),
+    );
+    p.wait_ready(9, Duration::from_secs(60)).unwrap();
+    let got: Vec<_> = add_parallel(&p, "fill", 9).into_iter().map(|(_, r)| added(r)).collect();
+    assert_eq!(got.len(), 9);
+    match add(&p, "one-more") {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::SubnetExhausted, "{e:?}");
+            assert!(e.message.contains(&small) && e.message.contains("0 free"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(enis_in_ec2(&w, &n).await.len(), 1, "no ENI was created in the full subnet");
+}

@@ -1,0 +1,194 @@
+//! A real `underway-ipamd` process inside a test-world node's namespace: its own config, state
+//! directory and socket, IMDS and EC2 as the node sees them, and credentials of the world's
+//! LocalStack account. Killed (SIGKILL) and its directory removed on drop.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use underway_api::{Request, Response};
+
+use crate::HarnessError;
+use crate::world::{Node, World};
+
+/// Where cargo put the workspace's binaries (next to the test executable's `deps/`).
+pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| HarnessError::Command("no target dir".into()))?;
+    let p = dir.join(name);
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(HarnessError::Command(format!("{} is missing: build the workspace first (tests/run does)", p.display())))
+    }
+}
+
+/// False once the process has exited (a zombie counts as exited).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(false))
+        .unwrap_or(false)
+}
+
+pub struct IpamdProcess {
+    pub ns: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    bin: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl IpamdProcess {
+    /// Writes a config for `node` (the world's cluster, IMDS, EC2 endpoint; `extra` TOML is
+    /// appended, for targets and timings) and starts ipamd.
+    pub fn start(world: &World, node: &Node, bin: &Path, extra: &str) -> Result<IpamdProcess, HarnessError> {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "underway-ipamd-{}-{}-{}",
+            std::process::id(),
+            node.index,
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("run/ipamd.sock");
+        let config = dir.join("ipamd.toml");
+        let text = format!(
+            "cluster = \"{cluster}\"\nsocket = \"{sock}\"\nstate_dir = \"{state}\"\n{extra}\n",
+            cluster = world.id(),
+            sock = socket.display(),
+            state = dir.join("state").display(),
+        );
+        std::fs::write(&config, text)?;
+        let env = vec![
+            ("AWS_ACCESS_KEY_ID".into(), world.account().id.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            ("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), node.imds_endpoint_in_ns()),
+            ("UNDERWAY_CLOUD__ENDPOINT".into(), node.ec2_endpoint_in_ns()),
+            ("UNDERWAY_LOG".into(), "info,underway_ipamd=debug,aws=warn".into()),
+        ];
+        let mut p = IpamdProcess {
+            ns: node.ns.clone(),
+            log: dir.join("ipamd.log"),
+            dir,
+            socket,
+            config,
+            bin: bin.to_path_buf(),
+            env,
+            child: None,
+        };
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// Starts the process (again, after a kill or stop).
+    pub fn spawn(&mut self) -> Result<(), HarnessError> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&self.bin)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// One RPC.
+    pub fn call(&self, req: &Request) -> Result<Response, HarnessError> {
+        underway_api::client::call(&self.socket, req, Duration::from_secs(60))
+            .map_err(|e| HarnessError::Command(e.to_string()))
+    }
+
+    /// Waits until STATUS says ready and `free` addresses are free (and nothing waits).
+    pub fn wait_ready(&self, free: u32, limit: Duration) -> Result<(), HarnessError> {
+        let t = Instant::now();
+        let mut last = String::from("no answer");
+        while t.elapsed() < limit {
+            if let Some(c) = &self.child
+                && !alive(c.id())
+            {
+                return Err(HarnessError::Command(format!("ipamd exited; log:\n{}", self.log_text())));
+            }
+            match self.call(&Request::Status) {
+                Ok(Response::Status(s)) if s.ready && s.free >= free && s.reason == "serving" => return Ok(()),
+                Ok(r) => last = format!("{r:?}"),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(HarnessError::Command(format!(
+            "ipamd not ready with {free} free after {limit:?}: {last}\nlog:\n{}",
+            self.log_text()
+        )))
+    }
+
+    /// `GET path` on a loopback port inside the node's namespace (metrics, introspection).
+    pub fn http_get(&self, port: u16, path: &str) -> Result<String, HarnessError> {
+        let req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+        let body = crate::netns::in_ns(&self.ns, move || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(req.as_bytes())?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })??;
+        let (head, body) = body.split_once("\r\n\r\n").unwrap_or((&body, ""));
+        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+            return Err(HarnessError::Command(format!("GET {path}: {head}")));
+        }
+        Ok(body.to_string())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, no clean-up (a crash).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns its success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+}
+
+impl Drop for IpamdProcess {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- ipamd log ({}) ---\n{}", self.ns, self.log_text());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
