@@ -449,8 +449,10 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
         self.finish_pending(state).await?;
-        let (mut stats, waiting) =
-            state.read(|b| (b.pool.stats_with(self.limits.slots_per_eni(), self.prefix_mode()), b.waiting));
+        let ((mut stats, waiting), _) = state.change(|b| {
+            b.pool.expire(unix_ms());
+            (b.pool.stats_with(self.limits.slots_per_eni(), self.prefix_mode()), b.waiting)
+        });
         stats.assigned += waiting;
         stats.enis += self.pending.len() as u32;
         let d = self.cfg.targets.decide(&stats, &self.limits);

@@ -197,7 +197,10 @@ impl Service {
 
     fn status(&self) -> Response {
         let st = self.state.status();
-        let s = self.state.read(|b| b.pool.stats());
+        let (s, _) = self.state.change(|b| {
+            b.pool.expire(unix_ms());
+            b.pool.stats()
+        });
         Response::Status(StatusReply { ready: st.ready(), reason: st.line(), free: s.free(), assigned: s.assigned })
     }
 

@@ -17,7 +17,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags};
 use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteScope};
-use rtnetlink::packet_route::rule::{RuleAttribute, RuleMessage};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::{Handle, IpVersion, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::netns::{Ns, handle_in};
@@ -199,6 +199,7 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
                 .v4()
                 .destination_prefix(spec.address, 32)
                 .table_id(MAIN_TABLE)
+                .action(RuleAction::ToTable)
                 .priority(RULE_TO_POD)
                 .execute()
                 .await
@@ -210,6 +211,7 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
                 .v4()
                 .source_prefix(spec.address, 32)
                 .table_id(table)
+                .action(RuleAction::ToTable)
                 .priority(RULE_FROM_POD)
                 .execute()
                 .await
@@ -300,6 +302,7 @@ pub async fn check_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
         let has = |prio: u32, t: u32| {
             pod_rules.iter().any(|r| {
                 r.attributes.contains(&RuleAttribute::Priority(prio))
+                    && r.header.action == RuleAction::ToTable
                     && (r.attributes.contains(&RuleAttribute::Table(t)) || u32::from(r.header.table) == t)
             })
         };

@@ -65,6 +65,18 @@ async fn a_secondary_eni_address_gets_its_rules() {
     let (_, rules) = node.sh("ip rule");
     assert!(rules.contains("512:\tfrom all to 10.99.0.6 lookup main"), "{rules}");
     assert!(rules.contains("1536:\tfrom 10.99.0.6 lookup 101"), "{rules}");
+    // The rules route (a rule without an action matches and fails every lookup with EINVAL).
+    assert!(
+        node.sh("sysctl -qw net.ipv4.ip_forward=1 && ip link add tst0 type veth peer name tst1 && ip link set tst0 up && ip route add default dev tst0 table 101")
+            .0
+    );
+    let (ok, to_pod) = node.sh("ip route get 10.99.0.6 2>&1");
+    assert!(ok && to_pod.contains(&s.host_veth), "to the pod through main: {to_pod}");
+    let (ok, from_pod) = node.sh(&format!("ip route get 192.0.2.1 from 10.99.0.6 iif {} 2>&1", s.host_veth));
+    assert!(
+        ok && from_pod.contains("dev tst0") && from_pod.contains("table 101"),
+        "from the pod through 101: {from_pod}"
+    );
     setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();
     let (_, rules) = node.sh("ip rule");
     assert_eq!(rules.matches("10.99.0.6").count(), 2, "no duplicate rules: {rules}");
