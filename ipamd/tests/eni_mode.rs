@@ -206,3 +206,69 @@ async fn an_exhausted_subnet_fails_add_with_that_reason() {
     }
     assert_eq!(enis_in_ec2(&w, &n).await.len(), 1, "no ENI was created in the full subnet");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gc_deletes_this_nodes_leaked_enis_and_releases_stale_attachments() {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let (w, n) = world("m5.large").await;
+    let fx = w.ec2();
+    let make = |cluster: String, instance: String| {
+        let c = fx.client.clone();
+        let subnet = fx.subnet_id.clone();
+        async move {
+            let tags = TagSpecification::builder()
+                .resource_type(ResourceType::NetworkInterface)
+                .tags(Tag::builder().key(underway_cloud::TAG_CLUSTER).value(cluster).build())
+                .tags(Tag::builder().key(underway_cloud::TAG_INSTANCE).value(instance).build())
+                .tags(Tag::builder().key(underway_cloud::TAG_CREATED_AT).value("1").build())
+                .build();
+            let o = c.create_network_interface().subnet_id(subnet).tag_specifications(tags).send().await.unwrap();
+            o.network_interface().unwrap().network_interface_id().unwrap().to_string()
+        }
+    };
+    let leaked = make(w.id().to_string(), n.instance_id.clone()).await;
+    let in_use = make(w.id().to_string(), n.instance_id.clone()).await;
+    let foreign = make("another-cluster".into(), n.instance_id.clone()).await;
+    fx.client
+        .attach_network_interface()
+        .network_interface_id(&in_use)
+        .instance_id(&n.instance_id)
+        .device_index(1)
+        .send()
+        .await
+        .unwrap();
+    let p = start(&w, &n, &format!("{FAST}[eni]\nleak_grace_ms = 0\ngc_interval_ms = 300\n"));
+    p.wait_ready(1, Duration::from_secs(60)).unwrap();
+    let exists = |id: String| {
+        let c = fx.client.clone();
+        async move { c.describe_network_interfaces().network_interface_ids(id).send().await.is_ok() }
+    };
+    let mut gone = false;
+    for _ in 0..50 {
+        if !exists(leaked.clone()).await {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(gone, "the detached ENI this cluster made for this node was deleted");
+    assert!(exists(in_use.clone()).await, "an attached ENI is never deleted");
+    assert!(exists(foreign.clone()).await, "another cluster's ENI is not ours");
+    let m = p.http_get(61678, "/metrics").unwrap();
+    assert_eq!(sample(&m, "underway_leaked_enis_deleted_total"), Some(1.0), "{m}");
+
+    // CNI GC: the runtime still has pod a; b and c are stale.
+    for c in ["a", "b", "c"] {
+        added(add(&p, c));
+    }
+    let r =
+        p.call(&Request::Gc(underway_api::GcRequest { network: "underway".into(), valid: vec![key("a")] })).unwrap();
+    match r {
+        Response::Collected { released } => assert_eq!(released.len(), 2, "{released:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(p.call(&Request::Check(key("a"))).unwrap(), Response::Checked(_)));
+    assert!(
+        matches!(p.call(&Request::Check(key("b"))).unwrap(), Response::Error(e) if e.kind == ErrorKind::UnknownAttachment)
+    );
+}

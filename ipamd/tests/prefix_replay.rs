@@ -1,0 +1,141 @@
+//! Prefix mode, EC2 side, by SDK replay. Gap covered: LocalStack accepts `Ipv4PrefixCount` and
+//! silently ignores it (no /28 ever appears), so ipamd's prefix decisions and the requests they
+//! lead to are checked here against responses shaped as AWS documents them.
+
+use std::sync::{Arc, OnceLock};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
+use aws_smithy_http_client::test_util::{ReplayEvent, StaticReplayClient};
+use aws_smithy_types::body::SdkBody;
+use underway_api::AttachmentKey;
+use underway_cloud::InstanceLimits;
+use underway_cloud::aws::{Ec2Cloud, Ec2Config};
+use underway_ipamd::config::Config;
+use underway_ipamd::eni_mode::EniMode;
+use underway_ipamd::identity::{Macs, NodeInfo};
+use underway_ipamd::metrics::Metrics;
+use underway_ipamd::pool::Pool;
+use underway_ipamd::reconcile::Source;
+use underway_ipamd::state::{Book, NodeState, Status};
+use underway_ipamd::store::Store;
+
+const NS: &str = r#"xmlns="http://ec2.amazonaws.com/doc/2016-11-15/""#;
+
+fn ok(body: String) -> ReplayEvent {
+    ReplayEvent::new(
+        http::Request::builder().uri("https://ec2.us-east-1.amazonaws.com/").body(SdkBody::empty()).unwrap(),
+        http::Response::builder().status(200).header("content-type", "text/xml").body(SdkBody::from(body)).unwrap(),
+    )
+}
+
+/// The node's primary ENI as DescribeNetworkInterfaces reports it, holding `prefixes`.
+fn primary(prefixes: &[&str]) -> ReplayEvent {
+    let items: String = prefixes.iter().map(|p| format!("<item><ipv4Prefix>{p}</ipv4Prefix></item>")).collect();
+    ok(format!(
+        "<DescribeNetworkInterfacesResponse {NS}><requestId>r</requestId><networkInterfaceSet><item>\
+         <networkInterfaceId>eni-0000000000000000a</networkInterfaceId><subnetId>subnet-0a1b2c3d</subnetId>\
+         <vpcId>vpc-0a1b2c3d</vpcId><description></description><macAddress>02:1a:2b:3c:4d:5e</macAddress>\
+         <privateIpAddress>10.0.1.10</privateIpAddress><sourceDestCheck>true</sourceDestCheck><status>in-use</status>\
+         <attachment><attachmentId>eni-attach-0a1b2c3d</attachmentId><instanceId>i-0a1b2c3d</instanceId>\
+         <deviceIndex>0</deviceIndex><status>attached</status><deleteOnTermination>true</deleteOnTermination></attachment>\
+         <groupSet><item><groupId>sg-0a1b2c3d</groupId><groupName>nodes</groupName></item></groupSet>\
+         <privateIpAddressesSet><item><privateIpAddress>10.0.1.10</privateIpAddress><primary>true</primary></item></privateIpAddressesSet>\
+         <ipv4PrefixSet>{items}</ipv4PrefixSet><tagSet/></item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"
+    ))
+}
+
+fn subnet(free: u32) -> ReplayEvent {
+    ok(format!(
+        "<DescribeSubnetsResponse {NS}><requestId>r</requestId><subnetSet><item><subnetId>subnet-0a1b2c3d</subnetId>\
+         <vpcId>vpc-0a1b2c3d</vpcId><cidrBlock>10.0.0.0/16</cidrBlock><availabilityZone>us-east-1a</availabilityZone>\
+         <availableIpAddressCount>{free}</availableIpAddressCount><tagSet/></item></subnetSet></DescribeSubnetsResponse>"
+    ))
+}
+
+fn assigned(prefix: &str) -> ReplayEvent {
+    ok(format!(
+        "<AssignPrivateIpAddressesResponse {NS}><requestId>r</requestId><networkInterfaceId>eni-0000000000000000a</networkInterfaceId>\
+         <assignedIpv4PrefixSet><item><ipv4Prefix>{prefix}</ipv4Prefix></item></assignedIpv4PrefixSet></AssignPrivateIpAddressesResponse>"
+    ))
+}
+
+fn no_enis() -> ReplayEvent {
+    ok(format!(
+        "<DescribeNetworkInterfacesResponse {NS}><requestId>r</requestId><networkInterfaceSet/></DescribeNetworkInterfacesResponse>"
+    ))
+}
+
+fn key(c: &str) -> AttachmentKey {
+    AttachmentKey { network: "underway".into(), container_id: c.into(), ifname: "eth0".into() }
+}
+
+#[tokio::test]
+async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
+    let replay = StaticReplayClient::new(vec![
+        // sync: the node's ENIs (a fresh node: no prefix yet)
+        primary(&[]),
+        // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI; then the GC's look
+        subnet(4000),
+        assigned("10.0.1.16/28"),
+        no_enis(),
+        // step 2 (16 pods later): one more prefix
+        subnet(3984),
+        assigned("10.0.1.32/28"),
+    ]);
+    let sdk = SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new("AKID", "secret", None, None, "test")))
+        .http_client(replay.clone())
+        .build();
+    let cloud = Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config { max_attempts: 1, ..Ec2Config::default() }));
+    let dir = std::env::temp_dir().join(format!("underway-prefix-replay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), cooldown_ms: 0, ..Config::default() };
+    cfg.targets.prefix_mode = true;
+    cfg.targets.warm_prefix_target = 1;
+    cfg.validate().unwrap();
+    let state = Arc::new(NodeState::new(
+        Store::open(&dir).unwrap(),
+        Book { pool: Pool::new(0), pods: Default::default(), waiting: 0 },
+        Status::default(),
+    ));
+    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+    let node = NodeInfo {
+        instance_id: "i-0a1b2c3d".into(),
+        instance_type: "m5.large".into(),
+        availability_zone: "us-east-1a".into(),
+        vpc_id: "vpc-0a1b2c3d".into(),
+        subnet_id: "subnet-0a1b2c3d".into(),
+        security_groups: vec!["sg-0a1b2c3d".into()],
+        primary_eni: "eni-0000000000000000a".into(),
+    };
+    let limits = InstanceLimits { enis: 3, ipv4_per_eni: 10, ipv6_per_eni: 10, vcpus: 2 };
+    let mut src = EniMode::new(cloud, Arc::new(cfg), node, Macs::Api, limits, metrics);
+
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.unwrap();
+    let (stats, prefixes) = state.read(|b| (b.pool.stats(), b.pool.enis().next().unwrap().prefixes.clone()));
+    assert_eq!(prefixes, vec!["10.0.1.16/28".parse().unwrap()]);
+    assert_eq!((stats.total, stats.free()), (16, 16), "a /28 is 16 addresses for pods");
+
+    for i in 0..16 {
+        let (l, _) = state.change(|b| b.pool.assign(&key(&format!("p{i}")), 0));
+        let a = l.unwrap().address;
+        assert!(prefixes[0].contains(&a), "{a} comes from the prefix");
+    }
+    src.step(&state).await.unwrap();
+    assert_eq!(state.read(|b| b.pool.stats().free()), 16, "the next whole prefix keeps one free");
+
+    let sent: Vec<String> =
+        replay.actual_requests().map(|r| String::from_utf8_lossy(r.body().bytes().unwrap()).into_owned()).collect();
+    let assigns: Vec<&String> = sent.iter().filter(|b| b.contains("Action=AssignPrivateIpAddresses")).collect();
+    assert_eq!(assigns.len(), 2, "{sent:#?}");
+    for a in assigns {
+        assert!(a.contains("Ipv4PrefixCount=1") && !a.contains("SecondaryPrivateIpAddressCount"), "{a}");
+        assert!(a.contains("NetworkInterfaceId=eni-0000000000000000a"), "{a}");
+    }
+    assert!(!sent.iter().any(|b| b.contains("Action=CreateNetworkInterface")), "the primary ENI had room");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
