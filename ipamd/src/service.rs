@@ -119,8 +119,10 @@ impl Service {
                     if let Err(e) = self.state.commit(generation).await {
                         // Not durable: give it back rather than answer with an address a restart would forget.
                         let (_, g) = self.state.change(|b| {
-                            b.pool.release(&req.key, 0);
-                            b.pods.remove(&req.key);
+                            if let Some(k) = self.resolve(b, &req.key) {
+                                b.pool.release(&k, 0);
+                                b.pods.remove(&k);
+                            }
                         });
                         let _ = self.state.commit(g).await;
                         self.state.record_error(format!("add {}: {e}", req.key.container_id));

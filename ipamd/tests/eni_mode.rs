@@ -70,9 +70,18 @@ async fn instance_limits_are_enforced_and_add_says_so() {
     let p = start(
         &w,
         &n,
-        "cooldown_ms = 1000\nadd_wait_ms = 3000\nreconcile_interval_ms = 500\n[targets]\nwarm_ip_target = 1\n",
+        "cooldown_ms = 1000\nadd_wait_ms = 3000\nreconcile_interval_ms = 500\n[targets]\nwarm_ip_target = 1\nminimum_ip_target = 3\n",
     );
-    p.wait_ready(1, Duration::from_secs(60)).unwrap();
+    // The minimum cannot be met: ipamd fills what the type allows and says why it stops there.
+    eventually(Duration::from_secs(60), "both addresses the type allows, and the limit named", || {
+        p.call(&Request::Status)
+            .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready && s.free == 2 && s.reason.contains("ENI limit")))
+    });
+    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    assert!(
+        errors.contains("minimum_ip_target = 3 can never be met") && errors.contains("at most 2 addresses"),
+        "an unreachable target is reported at start with its numbers: {errors}"
+    );
     let a = added(add(&p, "a"));
     let b = added(add(&p, "b"));
     assert_ne!(a.address, b.address);

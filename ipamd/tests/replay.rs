@@ -1,6 +1,6 @@
-//! Prefix mode, EC2 side, by SDK replay. Gap covered: LocalStack accepts `Ipv4PrefixCount` and
-//! silently ignores it (no /28 ever appears), so ipamd's prefix decisions and the requests they
-//! lead to are checked here against responses shaped as AWS documents them.
+//! ipamd's EC2 side by SDK replay, for what LocalStack cannot do. Each test names its gap:
+//! prefixes (LocalStack accepts `Ipv4PrefixCount` and silently ignores it) and throttling
+//! (LocalStack never throttles). Responses are shaped as AWS documents them.
 
 use std::sync::{Arc, OnceLock};
 
@@ -70,19 +70,13 @@ fn key(c: &str) -> AttachmentKey {
     AttachmentKey { network: "underway".into(), container_id: c.into(), ifname: "eth0".into() }
 }
 
-#[tokio::test]
-async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
-    let replay = StaticReplayClient::new(vec![
-        // sync: the node's ENIs (a fresh node: no prefix yet)
-        primary(&[]),
-        // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI; then the GC's look
-        subnet(4000),
-        assigned("10.0.1.16/28"),
-        no_enis(),
-        // step 2 (16 pods later): one more prefix
-        subnet(3984),
-        assigned("10.0.1.32/28"),
-    ]);
+/// An ENI-mode source on a replayed EC2, its state in a temp dir (removed by the caller).
+fn source(
+    events: Vec<ReplayEvent>,
+    edit: impl FnOnce(&mut Config),
+) -> (EniMode<Ec2Cloud>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let replay = StaticReplayClient::new(events);
     let sdk = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
@@ -90,11 +84,14 @@ async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
         .http_client(replay.clone())
         .build();
     let cloud = Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config { max_attempts: 1, ..Ec2Config::default() }));
-    let dir = std::env::temp_dir().join(format!("underway-prefix-replay-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "underway-ipamd-replay-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), cooldown_ms: 0, ..Config::default() };
-    cfg.targets.prefix_mode = true;
-    cfg.targets.warm_prefix_target = 1;
+    edit(&mut cfg);
     cfg.validate().unwrap();
     let state = Arc::new(NodeState::new(
         Store::open(&dir).unwrap(),
@@ -112,7 +109,26 @@ async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
         primary_eni: "eni-0000000000000000a".into(),
     };
     let limits = InstanceLimits { enis: 3, ipv4_per_eni: 10, ipv6_per_eni: 10, vcpus: 2 };
-    let mut src = EniMode::new(cloud, Arc::new(cfg), node, Macs::Api, limits, metrics);
+    (EniMode::new(cloud, Arc::new(cfg), node, Macs::Api, limits, metrics), state, replay, dir)
+}
+
+#[tokio::test]
+async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
+    let events = vec![
+        // sync: the node's ENIs (a fresh node: no prefix yet)
+        primary(&[]),
+        // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI; then the GC's look
+        subnet(4000),
+        assigned("10.0.1.16/28"),
+        no_enis(),
+        // step 2 (16 pods later): one more prefix
+        subnet(3984),
+        assigned("10.0.1.32/28"),
+    ];
+    let (mut src, state, replay, dir) = source(events, |c| {
+        c.targets.prefix_mode = true;
+        c.targets.warm_prefix_target = 1;
+    });
 
     src.sync(&state).await.unwrap();
     src.step(&state).await.unwrap();
@@ -137,5 +153,35 @@ async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
         assert!(a.contains("NetworkInterfaceId=eni-0000000000000000a"), "{a}");
     }
     assert!(!sent.iter().any(|b| b.contains("Action=CreateNetworkInterface")), "the primary ENI had room");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Gap: LocalStack never throttles. A throttled grow fails the step with `Throttled`, which the
+/// reconciler turns into a backoff and the blocker an Add reports.
+#[tokio::test]
+async fn a_throttled_grow_becomes_the_throttled_blocker() {
+    let throttled = ReplayEvent::new(
+        http::Request::builder().uri("https://ec2.us-east-1.amazonaws.com/").body(SdkBody::empty()).unwrap(),
+        http::Response::builder()
+            .status(503)
+            .header("content-type", "text/xml")
+            .body(SdkBody::from(
+                "<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message>\
+                 </Error></Errors><RequestID>r</RequestID></Response>",
+            ))
+            .unwrap(),
+    );
+    let (mut src, state, replay, dir) = source(vec![primary(&[]), subnet(4000), throttled], |c| {
+        c.targets.warm_ip_target = Some(3);
+    });
+    src.sync(&state).await.unwrap();
+    let e = src.step(&state).await.expect_err("throttled");
+    let b = underway_ipamd::reconcile::blocker_of(&e);
+    assert!(
+        matches!(&b, underway_ipamd::state::Blocker::Throttled(m) if m.contains("AssignPrivateIpAddresses")),
+        "{b:?}"
+    );
+    assert_eq!(state.read(|b| b.pool.stats().total), 0, "nothing was added");
+    assert_eq!(replay.actual_requests().count(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }

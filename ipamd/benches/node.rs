@@ -1,0 +1,117 @@
+//! ipamd on the test world: EC2 calls per 100 pods, RSS with 250 assignments, restart → serving.
+//!
+//! `cargo bench -p underway-ipamd --bench node` (root; release build; LocalStack is started by
+//! the harness when `UNDERWAY_LOCALSTACK_ENDPOINT` is unset). Each figure is printed beside its
+//! target as a ratio. A measurement, not a test: `cargo test` does not run it.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+use underway_api::{Request, Response};
+
+const MUTATING: &[&str] = &[
+    "AssignPrivateIpAddresses",
+    "UnassignPrivateIpAddresses",
+    "CreateNetworkInterface",
+    "AttachNetworkInterface",
+    "ModifyNetworkInterfaceAttribute",
+    "DetachNetworkInterface",
+    "DeleteNetworkInterface",
+];
+
+/// Calls by operation (any outcome) from the metrics text.
+fn calls(m: &str) -> Vec<(String, f64)> {
+    m.lines()
+        .filter(|l| l.starts_with("underway_cloud_calls_total{"))
+        .filter_map(|l| {
+            let op = l.split("operation=\"").nth(1)?.split('"').next()?.to_string();
+            Some((op, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+}
+
+/// `n` pods, 25 at a time in parallel.
+fn pods(p: &underway_tests::ipamd::IpamdProcess, prefix: &str, n: usize) {
+    for chunk in 0..n.div_ceil(25) {
+        let k = (n - chunk * 25).min(25);
+        for (c, r) in add_parallel(p, &format!("{prefix}{chunk:02}"), k) {
+            assert!(matches!(r, Response::Added(_)), "{c}: {r:?}");
+        }
+    }
+}
+
+async fn ec2_calls_for_100_pods(instance_type: &str, extra: &str) -> (f64, f64, String) {
+    let (w, n) = world(instance_type).await;
+    let p = start(&w, &n, &format!("{FAST}{extra}"));
+    p.wait_ready(0, Duration::from_secs(60)).unwrap();
+    pods(&p, "p", 100);
+    eventually(Duration::from_secs(30), "the pool settles", || status(&p).reason == "serving");
+    std::thread::sleep(Duration::from_secs(2));
+    let c = calls(&p.http_get(61678, "/metrics").unwrap());
+    let mutating: f64 = c.iter().filter(|(op, _)| MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum();
+    let describe: f64 = c.iter().filter(|(op, _)| !MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum();
+    let detail = c.iter().map(|(op, n)| format!("{op} {n}")).collect::<Vec<_>>().join(", ");
+    (mutating, describe, detail)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    println!("## EC2 calls for 100 pods from an empty node (target: ≤ 10 mutating)");
+    for (ty, extra, label) in [
+        ("m5.4xlarge", "", "default targets (warm_eni_target = 1)"),
+        ("m5.4xlarge", "[targets]\nwarm_ip_target = 10\n", "warm_ip_target = 10"),
+        ("m5.24xlarge", "", "default targets (warm_eni_target = 1)"),
+    ] {
+        let (m, d, detail) = ec2_calls_for_100_pods(ty, extra).await;
+        println!("{ty}, {label}: {m} mutating (ratio to target {:.2}), {d} describe — {detail}", m / 10.0);
+    }
+
+    println!("\n## RSS with 250 assignments and restart → serving (targets: ≤ 20 MiB, ≤ 200 ms)");
+    let (w, n) = world("m5.24xlarge").await;
+    let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
+    p.wait_ready(10, Duration::from_secs(60)).unwrap();
+    let idle = rss_kib(p.pid().unwrap());
+    pods(&p, "r", 250);
+    std::thread::sleep(Duration::from_secs(2));
+    let full = rss_kib(p.pid().unwrap());
+    println!(
+        "RSS: {:.1} MiB idle, {:.1} MiB with 250 assignments (ratio to 20 MiB: {:.2})",
+        idle as f64 / 1024.0,
+        full as f64 / 1024.0,
+        full as f64 / 1024.0 / 20.0
+    );
+    let mut first = Vec::new();
+    let mut synced = Vec::new();
+    for _ in 0..5 {
+        p.kill9();
+        let t = Instant::now();
+        p.spawn().unwrap();
+        while !matches!(p.call(&Request::Check(key("r00-0"))), Ok(Response::Checked(_))) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        first.push(t.elapsed());
+        while status(&p).reason != "serving" {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        synced.push(t.elapsed());
+    }
+    first.sort();
+    synced.sort();
+    let med = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1000.0;
+    println!(
+        "restart (SIGKILL) → answering from the store: median {:.0} ms of 5 (ratio to 200 ms: {:.2}); → synced with EC2 and the host: median {:.0} ms",
+        med(&first),
+        med(&first) / 200.0,
+        med(&synced)
+    );
+    let rss_after = rss_kib(p.pid().unwrap());
+    println!("RSS after the restarts (250 assignments from the store): {:.1} MiB", rss_after as f64 / 1024.0);
+}
