@@ -133,6 +133,12 @@ impl<C: Cloud + 'static> EniMode<C> {
                     r.dropped_assigned.iter().map(|(a, k)| format!("{a} ({})", k.container_id)).collect();
                 state.record_error(format!("{}: EC2 no longer has assigned addresses {}", eni.id, lost.join(", ")));
             }
+            if !r.conflicts.is_empty() {
+                state.record_error(format!(
+                    "{}: EC2 reports {:?} on another ENI as well; not used",
+                    eni.id, r.conflicts
+                ));
+            }
             if !r.dropped.is_empty() {
                 tracing::info!("{}: dropped {} addresses EC2 no longer has", eni.id, r.dropped.len());
             }
@@ -268,7 +274,13 @@ impl<C: Cloud + 'static> EniMode<C> {
                     k.secondary_ips.extend(&a.ips);
                     k.prefixes.extend(&a.prefixes);
                     let (r, g) = state.change(|b| -> std::result::Result<(), crate::pool::PoolError> {
-                        b.pool.add_addresses(&id, &a.ips)?;
+                        let (dup, new): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                            a.ips.iter().partition(|ip| b.pool.contains(**ip));
+                        for ip in &dup {
+                            b.pool.quarantine(*ip);
+                            state.record_error(format!("EC2 gave {id} {ip}, which another ENI holds; not used"));
+                        }
+                        b.pool.add_addresses(&id, &new)?;
                         for p in &a.prefixes {
                             b.pool.add_prefix(&id, *p)?;
                         }

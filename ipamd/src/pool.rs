@@ -68,12 +68,17 @@ pub struct SyncReport {
     /// pods keep an address the node no longer owns: reported, never handed out again).
     pub dropped: Vec<Ipv4Addr>,
     pub dropped_assigned: Vec<(Ipv4Addr, AttachmentKey)>,
+    /// Reported on this ENI and on another: never handed out (see [`Pool::quarantine`]).
+    pub conflicts: Vec<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct Pool {
     enis: BTreeMap<u32, Eni>,
     held: BTreeMap<AttachmentKey, Ipv4Addr>,
+    /// Addresses the cloud reported on two ENIs at once. AWS never does; LocalStack does (it
+    /// picks secondary addresses at random without checking the subnet). Never handed out.
+    quarantined: std::collections::BTreeSet<Ipv4Addr>,
     pub cooldown_ms: u64,
 }
 
@@ -120,15 +125,30 @@ impl Pool {
             self.remove_eni_at(device_index);
         }
         self.add_eni(id, device_index, route_table);
-        let e = self.enis.get_mut(&device_index).expect("just added");
-        e.route_table = route_table;
+        let mut report = SyncReport::default();
         let mut want: Vec<Ipv4Addr> = ips.to_vec();
         for p in prefixes {
             want.extend(prefix_addresses(*p));
         }
+        let elsewhere: Vec<Ipv4Addr> = want
+            .iter()
+            .copied()
+            .filter(|ip| self.enis.iter().any(|(d, e)| *d != device_index && e.slots.contains_key(ip)))
+            .collect();
+        for ip in elsewhere {
+            self.quarantine(ip);
+            report.conflicts.push(ip);
+        }
+        let quarantined = self.quarantined.clone();
+        let e = self.enis.get_mut(&device_index).expect("just added");
+        e.route_table = route_table;
         e.prefixes = prefixes.to_vec();
-        let mut report = SyncReport::default();
-        let gone: Vec<Ipv4Addr> = e.slots.keys().filter(|ip| !want.contains(ip)).copied().collect();
+        let gone: Vec<Ipv4Addr> = e
+            .slots
+            .iter()
+            .filter(|(ip, s)| !want.contains(ip) || (quarantined.contains(ip) && !matches!(s, Slot::Assigned(_))))
+            .map(|(ip, _)| *ip)
+            .collect();
         // A release the cloud did not carry out (ipamd stopped in between): the address is free again.
         for (ip, s) in e.slots.iter_mut() {
             if *s == Slot::Releasing && want.contains(ip) {
@@ -144,7 +164,7 @@ impl Pool {
                 _ => report.dropped.push(ip),
             }
         }
-        for ip in want {
+        for ip in want.into_iter().filter(|ip| !quarantined.contains(ip)) {
             if let std::collections::btree_map::Entry::Vacant(v) = e.slots.entry(ip) {
                 v.insert(Slot::Free);
                 report.added.push(ip);
@@ -191,8 +211,23 @@ impl Pool {
         self.enis.values_mut().find(|e| e.id == id).ok_or_else(|| PoolError::UnknownEni(id.to_string()))
     }
 
-    fn contains(&self, ip: Ipv4Addr) -> bool {
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.enis.values().any(|e| e.slots.contains_key(&ip))
+    }
+
+    /// Takes an address the cloud reports on two ENIs out of service: its free or cooling slots
+    /// are removed (an assigned one stays with its pod) and it is never added again.
+    pub fn quarantine(&mut self, ip: Ipv4Addr) {
+        self.quarantined.insert(ip);
+        for e in self.enis.values_mut() {
+            if matches!(e.slots.get(&ip), Some(Slot::Free | Slot::Cooling { .. })) {
+                e.slots.remove(&ip);
+            }
+        }
+    }
+
+    pub fn quarantined(&self) -> impl Iterator<Item = &Ipv4Addr> {
+        self.quarantined.iter()
     }
 
     /// Adds free addresses to an ENI.
@@ -200,8 +235,9 @@ impl Pool {
         if let Some(ip) = ips.iter().find(|ip| self.contains(**ip)) {
             return Err(PoolError::Duplicate(*ip));
         }
+        let quarantined = self.quarantined.clone();
         let e = self.eni_mut(eni)?;
-        for ip in ips {
+        for ip in ips.iter().filter(|ip| !quarantined.contains(ip)) {
             e.slots.insert(*ip, Slot::Free);
         }
         Ok(())
@@ -250,6 +286,9 @@ impl Pool {
             if let Some(s) = e.slots.get_mut(&ip) {
                 *s = Slot::Cooling { until };
             }
+        }
+        if self.quarantined.contains(&ip) {
+            self.quarantine(ip);
         }
         Some(ip)
     }
@@ -391,6 +430,7 @@ pub(crate) fn prefix_addresses(prefix: Ipv4Net) -> impl Iterator<Item = Ipv4Addr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn key(c: &str) -> AttachmentKey {
         AttachmentKey { network: "underway".into(), container_id: c.into(), ifname: "eth0".into() }
@@ -541,5 +581,26 @@ mod tests {
         let cloud: Vec<Ipv4Addr> = prefix_addresses(a).collect();
         p.sync_eni("eni-0", 0, None, &[], &[a]);
         assert_eq!(p.stats().free(), 14, "{cloud:?}");
+    }
+
+    #[test]
+    fn an_address_on_two_enis_is_never_handed_out() {
+        let mut p = pool(); // eni-0: 10, 11; eni-1: 20, 21
+        p.assign(&key("a"), 0).unwrap(); // 10
+        // The cloud reports 10 (assigned) and 11 (free) on eni-1 as well.
+        let r = p.sync_eni("eni-1", 1, Some(101), &[ip(20), ip(21), ip(10), ip(11)], &[]);
+        assert_eq!(r.conflicts, vec![ip(10), ip(11)]);
+        assert_eq!(p.lease_of(&key("a")).unwrap().address, ip(10), "the pod keeps its address");
+        let mut got = BTreeSet::new();
+        for c in ["b", "c", "d"] {
+            if let Ok(l) = p.assign(&key(c), 0) {
+                got.insert(l.address);
+            }
+        }
+        assert_eq!(got, BTreeSet::from([ip(20), ip(21)]), "neither 10 nor 11 again");
+        p.release(&key("a"), 0);
+        p.sync_eni("eni-0", 0, None, &[ip(10), ip(11)], &[]);
+        assert!(matches!(p.assign(&key("e"), 100_000), Err(PoolError::Empty { .. })), "10 stays out after its release");
+        assert_eq!(p.add_addresses("eni-1", &[ip(12)]), Ok(()));
     }
 }
