@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ipnet::Ipv4Net;
 use underway_cloud::{
     AddressCount, Attachment, Cloud, CloudError, CreateEni, Eni as CloudEni, InstanceLimits, LimitKind, Subnet,
     TAG_CREATED_AT, eni_tags,
@@ -368,43 +369,44 @@ impl<C: Cloud + 'static> EniMode<C> {
         Ok(None)
     }
 
+    /// Gives `n` free slots back through the release handshake: picked addresses are never handed
+    /// out; the cloud's answer forgets them, or frees them again.
     async fn release(&mut self, state: &NodeState, n: u32) -> Result<()> {
-        if self.prefix_mode() {
-            let (picked, _) = state.change(|b| b.pool.begin_release_prefixes(n));
-            for (eni, prefixes) in picked {
-                match self.cloud.unassign_prefixes(&eni, &prefixes).await {
-                    Ok(()) => {
-                        let (_, g) = state.change(|b| b.pool.finish_release_prefixes(&prefixes));
-                        if let Some(k) = self.known.get_mut(&eni) {
-                            k.prefixes.retain(|p| !prefixes.contains(p));
-                        }
-                        state.commit(g).await?;
-                    }
-                    Err(e) => {
-                        let ips: Vec<Ipv4Addr> =
-                            prefixes.iter().flat_map(|p| crate::pool::prefix_addresses(*p)).collect();
-                        state.change(|b| b.pool.abort_release(&ips));
-                        return Err(e.into());
-                    }
-                }
+        let prefix_mode = self.prefix_mode();
+        // Per ENI: the prefixes (prefix mode) and every address that goes back.
+        let (picked, _) = state.change(|b| -> Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> {
+            if prefix_mode {
+                let picked = b.pool.begin_release_prefixes(n);
+                picked
+                    .into_iter()
+                    .map(|(e, ps)| {
+                        let ips = ps.iter().flat_map(|p| crate::pool::prefix_addresses(*p)).collect();
+                        (e, ps, ips)
+                    })
+                    .collect()
+            } else {
+                b.pool.begin_release(n).into_iter().map(|(e, ips)| (e, Vec::new(), ips)).collect()
             }
-        } else {
-            let (picked, _) = state.change(|b| b.pool.begin_release(n));
-            for (eni, ips) in picked {
-                match self.cloud.unassign_ips(&eni, &ips).await {
-                    Ok(()) => {
-                        let (_, g) = state.change(|b| b.pool.finish_release(&ips));
-                        if let Some(k) = self.known.get_mut(&eni) {
-                            k.secondary_ips.retain(|a| !ips.contains(a));
-                        }
-                        state.commit(g).await?;
-                    }
-                    Err(e) => {
-                        state.change(|b| b.pool.abort_release(&ips));
-                        return Err(e.into());
-                    }
-                }
+        });
+        for (eni, prefixes, ips) in picked {
+            let r = if prefixes.is_empty() {
+                self.cloud.unassign_ips(&eni, &ips).await
+            } else {
+                self.cloud.unassign_prefixes(&eni, &prefixes).await
+            };
+            if let Err(e) = r {
+                state.change(|b| b.pool.abort_release(&ips));
+                return Err(e.into());
             }
+            let (_, g) = state.change(|b| {
+                b.pool.finish_release(&ips);
+                b.pool.finish_release_prefixes(&prefixes);
+            });
+            if let Some(k) = self.known.get_mut(&eni) {
+                k.secondary_ips.retain(|a| !ips.contains(a));
+                k.prefixes.retain(|p| !prefixes.contains(p));
+            }
+            state.commit(g).await?;
         }
         Ok(())
     }
