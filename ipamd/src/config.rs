@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
+use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use underway_cloud::aws::Ec2Config;
 
@@ -24,6 +25,54 @@ use crate::targets::Targets;
 pub enum Mode {
     /// Secondary IPs (or /28 prefixes) on ENIs attached to the node.
     Eni,
+    /// The node owns a pod CIDR; the VPC routes it to the node.
+    VpcRoute,
+}
+
+/// VPC-route mode: the node's pod CIDR and the route tables that carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VpcRouteConfig {
+    /// This node's pod CIDR (standalone; with Kubernetes it comes from `spec.podCIDR`). It must
+    /// lie inside one of the VPC's CIDR blocks and outside every subnet.
+    pub pod_cidr: Option<Ipv4Net>,
+    /// Route tables to keep "pod CIDR → this instance" in. Empty: the table associated with the
+    /// node's subnet, else the VPC's main table.
+    pub route_tables: Vec<String>,
+    /// Routes a table may hold (AWS: 50 by default, up to 1,000). LocalStack enforces none.
+    pub route_table_capacity: u32,
+    /// Remove this node's routes on a graceful shutdown.
+    pub remove_routes_on_shutdown: bool,
+    /// The cluster's pod CIDRs: the route GC only ever deletes routes inside it.
+    pub cluster_cidr: Option<Ipv4Net>,
+    /// How often the routes are checked again.
+    pub check_interval_ms: u64,
+}
+
+impl Default for VpcRouteConfig {
+    fn default() -> Self {
+        VpcRouteConfig {
+            pod_cidr: None,
+            route_tables: Vec::new(),
+            route_table_capacity: 50,
+            remove_routes_on_shutdown: true,
+            cluster_cidr: None,
+            check_interval_ms: 60_000,
+        }
+    }
+}
+
+/// A named node pool: what a node that selects it runs with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    pub mode: Mode,
+    #[serde(default)]
+    pub targets: Targets,
+    #[serde(default)]
+    pub eni: EniConfig,
+    #[serde(default)]
+    pub vpc_route: VpcRouteConfig,
 }
 
 /// Where the node learns who it is.
@@ -108,6 +157,12 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub targets: Targets,
     pub eni: EniConfig,
+    pub vpc_route: VpcRouteConfig,
+    /// Named node pools, each with its mode, subnets, security groups and targets.
+    pub pools: BTreeMap<String, PoolSpec>,
+    /// The pool this node belongs to: its `mode`, `targets`, `eni` and `vpc_route` replace the
+    /// top-level ones.
+    pub pool: Option<String>,
     /// A released address is not handed out again for this long.
     pub cooldown_ms: u64,
     /// How long an Add waits for an address when the pool is empty.
@@ -135,6 +190,9 @@ impl Default for Config {
             state_dir: PathBuf::from("/var/lib/underway"),
             targets: Targets::default(),
             eni: EniConfig::default(),
+            vpc_route: VpcRouteConfig::default(),
+            pools: BTreeMap::new(),
+            pool: None,
             cooldown_ms: 30_000,
             add_wait_ms: 15_000,
             reconcile_min_interval_ms: 20,
@@ -174,13 +232,28 @@ impl Config {
                 fig = fig.merge(Serialized::default(&path, value));
             }
         }
-        let cfg: Config = fig.extract().map_err(|e| {
+        let mut cfg: Config = fig.extract().map_err(|e| {
             let field = e.path.join(".");
             let field = if field.is_empty() { "config".to_string() } else { field };
             invalid(&field, e.kind.to_string())
         })?;
+        cfg.select_pool()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Applies the selected pool's settings over the top-level ones.
+    pub fn select_pool(&mut self) -> Result<(), IpamdError> {
+        let Some(name) = &self.pool else { return Ok(()) };
+        let Some(p) = self.pools.get(name).cloned() else {
+            let have: Vec<&String> = self.pools.keys().collect();
+            return Err(invalid("pool", format!("no pool named {name:?} (pools: {have:?})")));
+        };
+        self.mode = p.mode;
+        self.targets = p.targets;
+        self.eni = p.eni;
+        self.vpc_route = p.vpc_route;
+        Ok(())
     }
 
     /// Checks what types cannot: ranges, names and relations between fields.
@@ -257,6 +330,42 @@ impl Config {
             || !self.veth_prefix.chars().all(|c| c.is_ascii_alphanumeric())
         {
             return Err(invalid("veth_prefix", format!("{:?}: 1–4 letters or digits", self.veth_prefix)));
+        }
+        if self.mode == Mode::VpcRoute {
+            let v = &self.vpc_route;
+            let f = |f: &str| {
+                if self.pool.is_some() {
+                    format!("pools.{}.vpc_route.{f}", self.pool.as_deref().unwrap_or_default())
+                } else {
+                    format!("vpc_route.{f}")
+                }
+            };
+            match v.pod_cidr {
+                None => return Err(invalid(&f("pod_cidr"), "required in vpc-route mode (standalone)")),
+                Some(c) if !(16..=28).contains(&c.prefix_len()) => {
+                    return Err(invalid(&f("pod_cidr"), format!("{c}: between /16 and /28")));
+                }
+                Some(c) if c.network() != c.addr() => {
+                    return Err(invalid(
+                        &f("pod_cidr"),
+                        format!("{c} has host bits set (did you mean {}?)", c.trunc()),
+                    ));
+                }
+                Some(c) if v.cluster_cidr.is_some_and(|cl| !cl.contains(&c)) => {
+                    return Err(invalid(&f("cluster_cidr"), format!("does not contain pod_cidr {c}")));
+                }
+                _ => {}
+            }
+            if !(1..=1000).contains(&v.route_table_capacity) {
+                return Err(invalid(&f("route_table_capacity"), "1..=1000 (AWS allows at most 1,000 routes a table)"));
+            }
+            for t in &v.route_tables {
+                underway_cloud::check_id("route_tables", t, "rtb-")
+                    .map_err(|e| invalid(&f("route_tables"), e.to_string()))?;
+            }
+            if v.check_interval_ms == 0 {
+                return Err(invalid(&f("check_interval_ms"), "must be > 0"));
+            }
         }
         if self.metrics_listen.is_some() && self.metrics_listen == self.introspection_listen {
             return Err(invalid("introspection_listen", "must differ from metrics_listen"));
@@ -340,6 +449,24 @@ subnets = ["subnet-1a"]
             ("cluster = \"c\"", &[("UNDERWAY_ADD_WAIT_MS", "many")], "add_wait_ms"),
             ("cluster = \"c\"", &[("UNDERWAY_VETH_PREFIX", "toolong")], "veth_prefix"),
             ("cluster = \"c\"\nmode = \"overlay\"", &[], "mode"),
+            ("cluster = \"c\"\nmode = \"vpc-route\"", &[], "vpc_route.pod_cidr"),
+            (
+                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"10.1.0.7/24\"",
+                &[],
+                "vpc_route.pod_cidr",
+            ),
+            (
+                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"10.1.0.0/24\"\nroute_table_capacity = 1001",
+                &[],
+                "vpc_route.route_table_capacity",
+            ),
+            (
+                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"10.1.0.0/24\"\ncluster_cidr = \"10.2.0.0/16\"",
+                &[],
+                "vpc_route.cluster_cidr",
+            ),
+            ("cluster = \"c\"\npool = \"gpu\"\n[pools.cpu]\nmode = \"eni\"", &[], "no pool named \"gpu\""),
+            ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
         ];
         for (i, (text, vars, field)) in cases.iter().enumerate() {
             let f = write(&format!("bad{i}.toml"), text);
@@ -348,6 +475,31 @@ subnets = ["subnet-1a"]
         }
         let e = Config::load(Some(Path::new("/nonexistent/u.toml")), &[]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/u.toml"), "{e}");
+    }
+
+    #[test]
+    fn a_node_takes_its_pools_settings() {
+        let f = write(
+            "pools.toml",
+            r#"
+cluster = "c"
+pool = "routed"
+[pools.enis]
+mode = "eni"
+targets = { warm_ip_target = 4 }
+eni = { subnets = ["subnet-1"] }
+[pools.routed]
+mode = "vpc-route"
+vpc_route = { pod_cidr = "10.0.128.0/24", route_tables = ["rtb-1"] }
+"#,
+        );
+        let c = Config::load(Some(&f), &[]).unwrap();
+        assert_eq!(c.mode, Mode::VpcRoute);
+        assert_eq!(c.vpc_route.pod_cidr, Some("10.0.128.0/24".parse().unwrap()));
+        assert_eq!(c.vpc_route.route_tables, vec!["rtb-1".to_string()]);
+        let c = Config::load(Some(&f), &env(&[("UNDERWAY_POOL", "enis")])).unwrap();
+        assert_eq!((c.mode, c.targets.warm_ip_target), (Mode::Eni, Some(4)));
+        assert_eq!(c.eni.subnets, vec!["subnet-1".to_string()]);
     }
 
     #[test]

@@ -10,9 +10,9 @@ use underway_cloud::Discovery;
 use underway_cloud::aws::Ec2Cloud;
 use underway_cloud::stats::CallStats;
 
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::eni_mode::EniMode;
-use crate::error::Result;
+use crate::error::{IpamdError, Result};
 use crate::http::{self, Http};
 use crate::identity::{self, NodeInfo};
 use crate::metrics::Metrics;
@@ -22,15 +22,34 @@ use crate::server;
 use crate::service::Service;
 use crate::state::{Book, NodeState, Status};
 use crate::store::{Loaded, Store};
+use crate::vpc_route::VpcRouteMode;
 
-/// The store's content as the starting book, and whether it was usable.
+/// The store's content as the starting book, and whether it was usable. A store of the other
+/// mode is refused while pods hold its addresses (switching a node's mode needs a drain).
 fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
-    let empty = Book { pool: Pool::new(cfg.cooldown_ms), pods: Default::default(), waiting: 0 };
+    let empty = Book { mode: cfg.mode, pool: Pool::new(cfg.cooldown_ms), pods: Default::default(), waiting: 0 };
     Ok(match store.load()? {
         Loaded::Fresh => (empty, false, None),
         Loaded::Ok(s) => {
-            let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
-            (Book { pool: Pool::from_enis(cfg.cooldown_ms, s.enis), pods, waiting: 0 }, true, None)
+            let stored = s.mode.unwrap_or(Mode::Eni);
+            let pool = Pool::from_enis(cfg.cooldown_ms, s.enis);
+            let held = pool.held().count();
+            if stored != cfg.mode {
+                if held > 0 {
+                    return Err(IpamdError::Config {
+                        field: "mode".into(),
+                        reason: format!(
+                            "this node holds {held} pod addresses in {stored:?} mode; switching it to {:?} while pods \
+                             hold addresses is refused: drain the node (or delete its pods) first",
+                            cfg.mode
+                        ),
+                    });
+                }
+                (empty, false, Some(format!("the store was in {stored:?} mode with no pods; starting afresh")))
+            } else {
+                let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
+                (Book { mode: cfg.mode, pool, pods, waiting: 0 }, true, None)
+            }
         }
         Loaded::Corrupt { reason, kept } => (
             empty,
@@ -82,12 +101,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         "serving; {assigned} assignments from the store{}",
         if from_store { "" } else { " (none usable: starting empty)" }
     );
-    let bg = tokio::spawn(background(cfg.clone(), state.clone(), metrics, calls, max_enis, node));
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut bg = tokio::spawn(background(cfg.clone(), state.clone(), metrics, calls, max_enis, node, stop));
     shutdown.await;
     tracing::info!("shutting down");
     rpc.abort();
-    bg.abort();
-    let _ = bg.await;
+    let _ = stop_tx.send(true);
+    // The source undoes what must not outlive it (VPC routes); start-up still retrying just ends.
+    if tokio::time::timeout(Duration::from_secs(20), &mut bg).await.is_err() {
+        bg.abort();
+    }
     state.flush().await?;
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())
@@ -100,6 +123,7 @@ async fn background(
     calls: Arc<OnceLock<Arc<CallStats>>>,
     max_enis: Arc<OnceLock<u32>>,
     node_cell: Arc<OnceLock<NodeInfo>>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let waiting = |what: String| {
         let st = state.clone();
@@ -144,11 +168,19 @@ async fn background(
         node.vpc_id,
         node.subnet_id
     );
-    for m in cfg.targets.unreachable(&limits) {
+    for m in if cfg.mode == Mode::Eni { cfg.targets.unreachable(&limits) } else { Vec::new() } {
         state.record_error(format!("target unreachable on {}: {m}", node.instance_type));
     }
     let _ = node_cell.set(node.clone());
     state.set_status(|s| s.waiting_for = Some("the first sync with EC2".into()));
-    let src = EniMode::new(cloud, cfg.clone(), node, macs, limits, metrics.clone());
-    reconcile::run(src, state, cfg, metrics).await;
+    match cfg.mode {
+        Mode::Eni => {
+            let src = EniMode::new(cloud, cfg.clone(), node, macs, limits, metrics.clone());
+            reconcile::run(src, state, cfg, metrics, stop).await;
+        }
+        Mode::VpcRoute => match VpcRouteMode::new(cloud, cfg.clone(), node, metrics.clone()) {
+            Ok(src) => reconcile::run(src, state, cfg, metrics, stop).await,
+            Err(e) => state.set_status(|s| s.waiting_for = Some(format!("a valid configuration: {e}"))),
+        },
+    }
 }

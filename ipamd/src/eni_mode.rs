@@ -22,7 +22,6 @@ use crate::error::{IpamdError, Result};
 use crate::identity::{Macs, NodeInfo};
 use crate::metrics::Metrics;
 use crate::reconcile::{Source, Step};
-use crate::service::recovered_key;
 use crate::state::{Blocker, NodeState};
 
 pub struct EniMode<C> {
@@ -156,42 +155,6 @@ impl<C: Cloud + 'static> EniMode<C> {
             tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
         }
         Ok(())
-    }
-
-    /// Matches the store's assignments against the pods on the host.
-    async fn sync_host(&self, state: &NodeState) -> Result<()> {
-        let veths = underway_routes::pod_veths(None, &self.cfg.veth_prefix).await?;
-        let on_host: std::collections::BTreeSet<String> = veths.iter().map(|(v, _)| v.clone()).collect();
-        let ((recovered, orphaned), g) = state.change(|b| {
-            let mut recovered = Vec::new();
-            for (veth, addrs) in &veths {
-                for a in addrs {
-                    let held = b.pool.held().any(|(_, ip)| ip == a);
-                    if !held && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
-                        recovered.push(format!("{a} on {veth}"));
-                    }
-                }
-            }
-            let orphaned = b
-                .pool
-                .held()
-                .filter(|(k, _)| {
-                    let veth = underway_routes::host_veth_name(&self.cfg.veth_prefix, &k.container_id, &k.ifname);
-                    k.network != crate::service::RECOVERED && !on_host.contains(&veth)
-                })
-                .count();
-            (recovered, orphaned)
-        });
-        if !recovered.is_empty() {
-            state.record_error(format!(
-                "pods on the host that the store did not know, held until their DEL or GC: {}",
-                recovered.join(", ")
-            ));
-        }
-        if orphaned > 0 {
-            tracing::info!("{orphaned} assignments have no host veth; they wait for the runtime's DEL or GC");
-        }
-        state.commit(g).await
     }
 
     /// The subnet for a new ENI: the configured one with the most free addresses, not paused.
@@ -458,7 +421,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
             state.record_error(format!("ENIs detached while ipamd was away took {} assigned addresses", lost.len()));
         }
         state.commit(g).await?;
-        self.sync_host(state).await
+        crate::host::sync_host(state, &self.cfg.veth_prefix).await
     }
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
@@ -505,4 +468,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         }
         Ok(Step { blocker, again: acted && d.limited.is_none() })
     }
+
+    /// ENIs and addresses stay with the node across restarts: nothing to undo.
+    async fn shutdown(&mut self, _state: &NodeState) {}
 }

@@ -4,7 +4,8 @@
 //! - [`pool`] (pure data) and [`targets`] (pure decisions): the warm pool;
 //! - [`store`]: the durable snapshot; [`state`]: the shared book with group commit;
 //! - [`service`] + [`server`]: the RPC the CNI binary calls;
-//! - [`reconcile`] + [`eni_mode`]: bringing the pool to its targets through the cloud seam;
+//! - [`reconcile`] + [`eni_mode`] / [`vpc_route`]: the pool's two address sources, through the
+//!   cloud seam; [`host`]: the pods the node itself shows;
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
 //! - [`daemon`]: start-up and shutdown.
 
@@ -13,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod eni_mode;
 pub mod error;
+pub mod host;
 pub mod http;
 pub mod identity;
 pub mod metrics;
@@ -23,3 +25,4 @@ pub mod service;
 pub mod state;
 pub mod store;
 pub mod targets;
+pub mod vpc_route;

@@ -26,6 +26,12 @@ enum Cmd {
     CheckConfig,
     /// Ask the running daemon for its status line.
     Status,
+    /// VPC-route mode: delete routes inside `vpc_route.cluster_cidr` whose target instance is
+    /// terminated or unknown, in the given tables (default: `vpc_route.route_tables`).
+    GcRoutes {
+        #[arg(long = "table")]
+        tables: Vec<String>,
+    },
 }
 
 fn config(cli: &Cli) -> Result<Config, String> {
@@ -58,6 +64,37 @@ fn main() -> ExitCode {
             match underway_api::client::call(&cfg.socket, &underway_api::Request::Status, Duration::from_secs(5)) {
                 Ok(r) => {
                     println!("{}", serde_json::to_string(&r).expect("serialises"));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::GcRoutes { tables } => {
+            let tables = if tables.is_empty() { cfg.vpc_route.route_tables.clone() } else { tables };
+            let Some(cluster) = cfg.vpc_route.cluster_cidr else {
+                eprintln!(
+                    "underway-ipamd: config: vpc_route.cluster_cidr: required by gc-routes (only routes inside it are ever deleted)"
+                );
+                return ExitCode::from(2);
+            };
+            if tables.is_empty() {
+                eprintln!("underway-ipamd: config: vpc_route.route_tables: none given (or pass --table rtb-…)");
+                return ExitCode::from(2);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+            let r = rt.block_on(async {
+                let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
+                underway_ipamd::vpc_route::gc_routes(&cloud, &tables, cluster).await
+            });
+            match r {
+                Ok(lines) => {
+                    for l in &lines {
+                        println!("{l}");
+                    }
+                    println!("{} stale routes deleted", lines.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

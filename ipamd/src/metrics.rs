@@ -10,7 +10,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use underway_cloud::stats::CallStats;
@@ -25,6 +25,8 @@ pub struct Metrics {
     add_seconds: Family<Labels, Histogram>,
     reconcile_runs: Family<Labels, Counter>,
     enis_deleted: Counter,
+    route_table_routes: Family<Labels, Gauge>,
+    route_table_capacity: Gauge,
 }
 
 /// What the collector reads at scrape time.
@@ -51,8 +53,20 @@ impl Metrics {
         registry.register("reconcile_runs", "Reconciler runs, by result", reconcile_runs.clone());
         let enis_deleted = Counter::default();
         registry.register("leaked_enis_deleted", "Detached ENIs of this node deleted by GC", enis_deleted.clone());
+        let route_table_routes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "route_table_routes",
+            "VPC-route mode: routes in each kept route table (the local route not counted)",
+            route_table_routes.clone(),
+        );
+        let route_table_capacity = Gauge::default();
+        registry.register(
+            "route_table_capacity",
+            "VPC-route mode: routes a table may hold (vpc_route.route_table_capacity)",
+            route_table_capacity.clone(),
+        );
         registry.register_collector(Box::new(Live { state, calls, max_enis }));
-        Metrics { registry, add_seconds, reconcile_runs, enis_deleted }
+        Metrics { registry, add_seconds, reconcile_runs, enis_deleted, route_table_routes, route_table_capacity }
     }
 
     pub fn observe_add(&self, took: Duration, ok: bool) {
@@ -62,6 +76,11 @@ impl Metrics {
 
     pub fn reconcile_run(&self, result: &str) {
         self.reconcile_runs.get_or_create(&vec![("result", result.to_string())]).inc();
+    }
+
+    pub fn route_table(&self, table: &str, routes: usize, capacity: u32) {
+        self.route_table_routes.get_or_create(&vec![("table", table.to_string())]).set(routes as i64);
+        self.route_table_capacity.set(i64::from(capacity));
     }
 
     pub fn eni_deleted(&self) {

@@ -30,6 +30,8 @@ pub trait Source: Send {
     fn sync(&mut self, state: &NodeState) -> impl Future<Output = Result<()>> + Send;
     /// One decision and what it implies.
     fn step(&mut self, state: &NodeState) -> impl Future<Output = Result<Step>> + Send;
+    /// A graceful stop: undo what must not outlive the daemon (VPC-route mode's routes).
+    fn shutdown(&mut self, state: &NodeState) -> impl Future<Output = ()> + Send;
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -63,8 +65,15 @@ fn result_label(e: &IpamdError) -> &'static str {
     }
 }
 
-/// Syncs (retrying until it works), then runs steps forever.
-pub async fn run<S: Source>(mut src: S, state: Arc<NodeState>, cfg: Arc<Config>, metrics: Arc<Metrics>) {
+/// Syncs (retrying until it works), then runs steps until `stop` turns true; then shuts the
+/// source down.
+pub async fn run<S: Source>(
+    mut src: S,
+    state: Arc<NodeState>,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     let mut delays = backoff();
     loop {
         match src.sync(&state).await {
@@ -72,7 +81,10 @@ pub async fn run<S: Source>(mut src: S, state: Arc<NodeState>, cfg: Arc<Config>,
             Err(e) => {
                 state.record_error(format!("sync with the cloud: {e}"));
                 state.set_status(|s| s.waiting_for = Some(format!("the first sync with the cloud ({e})")));
-                tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))) => {}
+                    _ = stop.changed() => return,
+                }
             }
         }
     }
@@ -91,6 +103,10 @@ pub async fn run<S: Source>(mut src: S, state: Arc<NodeState>, cfg: Arc<Config>,
             tokio::select! {
                 _ = state.wake.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => {
+                    src.shutdown(&state).await;
+                    return;
+                }
             }
             tokio::time::sleep(window).await;
         }

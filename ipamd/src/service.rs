@@ -165,6 +165,7 @@ impl Service {
             (None, Some(b @ Blocker::SubnetExhausted(_))) => (ErrorKind::SubnetExhausted, b.message().to_string()),
             (None, Some(b @ Blocker::EniLimitReached(_))) => (ErrorKind::EniLimitReached, b.message().to_string()),
             (None, Some(b @ Blocker::Throttled(_))) => (ErrorKind::Throttled, b.message().to_string()),
+            (None, Some(b @ Blocker::RouteTableFull(_))) => (ErrorKind::RouteTableFull, b.message().to_string()),
             (None, Some(b)) => (ErrorKind::PoolEmpty, b.message().to_string()),
             (None, None) => (ErrorKind::PoolEmpty, "the pool is still growing".to_string()),
         };

@@ -17,6 +17,8 @@ use crate::store::{PodRecord, Snapshot, Store};
 /// The pool and who holds what, changed only under the lock.
 #[derive(Debug)]
 pub struct Book {
+    /// The mode the pool's addresses come from (recorded in the store).
+    pub mode: crate::config::Mode,
     pub pool: Pool,
     pub pods: BTreeMap<AttachmentKey, PodRecord>,
     /// Adds waiting for an address right now (the reconciler counts them as demand).
@@ -25,7 +27,11 @@ pub struct Book {
 
 impl Book {
     pub fn snapshot(&self) -> Snapshot {
-        Snapshot { enis: self.pool.enis().cloned().collect(), pods: self.pods.values().cloned().collect() }
+        Snapshot {
+            mode: Some(self.mode),
+            enis: self.pool.enis().cloned().collect(),
+            pods: self.pods.values().cloned().collect(),
+        }
     }
 }
 
@@ -37,6 +43,9 @@ pub enum Blocker {
     SubnetExhausted(String),
     EniLimitReached(String),
     Throttled(String),
+    RouteTableFull(String),
+    /// Another owner's route for this node's pod CIDR (never overwritten).
+    RouteConflict(String),
     Cloud(String),
 }
 
@@ -47,6 +56,8 @@ impl Blocker {
             | Blocker::SubnetExhausted(m)
             | Blocker::EniLimitReached(m)
             | Blocker::Throttled(m)
+            | Blocker::RouteTableFull(m)
+            | Blocker::RouteConflict(m)
             | Blocker::Cloud(m) => m,
         }
     }

@@ -35,7 +35,11 @@ pub struct PodRecord {
 /// Everything ipamd must not forget.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// The pool's ENIs, their addresses and who holds each.
+    /// The mode the addresses came from (absent in stores written before VPC-route mode: ENI).
+    #[serde(default)]
+    pub mode: Option<crate::config::Mode>,
+    /// The pool's ENIs (in VPC-route mode, one pseudo-ENI named after the pod CIDR), their
+    /// addresses and who holds each.
     pub enis: Vec<Eni>,
     pub pods: Vec<PodRecord>,
 }
@@ -156,7 +160,7 @@ mod tests {
         let key = AttachmentKey { network: "n".into(), container_id: "c1".into(), ifname: "eth0".into() };
         p.assign(&key, 0).unwrap();
         let pods = vec![PodRecord { key, namespace: Some("default".into()), name: Some("web".into()), assigned_at: 7 }];
-        Snapshot { enis: p.enis().cloned().collect(), pods }
+        Snapshot { mode: Some(crate::config::Mode::Eni), enis: p.enis().cloned().collect(), pods }
     }
 
     fn dir(name: &str) -> PathBuf {

@@ -71,6 +71,7 @@ impl IpamdProcess {
             ("AWS_EC2_METADATA_SERVICE_ENDPOINT".into(), node.imds_endpoint_in_ns()),
             ("UNDERWAY_CLOUD__ENDPOINT".into(), node.ec2_endpoint_in_ns()),
             ("UNDERWAY_LOG".into(), "info,underway_ipamd=debug,aws=warn".into()),
+            ("AWS_REGION".into(), "us-east-1".into()),
         ];
         let mut p = IpamdProcess {
             ns: node.ns.clone(),
@@ -101,6 +102,32 @@ impl IpamdProcess {
             .spawn()?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Runs another subcommand of the same binary with the same config and environment, inside
+    /// the node's namespace, and waits for it.
+    pub fn run_cmd(&self, args: &[&str]) -> Result<std::process::Output, HarnessError> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .arg(&self.bin)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()?)
+    }
+
+    /// Waits up to `limit` for the process to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(Ok(Some(s))) = self.child.as_mut().map(Child::try_wait) {
+                self.child = None;
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
     }
 
     pub fn pid(&self) -> Option<u32> {

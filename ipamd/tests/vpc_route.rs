@@ -1,0 +1,246 @@
+//! VPC-route mode on the test world: real ipamd processes, the real CNI binary, LocalStack's
+//! route tables, and the router namespace forwarding each route-table destination to its target
+//! instance. Needs root and the workspace's binaries.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_ec2::types::Filter;
+use support::*;
+use underway_api::{ErrorKind, Request, Response};
+use underway_tests::netns::TempNs;
+use underway_tests::world::{Node, World};
+
+/// (destination, target instance) of every route of a table that points to an instance.
+async fn routes(w: &World, table: &str) -> Vec<(String, String)> {
+    let o = w.ec2().client.describe_route_tables().route_table_ids(table).send().await.unwrap();
+    let mut v: Vec<_> = o.route_tables()[0]
+        .routes()
+        .iter()
+        .filter_map(|r| Some((r.destination_cidr_block()?.to_string(), r.instance_id()?.to_string())))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn main_table(w: &World) -> String {
+    let o = w
+        .ec2()
+        .client
+        .describe_route_tables()
+        .filters(Filter::builder().name("vpc-id").values(&w.ec2().vpc_id).build())
+        .filters(Filter::builder().name("association.main").values("true").build())
+        .send()
+        .await
+        .unwrap();
+    o.route_tables()[0].route_table_id().unwrap().to_string()
+}
+
+async fn source_dest_check(w: &World, n: &Node) -> bool {
+    let o = w
+        .ec2()
+        .client
+        .describe_network_interfaces()
+        .filters(Filter::builder().name("attachment.instance-id").values(&n.instance_id).build())
+        .send()
+        .await
+        .unwrap();
+    o.network_interfaces()[0].source_dest_check().unwrap()
+}
+
+async fn add_route(w: &World, table: &str, cidr: &str, instance: &str) {
+    w.ec2()
+        .client
+        .create_route()
+        .route_table_id(table)
+        .destination_cidr_block(cidr)
+        .instance_id(instance)
+        .send()
+        .await
+        .unwrap();
+}
+
+fn routed(cidr: &str, more: &str) -> String {
+    format!("{FAST}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n{more}")
+}
+
+/// Pings `addr` from `ns`, a few times: the test world applies new EC2 state every 200 ms, as
+/// a VPC propagates it, so the first packet may come before the fabric knows the address.
+fn reach(ns: &TempNs, addr: Ipv4Addr) -> bool {
+    (0..5).any(|_| ns.sh(&format!("ping -c 1 -W 1 {addr}")).0)
+}
+
+/// A pod on `node` through the CNI binary; returns its namespace and address.
+fn pod(n: &Node, p: &underway_tests::ipamd::IpamdProcess, name: &str) -> (TempNs, Ipv4Addr) {
+    let ns = TempNs::new(name).unwrap();
+    let (code, v) = cni(&n.ns, "ADD", name, &ns.path().display().to_string(), &conf(p));
+    assert_eq!(code, 0, "{v}");
+    let a = address(&v);
+    (ns, a)
+}
+
+async fn two_nodes() -> (World, Arc<Node>, Arc<Node>) {
+    let w = World::create().await.unwrap();
+    let a = w.add_node("m5.large").await.unwrap();
+    let b = w.add_node("m5.large").await.unwrap();
+    w.start_sync_loop(Duration::from_millis(200));
+    (w, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_routed_nodes_pods_ping_restart_is_idempotent_shutdown_and_gc_remove_routes() {
+    let (w, a, b) = two_nodes().await;
+    let main = main_table(&w).await;
+    let gc = "cluster_cidr = \"10.0.128.0/17\"\n";
+    let mut pa = start(&w, &a, &routed("10.0.128.0/24", gc));
+    let mut pb = start(&w, &b, &routed("10.0.129.0/24", gc));
+    pa.wait_ready(254, Duration::from_secs(60)).unwrap();
+    pb.wait_ready(254, Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        routes(&w, &main).await,
+        vec![
+            ("10.0.128.0/24".to_string(), a.instance_id.clone()),
+            ("10.0.129.0/24".to_string(), b.instance_id.clone())
+        ]
+    );
+    assert!(!source_dest_check(&w, &a).await && !source_dest_check(&w, &b).await, "off on both primary ENIs");
+
+    let (na, addr_a) = pod(&a, &pa, "ra");
+    let (nb, addr_b) = pod(&b, &pb, "rb");
+    assert!("10.0.128.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&addr_a), "{addr_a}");
+    assert!("10.0.129.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&addr_b), "{addr_b}");
+    assert!(reach(&na, addr_b), "pod A → pod B through the VPC route");
+    assert!(reach(&nb, addr_a), "pod B → pod A");
+    assert!(
+        !a.exec(&["ip", "rule"]).map(|o| String::from_utf8_lossy(&o.stdout).contains(&addr_a.to_string())).unwrap()
+    );
+
+    // A crash and a restart change nothing in EC2: no new route call, the same single route.
+    pa.kill9();
+    pa.spawn().unwrap();
+    pa.wait_ready(253, Duration::from_secs(60)).unwrap();
+    let m = pa.http_get(61678, "/metrics").unwrap();
+    for op in ["CreateRoute", "ReplaceRoute", "DeleteRoute", "ModifyNetworkInterfaceAttribute"] {
+        assert!(!m.contains(&format!("operation=\"{op}\"")), "{op} after a restart:\n{m}");
+    }
+    assert_eq!(routes(&w, &main).await.len(), 2);
+    assert!(reach(&na, addr_b), "still reachable after the restart");
+
+    // Graceful shutdown removes B's route; SIGKILL leaves A's, and the GC removes it once A is gone.
+    assert!(pb.stop(), "clean exit:\n{}", pb.log_text());
+    assert_eq!(routes(&w, &main).await, vec![("10.0.128.0/24".to_string(), a.instance_id.clone())]);
+    pa.kill9();
+    assert_eq!(routes(&w, &main).await.len(), 1, "a crash leaves the route");
+    let out = pa.run_cmd(&["gc-routes", "--table", &main]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 stale routes"), "A still runs: its route stays");
+    w.ec2().terminate(&a.instance_id).await;
+    let out = pa.run_cmd(&["gc-routes", "--table", &main]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("deleted 10.0.128.0/24"), "{text}");
+    assert!(routes(&w, &main).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_and_several_tables() {
+    let w = World::create().await.unwrap();
+    let n = w.add_node("m5.large").await.unwrap();
+    let main = main_table(&w).await;
+    let gone = w.ec2().run_instance("m5.large").await;
+    let alive = w.ec2().run_instance("m5.large").await;
+    add_route(&w, &main, "10.0.130.0/24", &gone).await;
+    add_route(&w, &main, "10.0.131.0/24", &alive).await;
+    w.ec2().terminate(&gone).await;
+
+    // A route whose instance is terminated is taken over.
+    let mut p = start(&w, &n, &routed("10.0.130.0/24", ""));
+    p.wait_ready(254, Duration::from_secs(60)).unwrap();
+    assert!(routes(&w, &main).await.contains(&("10.0.130.0/24".into(), n.instance_id.clone())));
+    assert!(p.stop());
+
+    // A live instance's route is reported, naming both, and left alone; Add says why.
+    let mut p = start(&w, &n, &routed("10.0.131.0/24", "").replace("add_wait_ms = 10000", "add_wait_ms = 1000"));
+    eventually(
+        Duration::from_secs(30),
+        "the conflict in the status line",
+        || matches!(p.call(&Request::Status), Ok(Response::Status(s)) if s.reason.contains(&alive) && s.reason.contains(&n.instance_id)),
+    );
+    match add(&p, "x") {
+        Response::Error(e) => assert!(e.message.contains(&alive), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(routes(&w, &main).await.contains(&("10.0.131.0/24".into(), alive.clone())), "untouched");
+    assert!(p.stop());
+
+    // Capacity: two routes already (130 is gone with its stop; 131 and the local route remain).
+    let mut p = start(
+        &w,
+        &n,
+        &routed("10.0.132.0/24", "route_table_capacity = 1\n").replace("add_wait_ms = 10000", "add_wait_ms = 1000"),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "a full table in the status line",
+        || matches!(p.call(&Request::Status), Ok(Response::Status(s)) if s.reason.contains("route table full")),
+    );
+    match add(&p, "y") {
+        Response::Error(e) => {
+            assert_eq!(e.kind, ErrorKind::RouteTableFull, "{e:?}");
+            assert!(e.message.contains(&main) && e.message.contains("capacity"), "{}", e.message);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!routes(&w, &main).await.iter().any(|(d, _)| d == "10.0.132.0/24"));
+    let m = p.http_get(61678, "/metrics").unwrap();
+    assert!(!m.contains("operation=\"CreateRoute\""), "no call past the capacity:\n{m}");
+    assert_eq!(sample(&m, &format!("underway_route_table_routes{{table=\"{main}\"}}")), Some(1.0), "{m}");
+    assert_eq!(sample(&m, "underway_route_table_capacity"), Some(1.0), "{m}");
+    assert!(p.stop());
+
+    // Several tables kept in step.
+    let extra = w.ec2().route_table().await;
+    let p = start(&w, &n, &routed("10.0.133.0/24", &format!("route_tables = [\"{main}\", \"{extra}\"]\n")));
+    p.wait_ready(254, Duration::from_secs(60)).unwrap();
+    for t in [&main, &extra] {
+        assert!(routes(&w, t).await.contains(&("10.0.133.0/24".into(), n.instance_id.clone())), "{t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eni_pool_and_a_routed_pool_reach_each_other_and_a_mode_switch_is_refused() {
+    let (w, a, b) = two_nodes().await;
+    let pools = "[pools.enis]\nmode = \"eni\"\ntargets = { warm_ip_target = 2 }\n\
+                 [pools.routed]\nmode = \"vpc-route\"\nvpc_route = { pod_cidr = \"10.0.140.0/24\" }\n";
+    let mut pa = start(&w, &a, &format!("{FAST}pool = \"enis\"\n{pools}"));
+    let pb = start(&w, &b, &format!("{FAST}pool = \"routed\"\n{pools}"));
+    pa.wait_ready(2, Duration::from_secs(60)).unwrap();
+    pb.wait_ready(254, Duration::from_secs(60)).unwrap();
+    let (na, addr_a) = pod(&a, &pa, "ea");
+    let (nb, addr_b) = pod(&b, &pb, "vb");
+    assert!(!"10.0.140.0/24".parse::<ipnet::Ipv4Net>().unwrap().contains(&addr_a), "A's pod has an ENI address");
+    if !reach(&na, addr_b) {
+        let sh = |ns: &str, c: &str| {
+            String::from_utf8_lossy(&underway_tests::netns::exec(ns, &["sh", "-c", c]).unwrap().stdout).to_string()
+        };
+        panic!(
+            "ENI-mode pod {addr_a} → VPC-route pod {addr_b} fails\nrouter:\n{}\nA:\n{}\nB:\n{}",
+            sh(w.router_ns(), "ip route; nft list ruleset | grep -E 'counter|elements'"),
+            sh(&a.ns, "ip route; ip rule"),
+            sh(&b.ns, "ip route; ip rule; ip -br addr")
+        );
+    }
+    assert!(reach(&nb, addr_a), "VPC-route pod → ENI-mode pod");
+
+    // Node A holds a pod in ENI mode: moving it to the routed pool is refused, naming why.
+    assert!(pa.stop());
+    let text = std::fs::read_to_string(&pa.config).unwrap().replace("pool = \"enis\"", "pool = \"routed\"");
+    std::fs::write(&pa.config, text).unwrap();
+    pa.spawn().unwrap();
+    let status = pa.wait_exit(Duration::from_secs(20)).expect("ipamd refuses to start");
+    assert!(!status.success());
+    let log = pa.log_text();
+    assert!(log.contains("mode") && log.contains("while pods hold addresses is refused"), "{log}");
+}
