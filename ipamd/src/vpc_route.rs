@@ -163,6 +163,15 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
                 reason: format!("{} is outside the VPC's blocks {:?}", self.cidr, vpc.cidrs),
             });
         }
+        // Pod addresses must never be handed out by the subnet to ENIs as well.
+        for sub in self.cloud.subnets(std::slice::from_ref(&self.node.subnet_id)).await? {
+            if sub.cidr.contains(&self.cidr.network()) || self.cidr.contains(&sub.cidr.network()) {
+                return Err(IpamdError::Config {
+                    field: "vpc_route.pod_cidr".into(),
+                    reason: format!("{} overlaps the node's subnet {} ({})", self.cidr, sub.id, sub.cidr),
+                });
+            }
+        }
         self.vpc = Some(vpc);
         self.tables = if self.cfg.vpc_route.route_tables.is_empty() {
             vec![self.cloud.route_table_for_subnet(&self.node.vpc_id, &self.node.subnet_id).await?.id]

@@ -155,6 +155,15 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_and_several_t
     add_route(&w, &main, "10.0.131.0/24", &alive).await;
     w.ec2().terminate(&gone).await;
 
+    // A pod CIDR inside the node's subnet is refused, and the status line says so.
+    let mut p = start(&w, &n, &routed("10.0.1.0/24", ""));
+    eventually(
+        Duration::from_secs(30),
+        "the overlap in the status line",
+        || matches!(p.call(&Request::Status), Ok(Response::Status(s)) if s.reason.contains("overlaps the node's subnet")),
+    );
+    assert!(p.stop());
+
     // A route whose instance is terminated is taken over.
     let mut p = start(&w, &n, &routed("10.0.130.0/24", ""));
     p.wait_ready(254, Duration::from_secs(60)).unwrap();
