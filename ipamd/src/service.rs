@@ -204,7 +204,9 @@ impl Service {
             b.pool.expire(unix_ms());
             b.pool.stats()
         });
-        Response::Status(StatusReply { ready: st.ready(), reason: st.line(), free: s.free(), assigned: s.assigned })
+        // Ready means an Add can succeed now: not with an empty pool that something blocks.
+        let ready = st.ready() && !(s.free() == 0 && st.blocker.is_some());
+        Response::Status(StatusReply { ready, reason: st.line(), free: s.free(), assigned: s.assigned })
     }
 
     async fn gc(&self, req: GcRequest) -> Response {

@@ -184,7 +184,8 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_and_several_t
     assert!(routes(&w, &main).await.contains(&("10.0.131.0/24".into(), alive.clone())), "untouched");
     assert!(p.stop());
 
-    // Capacity: two routes already (130 is gone with its stop; 131 and the local route remain).
+    // Capacity 1, and the table holds one route already (131; 130 left with its stop, and the
+    // local route does not count). STATUS is not ready: an Add cannot succeed.
     let mut p = start(
         &w,
         &n,
@@ -193,7 +194,7 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_and_several_t
     eventually(
         Duration::from_secs(30),
         "a full table in the status line",
-        || matches!(p.call(&Request::Status), Ok(Response::Status(s)) if s.reason.contains("route table full")),
+        || matches!(p.call(&Request::Status), Ok(Response::Status(s)) if !s.ready && s.reason.contains("route table full")),
     );
     match add(&p, "y") {
         Response::Error(e) => {
