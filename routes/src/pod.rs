@@ -192,19 +192,21 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
         .build();
     h.route().add(host_route).replace().execute().await.map_err(RoutesError::netlink("host route to the pod"))?;
 
+    // Every pod: traffic *to* it is delivered locally even when the sender's own `from` rule
+    // would send it out through a secondary ENI (a secondary-ENI pod answering a primary one).
+    ok_if_exists(
+        h.rule()
+            .add()
+            .v4()
+            .destination_prefix(spec.address, 32)
+            .table_id(MAIN_TABLE)
+            .action(RuleAction::ToTable)
+            .priority(RULE_TO_POD)
+            .execute()
+            .await
+            .map_err(RoutesError::netlink("rule to pod lookup main")),
+    )?;
     if let Some(table) = spec.route_table {
-        ok_if_exists(
-            h.rule()
-                .add()
-                .v4()
-                .destination_prefix(spec.address, 32)
-                .table_id(MAIN_TABLE)
-                .action(RuleAction::ToTable)
-                .priority(RULE_TO_POD)
-                .execute()
-                .await
-                .map_err(RoutesError::netlink("rule to pod lookup main")),
-        )?;
         ok_if_exists(
             h.rule()
                 .add()
@@ -295,23 +297,23 @@ pub async fn check_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
     if !addresses_via(h, hidx).await?.contains(&spec.address) {
         return Err(RoutesError::Missing(format!("host route {}/32 dev {}", spec.address, spec.host_veth)));
     }
-    if let Some(table) = spec.route_table {
-        let rules: Vec<RuleMessage> =
-            h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
-        let pod_rules: Vec<&RuleMessage> = rules.iter().filter(|r| is_pod_rule(r, spec.address)).collect();
-        let has = |prio: u32, t: u32| {
-            pod_rules.iter().any(|r| {
-                r.attributes.contains(&RuleAttribute::Priority(prio))
-                    && r.header.action == RuleAction::ToTable
-                    && (r.attributes.contains(&RuleAttribute::Table(t)) || u32::from(r.header.table) == t)
-            })
-        };
-        if !has(RULE_TO_POD, MAIN_TABLE) {
-            return Err(RoutesError::Missing(format!("rule {RULE_TO_POD}: to {} lookup main", spec.address)));
-        }
-        if !has(RULE_FROM_POD, table) {
-            return Err(RoutesError::Missing(format!("rule {RULE_FROM_POD}: from {} lookup {table}", spec.address)));
-        }
+    let rules: Vec<RuleMessage> =
+        h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
+    let pod_rules: Vec<&RuleMessage> = rules.iter().filter(|r| is_pod_rule(r, spec.address)).collect();
+    let has = |prio: u32, t: u32| {
+        pod_rules.iter().any(|r| {
+            r.attributes.contains(&RuleAttribute::Priority(prio))
+                && r.header.action == RuleAction::ToTable
+                && (r.attributes.contains(&RuleAttribute::Table(t)) || u32::from(r.header.table) == t)
+        })
+    };
+    if !has(RULE_TO_POD, MAIN_TABLE) {
+        return Err(RoutesError::Missing(format!("rule {RULE_TO_POD}: to {} lookup main", spec.address)));
+    }
+    if let Some(table) = spec.route_table
+        && !has(RULE_FROM_POD, table)
+    {
+        return Err(RoutesError::Missing(format!("rule {RULE_FROM_POD}: from {} lookup {table}", spec.address)));
     }
     Ok(())
 }

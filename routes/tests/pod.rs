@@ -37,7 +37,8 @@ async fn setup_pings_both_ways_and_teardown_leaves_nothing() {
     assert!(pod.sh("ping -c1 -W2 10.99.1.1").0, "pod → node");
     assert!(node.sh("ping -c1 -W2 10.99.0.5").0, "node → pod");
     let (_, rules) = node.sh("ip rule");
-    assert!(!rules.contains("10.99.0.5"), "primary ENI / VPC-route: no rule: {rules}");
+    assert!(rules.contains("512:\tfrom all to 10.99.0.5 lookup main"), "every pod: the to rule: {rules}");
+    assert!(!rules.contains("from 10.99.0.5 lookup"), "primary ENI / VPC-route: no from rule: {rules}");
 
     // ADD again is idempotent (the stale veth is replaced).
     setup_pod(Some(&node.path()), &pod.path(), &s).await.unwrap();

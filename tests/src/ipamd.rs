@@ -13,16 +13,17 @@ use underway_api::{Request, Response};
 use crate::HarnessError;
 use crate::world::{Node, World};
 
-/// Where cargo put the workspace's binaries (next to the test executable's `deps/`).
+/// Where cargo put the workspace's binaries (beside this executable, or beside its `deps/`).
 pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(Path::parent).ok_or_else(|| HarnessError::Command("no target dir".into()))?;
-    let p = dir.join(name);
-    if p.exists() {
-        Ok(p)
-    } else {
-        Err(HarnessError::Command(format!("{} is missing: build the workspace first (tests/run does)", p.display())))
-    }
+    // A test runs from target/<profile>/deps, a binary of this crate from target/<profile>.
+    let dirs: Vec<&Path> = exe.ancestors().skip(1).take(2).collect();
+    dirs.iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or_else(|| {
+        HarnessError::Command(format!(
+            "{name} is missing next to {}: build the workspace first (tests/run does)",
+            exe.display()
+        ))
+    })
 }
 
 /// False once the process has exited (a zombie counts as exited).

@@ -2,15 +2,12 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use underway_tests::ipamd::bin_path;
+pub use underway_tests::cni::{address, cni, conf};
 
 use aws_sdk_ec2::types::Filter;
 use underway_api::{AddRequest, Allocation, AttachmentKey, Request, Response};
@@ -122,41 +119,4 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!("not within {limit:?}: {what}");
-}
-
-/// Runs the CNI plugin inside the node's namespace; returns (exit code, stdout JSON).
-pub fn cni(node_ns: &str, command: &str, id: &str, netns: &str, conf: &str) -> (i32, Value) {
-    let bin = bin_path("underway").unwrap();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", node_ns])
-        .arg(&bin)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs([
-            ("CNI_COMMAND", command),
-            ("CNI_CONTAINERID", id),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/usr/lib/cni"),
-            ("CNI_ARGS", &format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}")),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let raw = String::from_utf8_lossy(&out.stdout);
-    let v = if raw.trim().is_empty() { Value::Null } else { serde_json::from_str(&raw).unwrap() };
-    (out.status.code().unwrap_or(-1), v)
-}
-
-pub fn conf(p: &IpamdProcess) -> String {
-    json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket}).to_string()
-}
-
-pub fn address(result: &Value) -> Ipv4Addr {
-    let a = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
-    a.split('/').next().unwrap().parse().unwrap()
 }

@@ -1,0 +1,201 @@
+//! `underway-demo`: the README's first command. A VPC on LocalStack with two ENI-mode nodes and
+//! two VPC-route nodes, one real ipamd per node (standalone: its own socket, state dir and IMDS),
+//! three pods per node made by the real CNI binary, every pod pinging every other pod, and a
+//! table of what happened. Ends with one summary line (`UNDERWAY-DEMO ok ...` or
+//! `UNDERWAY-DEMO failed ...`) and removes everything it made, also on Ctrl-C.
+//!
+//! Needs root (namespaces) and the workspace's binaries (`deploy/local/demo` builds them).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use underway_api::{AttachmentKey, Request, Response};
+use underway_tests::cni::{address, cni, conf};
+use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::localstack::LocalStack;
+use underway_tests::netns::TempNs;
+use underway_tests::world::{Node, World};
+
+/// (instance type, mode, pod CIDR). d3.xlarge ENIs hold 2 secondary addresses each, so the third
+/// pod of an ENI-mode node lands on a secondary ENI.
+const NODES: [(&str, &str, &str); 4] = [
+    ("d3.xlarge", "eni", ""),
+    ("d3.xlarge", "eni", ""),
+    ("m5.large", "vpc-route", "10.0.128.0/24"),
+    ("m5.large", "vpc-route", "10.0.129.0/24"),
+];
+const PODS_PER_NODE: usize = 3;
+const MUTATING: &[&str] = &[
+    "AssignPrivateIpAddresses",
+    "UnassignPrivateIpAddresses",
+    "CreateNetworkInterface",
+    "AttachNetworkInterface",
+    "ModifyNetworkInterfaceAttribute",
+    "DetachNetworkInterface",
+    "DeleteNetworkInterface",
+    "CreateRoute",
+    "ReplaceRoute",
+    "DeleteRoute",
+];
+
+struct Pod {
+    node: usize,
+    name: String,
+    ns: TempNs,
+    address: std::net::Ipv4Addr,
+    via: String,
+}
+
+fn config(mode: &str, cidr: &str) -> String {
+    let common = "cooldown_ms = 5000\nadd_wait_ms = 20000\n";
+    match mode {
+        "eni" => format!("{common}[targets]\nwarm_ip_target = 1\n"),
+        _ => format!("{common}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n"),
+    }
+}
+
+fn mutating_calls(p: &IpamdProcess) -> u64 {
+    let m = p.http_get(61678, "/metrics").unwrap_or_default();
+    m.lines()
+        .filter(|l| l.starts_with("underway_cloud_calls_total{"))
+        .filter(|l| MUTATING.iter().any(|op| l.contains(&format!("operation=\"{op}\""))))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn reach(ns: &TempNs, addr: std::net::Ipv4Addr) -> bool {
+    (0..3).any(|_| ns.sh(&format!("ping -c 1 -W 1 {addr}")).0)
+}
+
+async fn demo(started: Instant) -> Result<bool, String> {
+    let ipamd = bin_path("underway-ipamd").map_err(|e| e.to_string())?;
+    bin_path("underway").map_err(|e| e.to_string())?;
+    println!("LocalStack: starting (installed into its venv on first use) ...");
+    let ls = tokio::task::spawn_blocking(|| LocalStack::shared().endpoint.clone()).await.map_err(|e| e.to_string())?;
+    println!("LocalStack: {ls}");
+    let world = World::create().await.map_err(|e| e.to_string())?;
+    let mut nodes: Vec<Arc<Node>> = Vec::new();
+    for (ty, _, _) in NODES {
+        nodes.push(world.add_node(ty).await.map_err(|e| e.to_string())?);
+    }
+    world.start_sync_loop(Duration::from_millis(200));
+    let mut daemons = Vec::new();
+    for (i, (n, (_, mode, cidr))) in nodes.iter().zip(NODES).enumerate() {
+        let p = IpamdProcess::start(&world, n, &ipamd, &config(mode, cidr)).map_err(|e| e.to_string())?;
+        let free = if mode == "eni" { 1 } else { 254 };
+        p.wait_ready(free, Duration::from_secs(90)).map_err(|e| format!("node {i}: {e}"))?;
+        println!("node{i}: {} {} {mode}: ipamd serving", n.instance_id, n.instance_type);
+        daemons.push(p);
+    }
+    let mut pods = Vec::new();
+    for (i, n) in nodes.iter().enumerate() {
+        for j in 0..PODS_PER_NODE {
+            let name = format!("demo-n{i}-p{j}");
+            let ns = TempNs::new(&format!("n{i}p{j}")).map_err(|e| e.to_string())?;
+            let (code, v) = cni(&n.ns, "ADD", &name, &ns.path().display().to_string(), &conf(&daemons[i]));
+            if code != 0 {
+                return Err(format!("ADD {name}: {v}"));
+            }
+            let key = AttachmentKey { network: "underway".into(), container_id: name.clone(), ifname: "eth0".into() };
+            let via = match daemons[i].call(&Request::Check(key)) {
+                Ok(Response::Checked(a)) => match (a.eni, a.route_table) {
+                    (Some(e), Some(t)) => format!("{e} (secondary ENI, table {t})"),
+                    (Some(e), None) if e.starts_with("pod-cidr-") => "VPC route → this node".to_string(),
+                    (Some(e), None) => format!("{e} (primary ENI)"),
+                    (None, _) => "?".into(),
+                },
+                other => return Err(format!("CHECK {name}: {other:?}")),
+            };
+            pods.push(Pod { node: i, name, ns, address: address(&v), via });
+        }
+    }
+    // The fabric applies new EC2 state every 200 ms, as a VPC propagates it.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let results: Vec<Vec<bool>> = std::thread::scope(|s| {
+        let hs: Vec<_> = pods
+            .iter()
+            .map(|src| {
+                let pods = &pods;
+                s.spawn(move || pods.iter().map(|dst| dst.name == src.name || reach(&src.ns, dst.address)).collect())
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let pairs = pods.len() * (pods.len() - 1);
+    let ok = results.iter().flatten().filter(|b| **b).count() - pods.len();
+
+    println!("\n{:<6} {:<10} {:<12} {:<15} ENI / route", "node", "mode", "pod", "address");
+    for p in &pods {
+        println!(
+            "{:<6} {:<10} {:<12} {:<15} {}",
+            format!("node{}", p.node),
+            NODES[p.node].1,
+            p.name[5..].to_string(),
+            p.address,
+            p.via
+        );
+    }
+    println!("\nping matrix (row pings column; . ok, X failed):");
+    print!("{:>8}", "");
+    for j in 0..pods.len() {
+        print!("{:>3}", j);
+    }
+    println!();
+    for (i, row) in results.iter().enumerate() {
+        print!("{:>8}", format!("{i} n{}", pods[i].node));
+        for (j, r) in row.iter().enumerate() {
+            print!(
+                "{:>3}",
+                if i == j {
+                    "-"
+                } else if *r {
+                    "."
+                } else {
+                    "X"
+                }
+            );
+        }
+        println!();
+    }
+    let calls: Vec<u64> = daemons.iter().map(mutating_calls).collect();
+    println!("\nEC2 mutating calls per node: {calls:?}");
+    let on_secondary = (0..2).all(|n| pods.iter().any(|p| p.node == n && p.via.contains("secondary")));
+    for mut d in daemons {
+        d.stop();
+    }
+    drop(pods);
+    drop(world);
+    let all_ok = ok == pairs && on_secondary;
+    println!(
+        "UNDERWAY-DEMO {} nodes=4 pods={} pings={ok}/{pairs} secondary_eni_pods={} ec2_mutating_calls={} seconds={:.0}",
+        if all_ok { "ok" } else { "failed" },
+        NODES.len() * PODS_PER_NODE,
+        if on_secondary { "yes" } else { "no" },
+        calls.iter().sum::<u64>(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(all_ok)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() -> ExitCode {
+    let started = Instant::now();
+    tokio::select! {
+        r = demo(started) => match r {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("underway-demo: {e}");
+                println!("UNDERWAY-DEMO failed error={e:?}");
+                ExitCode::FAILURE
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the demo's future has torn down its namespaces, links and daemons; the
+            // LocalStack this process started ends with it (watchdog).
+            eprintln!("underway-demo: interrupted; everything it made is removed");
+            ExitCode::from(130)
+        }
+    }
+}
