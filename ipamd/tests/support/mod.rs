@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[allow(unused_imports)] // not every test file (or the bench) runs the CNI binary
 pub use underway_tests::cni::{address, cni, conf};
 
 use aws_sdk_ec2::types::Filter;
