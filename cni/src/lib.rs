@@ -60,7 +60,12 @@ pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
         Command::Version => unreachable!("answered above"),
     };
     match res {
-        Ok(stdout) => Output { stdout, status: 0 },
+        Ok(stdout) => {
+            let netns = if env.netns.is_empty() { "-" } else { env.netns.as_str() };
+            let cmd = format!("{:?}", env.command).to_uppercase();
+            log.write("info", &format!("{cmd} ok (netns {netns})"));
+            Output { stdout, status: 0 }
+        }
         Err(e) => {
             log.write("error", &e.to_string());
             Output { stdout: e.to_json(&conf.cni_version), status: 1 }
