@@ -62,6 +62,17 @@ impl Default for VpcRouteConfig {
     }
 }
 
+/// The node's CNI configuration, which ipamd installs once it serves (so a kubelet keeps the node
+/// NotReady until pod networking works, as the AWS VPC CNI does).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CniInstallConfig {
+    /// The runtime's CNI config directory (e.g. /etc/cni/net.d). `None`: ipamd installs nothing.
+    pub conf_dir: Option<PathBuf>,
+    /// The conflist to install there (its file name is kept).
+    pub conflist: Option<PathBuf>,
+}
+
 /// A named node pool: what a node that selects it runs with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -158,6 +169,7 @@ pub struct Config {
     pub targets: Targets,
     pub eni: EniConfig,
     pub vpc_route: VpcRouteConfig,
+    pub cni: CniInstallConfig,
     /// Named node pools, each with its mode, subnets, security groups and targets.
     pub pools: BTreeMap<String, PoolSpec>,
     /// The pool this node belongs to: its `mode`, `targets`, `eni` and `vpc_route` replace the
@@ -191,6 +203,7 @@ impl Default for Config {
             targets: Targets::default(),
             eni: EniConfig::default(),
             vpc_route: VpcRouteConfig::default(),
+            cni: CniInstallConfig::default(),
             pools: BTreeMap::new(),
             pool: None,
             cooldown_ms: 30_000,
@@ -366,6 +379,14 @@ impl Config {
             if v.check_interval_ms == 0 {
                 return Err(invalid(&f("check_interval_ms"), "must be > 0"));
             }
+        }
+        match (&self.cni.conf_dir, &self.cni.conflist) {
+            (Some(_), None) => return Err(invalid("cni.conflist", "required with cni.conf_dir")),
+            (None, Some(_)) => return Err(invalid("cni.conf_dir", "required with cni.conflist")),
+            (Some(d), Some(f)) if !d.is_absolute() || !f.is_absolute() || f.file_name().is_none() => {
+                return Err(invalid("cni", "conf_dir and conflist must be absolute paths"));
+            }
+            _ => {}
         }
         if self.metrics_listen.is_some() && self.metrics_listen == self.introspection_listen {
             return Err(invalid("introspection_listen", "must differ from metrics_listen"));

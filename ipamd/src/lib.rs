@@ -17,6 +17,7 @@ pub mod error;
 pub mod host;
 pub mod http;
 pub mod identity;
+pub mod install;
 pub mod metrics;
 pub mod pool;
 pub mod reconcile;

@@ -26,6 +26,8 @@ enum Cmd {
     CheckConfig,
     /// Ask the running daemon for its status line.
     Status,
+    /// Remove the CNI config ipamd installed (`cni.conf_dir`), e.g. when underway is removed.
+    Uninstall,
     /// VPC-route mode: delete routes inside `vpc_route.cluster_cidr` whose target instance is
     /// terminated or unknown, in the given tables (default: `vpc_route.route_tables`).
     GcRoutes {
@@ -72,6 +74,20 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Uninstall => match underway_ipamd::install::uninstall(&cfg.cni) {
+            Ok(Some(p)) => {
+                println!("removed {}", p.display());
+                ExitCode::SUCCESS
+            }
+            Ok(None) => {
+                println!("nothing installed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("underway-ipamd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::GcRoutes { tables } => {
             let tables = if tables.is_empty() { cfg.vpc_route.route_tables.clone() } else { tables };
             let Some(cluster) = cfg.vpc_route.cluster_cidr else {

@@ -94,6 +94,11 @@ pub async fn run<S: Source>(
     });
     state.freed.notify_waiters();
     tracing::info!("pool synced with the cloud; serving");
+    match crate::install::install(&cfg.cni) {
+        Ok(Some(p)) => tracing::info!("installed the CNI config {}", p.display()),
+        Ok(None) => {}
+        Err(e) => state.record_error(format!("installing the CNI config: {e}")),
+    }
     let mut delays = backoff();
     let interval = Duration::from_millis(cfg.reconcile_interval_ms);
     let window = Duration::from_millis(cfg.reconcile_min_interval_ms);

@@ -281,3 +281,32 @@ async fn gc_deletes_this_nodes_leaked_enis_and_releases_stale_attachments() {
         matches!(p.call(&Request::Check(key("b"))).unwrap(), Response::Error(e) if e.kind == ErrorKind::UnknownAttachment)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cni_config_is_installed_only_once_ipamd_serves() {
+    let (w, n) = world("m5.large").await;
+    let dir = std::env::temp_dir().join(format!("underway-cni-install-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("10-underway.conflist");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cni/10-underway.conflist"), &src).unwrap();
+    let installed = dir.join("net.d/10-underway.conflist");
+    // EC2 is slow: ipamd cannot finish its first sync for a while.
+    n.set_ec2_delay(Duration::from_millis(1500));
+    let p = start(
+        &w,
+        &n,
+        &format!("{FAST}[cni]\nconf_dir = \"{}\"\nconflist = \"{}\"\n", dir.join("net.d").display(), src.display()),
+    );
+    eventually(Duration::from_secs(20), "ipamd answers", || p.call(&Request::Status).is_ok());
+    let s = status(&p);
+    assert_ne!(s.reason, "serving", "{s:?}");
+    assert!(!installed.exists(), "no network config before ipamd serves (the node stays NotReady)");
+    n.set_ec2_delay(Duration::ZERO);
+    p.wait_ready(9, Duration::from_secs(60)).unwrap();
+    eventually(Duration::from_secs(5), "the conflist installed", || installed.exists());
+    assert_eq!(std::fs::read(&installed).unwrap(), std::fs::read(&src).unwrap());
+    let out = p.run_cmd(&["uninstall"]).unwrap();
+    assert!(out.status.success() && !installed.exists(), "{}", String::from_utf8_lossy(&out.stdout));
+    let _ = std::fs::remove_dir_all(&dir);
+}
