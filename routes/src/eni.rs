@@ -14,7 +14,7 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{RouteMessage, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-use crate::netns::{handle_in, sysctl_in};
+use crate::netns::{handle_in, sysctl_in, sysctl_read};
 use crate::{Result, RoutesError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,15 @@ pub async fn setup_eni(host: Option<&Path>, spec: &EniSpec) -> Result<String> {
         .execute()
         .await
         .map_err(RoutesError::netlink(format!("{name} up, mtu {}", spec.mtu)))?;
-    sysctl_in(host, &format!("net/ipv4/conf/{name}/rp_filter"), "2")?;
+    // The kernel uses max(all, link): with `all` already loose (2) the link's own value does not
+    // matter, and a container without a writable /proc/sys (ipamd unprivileged, with the node's
+    // init container having set `all`) need not write it.
+    if let Err(e) = sysctl_in(host, &format!("net/ipv4/conf/{name}/rp_filter"), "2") {
+        let all = sysctl_read(host, "net/ipv4/conf/all/rp_filter").unwrap_or_default();
+        if all.trim() != "2" {
+            return Err(e);
+        }
+    }
     match h
         .address()
         .add(idx, IpAddr::V4(spec.primary_ip), 32)

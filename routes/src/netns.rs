@@ -47,27 +47,31 @@ pub fn handle_in(path: Option<&Path>) -> Result<Ns> {
     Ok(Ns { file, handle })
 }
 
+/// Runs `f` on a short-lived thread inside the namespace at `path` (`None`: right here).
+fn on_thread_in<T: Send + 'static>(
+    path: Option<&Path>,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<std::io::Result<T>> {
+    let Some(p) = path else { return Ok(f()) };
+    let ns = File::open(p).map_err(io_err(p))?;
+    std::thread::spawn(move || -> std::io::Result<T> {
+        nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        f()
+    })
+    .join()
+    .map_err(|_| RoutesError::Netns { path: p.display().to_string(), source: std::io::Error::other("thread panicked") })
+}
+
 /// Writes `/proc/sys/<key>` as seen from the namespace at `path` (`None`: this one).
 pub fn sysctl_in(path: Option<&Path>, key: &str, value: &str) -> Result<()> {
     let file = format!("/proc/sys/{key}");
-    let write = {
-        let (file, value) = (file.clone(), value.to_string());
-        move || std::fs::write(&file, value)
-    };
-    let res = match path {
-        None => write(),
-        Some(p) => {
-            let ns = File::open(p).map_err(io_err(p))?;
-            std::thread::spawn(move || -> std::io::Result<()> {
-                nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-                write()
-            })
-            .join()
-            .map_err(|_| RoutesError::Netns {
-                path: p.display().to_string(),
-                source: std::io::Error::other("thread panicked"),
-            })?
-        }
-    };
-    res.map_err(|source| RoutesError::Netns { path: file, source })
+    let (f, v) = (file.clone(), value.to_string());
+    on_thread_in(path, move || std::fs::write(&f, v))?.map_err(|source| RoutesError::Netns { path: file, source })
+}
+
+/// Reads `/proc/sys/<key>` as seen from the namespace at `path` (`None`: this one).
+pub fn sysctl_read(path: Option<&Path>, key: &str) -> Result<String> {
+    let file = format!("/proc/sys/{key}");
+    let f = file.clone();
+    on_thread_in(path, move || std::fs::read_to_string(&f))?.map_err(|source| RoutesError::Netns { path: file, source })
 }
