@@ -11,27 +11,7 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use underway_api::{Request, Response};
-
-const MUTATING: &[&str] = &[
-    "AssignPrivateIpAddresses",
-    "UnassignPrivateIpAddresses",
-    "CreateNetworkInterface",
-    "AttachNetworkInterface",
-    "ModifyNetworkInterfaceAttribute",
-    "DetachNetworkInterface",
-    "DeleteNetworkInterface",
-];
-
-/// Calls by operation (any outcome) from the metrics text.
-fn calls(m: &str) -> Vec<(String, f64)> {
-    m.lines()
-        .filter(|l| l.starts_with("underway_cloud_calls_total{"))
-        .filter_map(|l| {
-            let op = l.split("operation=\"").nth(1)?.split('"').next()?.to_string();
-            Some((op, l.rsplit(' ').next()?.parse().ok()?))
-        })
-        .collect()
-}
+use underway_tests::ipamd::{MUTATING, calls_by_operation as calls};
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

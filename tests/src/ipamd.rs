@@ -26,6 +26,34 @@ pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
     })
 }
 
+/// EC2 operations that change something (the ones the EC2 mutating rate limit meters).
+pub const MUTATING: &[&str] = &[
+    "AssignPrivateIpAddresses",
+    "UnassignPrivateIpAddresses",
+    "CreateNetworkInterface",
+    "AttachNetworkInterface",
+    "ModifyNetworkInterfaceAttribute",
+    "DetachNetworkInterface",
+    "DeleteNetworkInterface",
+    "CreateRoute",
+    "ReplaceRoute",
+    "DeleteRoute",
+];
+
+/// Cloud calls by operation (any outcome) from ipamd's metrics text.
+pub fn calls_by_operation(metrics: &str) -> Vec<(String, f64)> {
+    let mut out: Vec<(String, f64)> = Vec::new();
+    for l in metrics.lines().filter(|l| l.starts_with("underway_cloud_calls_total{")) {
+        let op = l.split("operation=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or_default();
+        let n: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        match out.iter_mut().find(|(o, _)| o == op) {
+            Some((_, c)) => *c += n,
+            None => out.push((op.to_string(), n)),
+        }
+    }
+    out
+}
+
 /// False once the process has exited (a zombie counts as exited).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use underway_api::{AttachmentKey, Request, Response};
 use underway_tests::cni::{address, cni, conf};
-use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::ipamd::{IpamdProcess, MUTATING, bin_path, calls_by_operation};
 use underway_tests::localstack::LocalStack;
 use underway_tests::netns::TempNs;
 use underway_tests::world::{Node, World};
@@ -26,19 +26,6 @@ const NODES: [(&str, &str, &str); 4] = [
     ("m5.large", "vpc-route", "10.0.129.0/24"),
 ];
 const PODS_PER_NODE: usize = 3;
-const MUTATING: &[&str] = &[
-    "AssignPrivateIpAddresses",
-    "UnassignPrivateIpAddresses",
-    "CreateNetworkInterface",
-    "AttachNetworkInterface",
-    "ModifyNetworkInterfaceAttribute",
-    "DetachNetworkInterface",
-    "DeleteNetworkInterface",
-    "CreateRoute",
-    "ReplaceRoute",
-    "DeleteRoute",
-];
-
 struct Pod {
     node: usize,
     name: String,
@@ -57,11 +44,7 @@ fn config(mode: &str, cidr: &str) -> String {
 
 fn mutating_calls(p: &IpamdProcess) -> u64 {
     let m = p.http_get(61678, "/metrics").unwrap_or_default();
-    m.lines()
-        .filter(|l| l.starts_with("underway_cloud_calls_total{"))
-        .filter(|l| MUTATING.iter().any(|op| l.contains(&format!("operation=\"{op}\""))))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+    calls_by_operation(&m).iter().filter(|(op, _)| MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum::<f64>() as u64
 }
 
 fn reach(ns: &TempNs, addr: std::net::Ipv4Addr) -> bool {
