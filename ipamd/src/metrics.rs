@@ -37,12 +37,6 @@ struct Live {
     max_enis: Arc<OnceLock<u32>>,
 }
 
-impl std::fmt::Debug for NodeState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeState")
-    }
-}
-
 impl Metrics {
     pub fn new(state: Arc<NodeState>, calls: Arc<OnceLock<Arc<CallStats>>>, max_enis: Arc<OnceLock<u32>>) -> Self {
         let mut registry = Registry::with_prefix("underway");

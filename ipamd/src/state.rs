@@ -113,6 +113,12 @@ pub struct NodeState {
     pub wake: Notify,
 }
 
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeState")
+    }
+}
+
 impl NodeState {
     pub fn new(store: Store, book: Book, status: Status) -> Self {
         NodeState {
