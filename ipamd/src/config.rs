@@ -411,12 +411,19 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn write(name: &str, text: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("underway-config-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join(name);
+    /// A config file in the temp dir, removed when dropped.
+    struct TempFile(PathBuf);
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn write(name: &str, text: &str) -> TempFile {
+        let p = std::env::temp_dir().join(format!("underway-config-{}-{name}", std::process::id()));
         std::fs::write(&p, text).unwrap();
-        p
+        TempFile(p)
     }
 
     #[test]
@@ -436,7 +443,7 @@ subnets = ["subnet-1a"]
 "#,
         );
         let c = Config::load(
-            Some(&f),
+            Some(&f.0),
             &env(&[("UNDERWAY_TARGETS__MINIMUM_IP_TARGET", "10"), ("UNDERWAY_COOLDOWN_MS", "5")]),
         )
         .unwrap();
@@ -491,7 +498,7 @@ subnets = ["subnet-1a"]
         ];
         for (i, (text, vars, field)) in cases.iter().enumerate() {
             let f = write(&format!("bad{i}.toml"), text);
-            let e = Config::load(Some(&f), &env(vars)).expect_err(text);
+            let e = Config::load(Some(&f.0), &env(vars)).expect_err(text);
             assert!(e.to_string().contains(field), "case {i} {text:?}: {e} should name {field}");
         }
         let e = Config::load(Some(Path::new("/nonexistent/u.toml")), &[]).unwrap_err();
@@ -514,11 +521,11 @@ mode = "vpc-route"
 vpc_route = { pod_cidr = "10.0.128.0/24", route_tables = ["rtb-1"] }
 "#,
         );
-        let c = Config::load(Some(&f), &[]).unwrap();
+        let c = Config::load(Some(&f.0), &[]).unwrap();
         assert_eq!(c.mode, Mode::VpcRoute);
         assert_eq!(c.vpc_route.pod_cidr, Some("10.0.128.0/24".parse().unwrap()));
         assert_eq!(c.vpc_route.route_tables, vec!["rtb-1".to_string()]);
-        let c = Config::load(Some(&f), &env(&[("UNDERWAY_POOL", "enis")])).unwrap();
+        let c = Config::load(Some(&f.0), &env(&[("UNDERWAY_POOL", "enis")])).unwrap();
         assert_eq!((c.mode, c.targets.warm_ip_target), (Mode::Eni, Some(4)));
         assert_eq!(c.eni.subnets, vec!["subnet-1".to_string()]);
     }
