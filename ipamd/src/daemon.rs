@@ -14,7 +14,7 @@ use crate::config::{Config, Mode};
 use crate::eni_mode::EniMode;
 use crate::error::{IpamdError, Result};
 use crate::http::{self, Http};
-use crate::identity::{self, NodeInfo};
+use crate::identity;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::reconcile;
@@ -23,6 +23,7 @@ use crate::service::Service;
 use crate::state::{Book, NodeState, Status};
 use crate::store::{Loaded, Store};
 use crate::vpc_route::VpcRouteMode;
+use underway_cloud::Instance;
 
 /// The store's content as the starting book, and whether it was usable. A store of the other
 /// mode is refused while pods hold its addresses (switching a node's mode needs a drain).
@@ -93,7 +94,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         veth_prefix: cfg.veth_prefix.clone(),
     });
     let rpc = tokio::spawn(server::serve(listener, service));
-    let node: Arc<OnceLock<NodeInfo>> = Arc::default();
+    let node: Arc<OnceLock<Instance>> = Arc::default();
     http::start(Http { state: state.clone(), metrics: metrics.clone(), config: cfg.clone(), node: node.clone() })
         .await?;
     tracing::info!(
@@ -122,7 +123,7 @@ async fn background(
     metrics: Arc<Metrics>,
     calls: Arc<OnceLock<Arc<CallStats>>>,
     max_enis: Arc<OnceLock<u32>>,
-    node_cell: Arc<OnceLock<NodeInfo>>,
+    node_cell: Arc<OnceLock<Instance>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let waiting = |what: String| {
@@ -161,7 +162,7 @@ async fn background(
     let _ = max_enis.set(cfg.targets.max_enis(&limits));
     tracing::info!(
         "node {} ({}, {} ENIs × {} IPv4, from {from:?}) in {} / {}",
-        node.instance_id,
+        node.id,
         node.instance_type,
         limits.enis,
         limits.ipv4_per_eni,

@@ -19,15 +19,16 @@ use underway_routes::EniSpec;
 use crate::clock::unix_ms;
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
-use crate::identity::{Macs, NodeInfo};
+use crate::identity::Macs;
 use crate::metrics::Metrics;
 use crate::reconcile::{Source, Step};
 use crate::state::{Blocker, NodeState};
+use underway_cloud::Instance;
 
 pub struct EniMode<C> {
     cloud: Arc<C>,
     cfg: Arc<Config>,
-    node: NodeInfo,
+    node: Instance,
     macs: Macs,
     limits: InstanceLimits,
     metrics: Arc<Metrics>,
@@ -49,7 +50,7 @@ impl<C: Cloud + 'static> EniMode<C> {
     pub fn new(
         cloud: Arc<C>,
         cfg: Arc<Config>,
-        node: NodeInfo,
+        node: Instance,
         macs: Macs,
         limits: InstanceLimits,
         metrics: Arc<Metrics>,
@@ -92,24 +93,24 @@ impl<C: Cloud + 'static> EniMode<C> {
     async fn setup_link(&mut self, eni: &CloudEni, device_index: u32) -> Result<String> {
         let subnet = self.subnet(&eni.subnet_id).await?;
         let deadline = Instant::now() + Duration::from_millis(self.cfg.eni.link_wait_ms);
+        let ns = underway_routes::netns::handle_in(None)?;
         let mut mac = None;
         loop {
             if mac.is_none() {
                 mac = self.macs.mac_of(&*self.cloud, &eni.id).await?;
             }
-            if let Some(m) = mac {
-                let ns = underway_routes::netns::handle_in(None)?;
-                if underway_routes::eni::link_by_mac(&ns.handle, m).await?.is_some() {
-                    let spec = EniSpec {
-                        mac: m,
-                        mtu: self.cfg.eni.mtu,
-                        table: self.table_of(device_index).expect("secondary ENI"),
-                        primary_ip: eni.primary_ip,
-                        subnet: subnet.cidr.network(),
-                        subnet_prefix: subnet.cidr.prefix_len(),
-                    };
-                    return Ok(underway_routes::setup_eni(None, &spec).await?);
-                }
+            if let Some(m) = mac
+                && underway_routes::eni::link_by_mac(&ns.handle, m).await?.is_some()
+            {
+                let spec = EniSpec {
+                    mac: m,
+                    mtu: self.cfg.eni.mtu,
+                    table: self.table_of(device_index).expect("secondary ENI"),
+                    primary_ip: eni.primary_ip,
+                    subnet: subnet.cidr.network(),
+                    subnet_prefix: subnet.cidr.prefix_len(),
+                };
+                return Ok(underway_routes::setup_eni(None, &spec).await?);
             }
             if Instant::now() >= deadline {
                 return Err(IpamdError::Routes(underway_routes::RoutesError::Missing(format!(
@@ -203,25 +204,35 @@ impl<C: Cloud + 'static> EniMode<C> {
         let asked = n;
         let slots = self.limits.slots_per_eni();
         let prefix_mode = self.prefix_mode();
-        let rooms: Vec<(String, u32, u32)> = state.read(|b| {
+        let rooms: Vec<(String, u32)> = state.read(|b| {
             b.pool
                 .enis()
                 .map(|e| {
                     let used = if prefix_mode { e.prefixes.len() as u32 } else { e.slots.len() as u32 };
-                    (e.id.clone(), e.device_index, slots.saturating_sub(used))
+                    (e.id.clone(), slots.saturating_sub(used))
                 })
-                .filter(|(_, _, room)| *room > 0)
+                .filter(|(_, room)| *room > 0)
                 .collect()
         });
+        // One DescribeSubnets per grow, for every subnet involved: never ask a subnet for more
+        // than it has (a full subnet hangs LocalStack and wastes a call on AWS).
+        let mut subnet_ids: Vec<String> =
+            rooms.iter().filter_map(|(id, _)| self.known.get(id).map(|k| k.subnet_id.clone())).collect();
+        subnet_ids.sort();
+        subnet_ids.dedup();
+        let mut free_in: BTreeMap<String, u32> = if subnet_ids.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.cloud.subnets(&subnet_ids).await?.into_iter().map(|s| (s.id, s.available_addresses)).collect()
+        };
         let mut blocker = None;
-        for (id, _, room) in rooms {
+        for (id, room) in rooms {
             if n == 0 {
                 break;
             }
             let Some(known) = self.known.get(&id).cloned() else { continue };
-            // One DescribeSubnets per grow: never ask a subnet for more than it has.
-            let sub = self.cloud.subnets(std::slice::from_ref(&known.subnet_id)).await?;
-            let free = sub.first().map_or(0, |s| s.available_addresses) / self.per_slot();
+            let left = free_in.entry(known.subnet_id.clone()).or_default();
+            let free = *left / self.per_slot();
             if self.paused.get(&known.subnet_id).is_some_and(|u| *u > unix_ms()) || free == 0 {
                 blocker = Some(Blocker::SubnetExhausted(format!(
                     "subnet exhausted: {} (of {}) has no free {}",
@@ -232,6 +243,7 @@ impl<C: Cloud + 'static> EniMode<C> {
                 continue;
             }
             let count = n.min(room).min(free);
+            *left -= count * self.per_slot();
             match self.cloud.assign(&known, slot_count(prefix_mode, count)).await {
                 Ok(a) => {
                     let k = self.known.get_mut(&id).expect("known");
@@ -287,8 +299,8 @@ impl<C: Cloud + 'static> EniMode<C> {
         let req = CreateEni {
             subnet_id: subnet.id.clone(),
             security_groups: sgs,
-            description: format!("underway pod ENI of {}", self.node.instance_id),
-            tags: eni_tags(&self.cfg.cluster, &self.node.instance_id, unix_ms() / 1000),
+            description: format!("underway pod ENI of {}", self.node.id),
+            tags: eni_tags(&self.cfg.cluster, &self.node.id, unix_ms() / 1000),
             initial: slot_count(self.prefix_mode(), count),
         };
         let mut eni = match self.cloud.create_eni(&req).await {
@@ -309,7 +321,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             .chain(self.pending.values().copied())
             .collect();
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
-        let attachment = match self.cloud.attach_eni(&eni.id, &self.node.instance_id, idx).await {
+        let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
             Err(e) => {
                 // Never leave it behind: delete now (GC by tag catches it if this fails too).
@@ -321,7 +333,7 @@ impl<C: Cloud + 'static> EniMode<C> {
         };
         eni.attachment = Some(Attachment {
             id: attachment,
-            instance_id: self.node.instance_id.clone(),
+            instance_id: self.node.id.clone(),
             device_index: idx,
             status: "attached".into(),
             delete_on_termination: true,
@@ -378,7 +390,7 @@ impl<C: Cloud + 'static> EniMode<C> {
     async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
         let now_s = unix_ms() / 1000;
         let grace_s = self.cfg.eni.leak_grace_ms / 1000;
-        for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.instance_id)).await? {
+        for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
             let created: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
             if e.in_use() || e.status != "available" || now_s.saturating_sub(created) < grace_s {
                 continue;
@@ -397,7 +409,7 @@ impl<C: Cloud + 'static> EniMode<C> {
 
 impl<C: Cloud + 'static> Source for EniMode<C> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
-        let enis = self.cloud.enis_of_instance(&self.node.instance_id).await?;
+        let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         let mut seen = Vec::new();
         self.known.clear();
         for e in enis {

@@ -12,18 +12,18 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
-use crate::identity::NodeInfo;
 use crate::metrics::Metrics;
 use crate::pool::{Eni, Pool};
 use crate::state::{ErrorEntry, NodeState, Status};
 use crate::store::PodRecord;
+use underway_cloud::Instance;
 
 #[derive(Clone)]
 pub struct Http {
     pub state: Arc<NodeState>,
     pub metrics: Arc<Metrics>,
     pub config: Arc<Config>,
-    pub node: Arc<std::sync::OnceLock<NodeInfo>>,
+    pub node: Arc<std::sync::OnceLock<Instance>>,
 }
 
 #[derive(Serialize)]
@@ -44,7 +44,7 @@ struct StatusView {
     line: String,
     #[serde(flatten)]
     status: Status,
-    node: Option<NodeInfo>,
+    node: Option<Instance>,
 }
 
 async fn metrics(State(h): State<Http>) -> ([(&'static str, &'static str); 1], String) {

@@ -4,24 +4,11 @@
 //! IMDS is the node's own authority on MACs; the EC2 API's MAC is used only with a static
 //! identity (and LocalStack's are malformed, which `Eni::mac` rejects).
 
-use serde::Serialize;
 use underway_cloud::imds::ImdsIdentity;
-use underway_cloud::{Discovery, parse_mac};
+use underway_cloud::{Discovery, Instance, parse_mac};
 
 use crate::config::{IdentityConfig, IdentitySource};
 use crate::error::{IpamdError, Result};
-
-/// What ipamd needs to know about its instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct NodeInfo {
-    pub instance_id: String,
-    pub instance_type: String,
-    pub availability_zone: String,
-    pub vpc_id: String,
-    pub subnet_id: String,
-    pub security_groups: Vec<String>,
-    pub primary_eni: String,
-}
 
 /// Where MACs come from.
 pub enum Macs {
@@ -44,21 +31,13 @@ pub async fn instance_id(cfg: &IdentityConfig) -> Result<(String, Option<String>
     }
 }
 
-/// The rest from EC2.
-pub async fn node_info<C: Discovery>(cloud: &C, instance_id: &str) -> Result<NodeInfo> {
+/// The rest from EC2: the instance as `DescribeInstances` reports it, which must be running.
+pub async fn node_info<C: Discovery>(cloud: &C, instance_id: &str) -> Result<Instance> {
     let i = cloud.instance(instance_id).await?;
     if i.state != "running" && i.state != "pending" {
         return Err(IpamdError::Identity(format!("instance {instance_id} is {}", i.state)));
     }
-    Ok(NodeInfo {
-        instance_id: i.id,
-        instance_type: i.instance_type,
-        availability_zone: i.availability_zone,
-        vpc_id: i.vpc_id,
-        subnet_id: i.subnet_id,
-        security_groups: i.security_groups,
-        primary_eni: i.primary_eni,
-    })
+    Ok(i)
 }
 
 impl Macs {

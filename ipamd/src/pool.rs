@@ -226,10 +226,6 @@ impl Pool {
         }
     }
 
-    pub fn quarantined(&self) -> impl Iterator<Item = &Ipv4Addr> {
-        self.quarantined.iter()
-    }
-
     /// Adds free addresses to an ENI.
     pub fn add_addresses(&mut self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), PoolError> {
         if let Some(ip) = ips.iter().find(|ip| self.contains(**ip)) {

@@ -17,15 +17,15 @@ use underway_cloud::{Cloud, CloudError, RouteTable, RouteTarget, Vpc};
 
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
-use crate::identity::NodeInfo;
 use crate::metrics::Metrics;
 use crate::reconcile::{Source, Step};
 use crate::state::{Blocker, NodeState};
+use underway_cloud::Instance;
 
 pub struct VpcRouteMode<C> {
     cloud: Arc<C>,
     cfg: Arc<Config>,
-    node: NodeInfo,
+    node: Instance,
     cidr: Ipv4Net,
     vpc: Option<Vpc>,
     tables: Vec<String>,
@@ -55,7 +55,7 @@ fn counted(t: &RouteTable) -> usize {
 }
 
 impl<C: Cloud + 'static> VpcRouteMode<C> {
-    pub fn new(cloud: Arc<C>, cfg: Arc<Config>, node: NodeInfo, metrics: Arc<Metrics>) -> Result<Self> {
+    pub fn new(cloud: Arc<C>, cfg: Arc<Config>, node: Instance, metrics: Arc<Metrics>) -> Result<Self> {
         let cidr = cfg.vpc_route.pod_cidr.ok_or_else(|| IpamdError::Config {
             field: "vpc_route.pod_cidr".into(),
             reason: "required in vpc-route mode".into(),
@@ -74,7 +74,7 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
     }
 
     fn me(&self) -> RouteTarget {
-        RouteTarget::Instance(self.node.instance_id.clone())
+        RouteTarget::Instance(self.node.id.clone())
     }
 
     /// Makes sure one table sends the pod CIDR to this instance; a blocker when it cannot.
@@ -87,14 +87,14 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
             Some(r) if r.points_to(&me) => return Ok(None),
             Some(r) => {
                 let ours = match &r.target {
-                    RouteTarget::Instance(i) => *i == self.node.instance_id || gone(&*self.cloud, i).await?,
+                    RouteTarget::Instance(i) => *i == self.node.id || gone(&*self.cloud, i).await?,
                     RouteTarget::Eni(e) => *e == self.node.primary_eni,
                     RouteTarget::Other(_) => false,
                 };
                 if !ours {
                     return Ok(Some(Blocker::RouteConflict(format!(
                         "route table {table_id} sends {} to {:?} (alive), not to this node {}: left alone",
-                        self.cidr, r.target, self.node.instance_id
+                        self.cidr, r.target, self.node.id
                     ))));
                 }
                 tracing::info!("{table_id}: {} pointed to {:?} (gone or ours); replacing", self.cidr, r.target);
@@ -111,7 +111,7 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
                 }
                 self.cloud.ensure_route(vpc, table_id, self.cidr, &me).await?;
                 self.metrics.route_table(table_id, counted(&t) + 1, self.cfg.vpc_route.route_table_capacity);
-                tracing::info!("{table_id}: {} → {}", self.cidr, self.node.instance_id);
+                tracing::info!("{table_id}: {} → {}", self.cidr, self.node.id);
             }
         }
         Ok(None)

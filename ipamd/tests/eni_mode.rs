@@ -33,7 +33,7 @@ async fn a_fresh_node_reaches_its_targets_with_the_calls_they_imply() {
     let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/config").unwrap()).unwrap();
     assert_eq!(cfg["cluster"], serde_json::json!(w.id()), "the effective config");
     let st: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/status").unwrap()).unwrap();
-    assert_eq!(st["node"]["instance_id"], serde_json::json!(n.instance_id));
+    assert_eq!(st["node"]["id"], serde_json::json!(n.instance_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -160,8 +160,9 @@ async fn add_on_an_empty_pool_waits_out_a_slow_ec2() {
     let a = added(add(&p, "slow"));
     let took = t.elapsed();
     n.set_ec2_delay(Duration::ZERO);
-    assert!(took >= Duration::from_millis(2500), "the stall was in the way ({took:?})");
-    assert!(took < Duration::from_secs(10), "and the Add still got {} within its wait ({took:?})", a.address);
+    // Not a speed figure: proof that the Add really met the stall. That it got an address at
+    // all shows it stayed within its wait (ipamd fails an Add once add_wait_ms has passed).
+    assert!(took >= Duration::from_millis(2500), "the stall was in the way ({took:?}); got {}", a.address);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,11 +9,12 @@ use aws_sdk_ec2::config::{Credentials, SharedCredentialsProvider};
 use aws_smithy_http_client::test_util::{ReplayEvent, StaticReplayClient};
 use aws_smithy_types::body::SdkBody;
 use underway_api::AttachmentKey;
+use underway_cloud::Instance;
 use underway_cloud::InstanceLimits;
 use underway_cloud::aws::{Ec2Cloud, Ec2Config};
 use underway_ipamd::config::Config;
 use underway_ipamd::eni_mode::EniMode;
-use underway_ipamd::identity::{Macs, NodeInfo};
+use underway_ipamd::identity::Macs;
 use underway_ipamd::metrics::Metrics;
 use underway_ipamd::pool::Pool;
 use underway_ipamd::reconcile::Source;
@@ -99,14 +100,16 @@ fn source(
         Status::default(),
     ));
     let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
-    let node = NodeInfo {
-        instance_id: "i-0a1b2c3d".into(),
+    let node = Instance {
+        id: "i-0a1b2c3d".into(),
         instance_type: "m5.large".into(),
         availability_zone: "us-east-1a".into(),
         vpc_id: "vpc-0a1b2c3d".into(),
         subnet_id: "subnet-0a1b2c3d".into(),
         security_groups: vec!["sg-0a1b2c3d".into()],
         primary_eni: "eni-0000000000000000a".into(),
+        primary_ip: Some("10.0.1.10".parse().unwrap()),
+        state: "running".into(),
     };
     let limits = InstanceLimits { enis: 3, ipv4_per_eni: 10, ipv6_per_eni: 10, vcpus: 2 };
     (EniMode::new(cloud, Arc::new(cfg), node, Macs::Api, limits, metrics), state, replay, dir)
