@@ -40,15 +40,7 @@ async fn main_table(w: &World) -> String {
 }
 
 async fn source_dest_check(w: &World, n: &Node) -> bool {
-    let o = w
-        .ec2()
-        .client
-        .describe_network_interfaces()
-        .filters(Filter::builder().name("attachment.instance-id").values(&n.instance_id).build())
-        .send()
-        .await
-        .unwrap();
-    o.network_interfaces()[0].source_dest_check().unwrap()
+    node_enis(w, n).await[0].source_dest_check().unwrap()
 }
 
 async fn add_route(w: &World, table: &str, cidr: &str, instance: &str) {

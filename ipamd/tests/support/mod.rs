@@ -73,8 +73,8 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find(|l| l.starts_with(series)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
 }
 
-/// The node's ENIs as EC2 has them: (id, device index, secondary addresses).
-pub async fn enis_in_ec2(w: &World, n: &Node) -> Vec<(String, u32, Vec<Ipv4Addr>)> {
+/// The node's ENIs as EC2 describes them (attached to its instance).
+pub async fn node_enis(w: &World, n: &Node) -> Vec<aws_sdk_ec2::types::NetworkInterface> {
     let out = w
         .ec2()
         .client
@@ -83,8 +83,13 @@ pub async fn enis_in_ec2(w: &World, n: &Node) -> Vec<(String, u32, Vec<Ipv4Addr>
         .send()
         .await
         .unwrap();
-    let mut v: Vec<_> = out
-        .network_interfaces()
+    out.network_interfaces().to_vec()
+}
+
+/// The node's ENIs as EC2 has them: (id, device index, secondary addresses).
+pub async fn enis_in_ec2(w: &World, n: &Node) -> Vec<(String, u32, Vec<Ipv4Addr>)> {
+    let mut v: Vec<_> = node_enis(w, n)
+        .await
         .iter()
         .map(|ni| {
             let primary = ni.private_ip_address().unwrap_or_default();
