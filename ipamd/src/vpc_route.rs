@@ -197,8 +197,7 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
                 }
             }
         }
-        let (_, g) = state.change(|_| ());
-        state.commit(g).await?;
+        state.flush().await?;
         crate::host::sync_host(state, &self.cfg.veth_prefix).await
     }
 
