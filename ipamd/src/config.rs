@@ -13,6 +13,8 @@ use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use figment::value::Value;
 use ipnet::Ipv4Net;
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use underway_cloud::aws::Ec2Config;
 
@@ -20,7 +22,7 @@ use crate::error::IpamdError;
 use crate::targets::Targets;
 
 /// How this node gets its pod addresses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Secondary IPs (or /28 prefixes) on ENIs attached to the node.
@@ -30,11 +32,12 @@ pub enum Mode {
 }
 
 /// VPC-route mode: the node's pod CIDR and the route tables that carry it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct VpcRouteConfig {
-    /// This node's pod CIDR (standalone; with Kubernetes it comes from `spec.podCIDR`). It must
-    /// lie inside one of the VPC's CIDR blocks and outside every subnet.
+    /// This node's pod CIDR (standalone only: with Kubernetes it is the Node's `spec.podCIDR`, and
+    /// an UnderwayPool must not set it). It must lie inside one of the VPC's CIDR blocks and
+    /// outside every subnet.
     pub pod_cidr: Option<Ipv4Net>,
     /// Route tables to keep "pod CIDR → this instance" in. Empty: the table associated with the
     /// node's subnet, else the VPC's main table.
@@ -73,8 +76,19 @@ pub struct CniInstallConfig {
     pub conflist: Option<PathBuf>,
 }
 
-/// A named node pool: what a node that selects it runs with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A named node pool: what a node that selects it runs with. The same type is the `[pools.<name>]`
+/// table of the config file and the spec of the cluster-scoped `UnderwayPool` custom resource (a
+/// node picks it by the label `kubernetes.pool_label`); `underway-ipamd crd` prints its definition.
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "underway.dev",
+    version = "v1alpha1",
+    kind = "UnderwayPool",
+    plural = "underwaypools",
+    shortname = "uwpool",
+    doc = "A node pool's network settings: mode, targets, ENI subnets and security groups, VPC route tables.",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
+)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     pub mode: Mode,
@@ -114,7 +128,7 @@ impl Default for IdentityConfig {
 }
 
 /// How new ENIs are made and set up (ENI mode).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct EniConfig {
     /// Subnets for new ENIs, by id. Empty (and no `subnet_tags`): the node's own subnet.
@@ -153,6 +167,59 @@ impl Default for EniConfig {
     }
 }
 
+/// The Kubernetes integration (off: ipamd runs standalone from this file alone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Talk to the API server (in-cluster service account, else `KUBECONFIG`).
+    pub enabled: bool,
+    /// This node's name (the DaemonSet passes `spec.nodeName`). Required when enabled.
+    pub node_name: Option<String>,
+    /// The Node label naming this node's pool: an UnderwayPool of that name, else `[pools.<name>]`.
+    pub pool_label: String,
+    /// Create an Event on a pod whose Add failed, with the reason.
+    pub events: bool,
+    pub gc: ClusterGcConfig,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            enabled: false,
+            node_name: None,
+            pool_label: "underway.dev/pool".into(),
+            events: true,
+            gc: ClusterGcConfig::default(),
+        }
+    }
+}
+
+/// Cluster-wide GC (routes and ENIs of nodes that are gone), run by the one ipamd that holds a
+/// coordination.k8s.io Lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterGcConfig {
+    pub enabled: bool,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    /// A holder that has not renewed for this long loses the Lease.
+    pub lease_duration_s: u32,
+    /// How often the holder runs the GC.
+    pub interval_ms: u64,
+}
+
+impl Default for ClusterGcConfig {
+    fn default() -> Self {
+        ClusterGcConfig {
+            enabled: true,
+            lease_namespace: "kube-system".into(),
+            lease_name: "underway-cluster-gc".into(),
+            lease_duration_s: 60,
+            interval_ms: 300_000,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -170,6 +237,7 @@ pub struct Config {
     pub eni: EniConfig,
     pub vpc_route: VpcRouteConfig,
     pub cni: CniInstallConfig,
+    pub kubernetes: KubernetesConfig,
     /// Named node pools, each with its mode, subnets, security groups and targets.
     pub pools: BTreeMap<String, PoolSpec>,
     /// The pool this node belongs to: its `mode`, `targets`, `eni` and `vpc_route` replace the
@@ -204,6 +272,7 @@ impl Default for Config {
             eni: EniConfig::default(),
             vpc_route: VpcRouteConfig::default(),
             cni: CniInstallConfig::default(),
+            kubernetes: KubernetesConfig::default(),
             pools: BTreeMap::new(),
             pool: None,
             cooldown_ms: 30_000,
@@ -215,6 +284,18 @@ impl Default for Config {
             introspection_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61679))),
         }
     }
+}
+
+/// A DNS-1123 subdomain: what Kubernetes accepts as most object names.
+fn dns_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|part| {
+            !part.is_empty()
+                && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
 }
 
 fn invalid(field: &str, reason: impl Into<String>) -> IpamdError {
@@ -354,6 +435,9 @@ impl Config {
                 }
             };
             match v.pod_cidr {
+                // With Kubernetes the Node's spec.podCIDR fills it in before the effective config
+                // is validated again (k8s::node::effective).
+                None if self.kubernetes.enabled => {}
                 None => return Err(invalid(&f("pod_cidr"), "required in vpc-route mode (standalone)")),
                 Some(c) if !(16..=28).contains(&c.prefix_len()) => {
                     return Err(invalid(&f("pod_cidr"), format!("{c}: between /16 and /28")));
@@ -388,8 +472,56 @@ impl Config {
             }
             _ => {}
         }
+        self.validate_kubernetes()?;
         if self.metrics_listen.is_some() && self.metrics_listen == self.introspection_listen {
             return Err(invalid("introspection_listen", "must differ from metrics_listen"));
+        }
+        Ok(())
+    }
+
+    fn validate_kubernetes(&self) -> Result<(), IpamdError> {
+        let k = &self.kubernetes;
+        if !k.enabled {
+            return Ok(());
+        }
+        match &k.node_name {
+            None => {
+                return Err(invalid(
+                    "kubernetes.node_name",
+                    "required with kubernetes.enabled (the DaemonSet sets UNDERWAY_KUBERNETES__NODE_NAME from spec.nodeName)",
+                ));
+            }
+            Some(n) if !dns_subdomain(n) => {
+                return Err(invalid("kubernetes.node_name", format!("{n:?} is not a Kubernetes object name")));
+            }
+            _ => {}
+        }
+        let (prefix, name) = k.pool_label.rsplit_once('/').unwrap_or(("", &k.pool_label));
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !name_ok || (k.pool_label.contains('/') && !dns_subdomain(prefix)) {
+            return Err(invalid("kubernetes.pool_label", format!("{:?} is not a label key", k.pool_label)));
+        }
+        let gc = &k.gc;
+        if gc.enabled {
+            if !dns_subdomain(&gc.lease_namespace) || gc.lease_namespace.contains('.') {
+                return Err(invalid(
+                    "kubernetes.gc.lease_namespace",
+                    format!("{:?} is not a namespace", gc.lease_namespace),
+                ));
+            }
+            if !dns_subdomain(&gc.lease_name) {
+                return Err(invalid("kubernetes.gc.lease_name", format!("{:?} is not an object name", gc.lease_name)));
+            }
+            if !(15..=3600).contains(&gc.lease_duration_s) {
+                return Err(invalid("kubernetes.gc.lease_duration_s", "must be within 15..=3600"));
+            }
+            if gc.interval_ms < 1000 {
+                return Err(invalid("kubernetes.gc.interval_ms", "at least 1000"));
+            }
         }
         Ok(())
     }
@@ -495,6 +627,27 @@ subnets = ["subnet-1a"]
             ),
             ("cluster = \"c\"\npool = \"gpu\"\n[pools.cpu]\nmode = \"eni\"", &[], "no pool named \"gpu\""),
             ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
+            ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
+            (
+                "cluster = \"c\"",
+                &[("UNDERWAY_KUBERNETES__ENABLED", "true"), ("UNDERWAY_KUBERNETES__NODE_NAME", "Node_1")],
+                "kubernetes.node_name",
+            ),
+            (
+                "cluster = \"c\"\n[kubernetes]\nenabled = true\nnode_name = \"n1\"\npool_label = \"a/b/-c\"",
+                &[],
+                "kubernetes.pool_label",
+            ),
+            (
+                "cluster = \"c\"\n[kubernetes]\nenabled = true\nnode_name = \"n1\"\ngc = { lease_duration_s = 5 }",
+                &[],
+                "kubernetes.gc.lease_duration_s",
+            ),
+            (
+                "cluster = \"c\"\n[kubernetes]\nenabled = true\nnode_name = \"n1\"\ngc = { lease_namespace = \"kube.system\" }",
+                &[],
+                "kubernetes.gc.lease_namespace",
+            ),
         ];
         for (i, (text, vars, field)) in cases.iter().enumerate() {
             let f = write(&format!("bad{i}.toml"), text);
@@ -528,6 +681,20 @@ vpc_route = { pod_cidr = "10.0.128.0/24", route_tables = ["rtb-1"] }
         let c = Config::load(Some(&f.0), &env(&[("UNDERWAY_POOL", "enis")])).unwrap();
         assert_eq!((c.mode, c.targets.warm_ip_target), (Mode::Eni, Some(4)));
         assert_eq!(c.eni.subnets, vec!["subnet-1".to_string()]);
+    }
+
+    #[test]
+    fn with_kubernetes_the_pod_cidr_may_wait_for_the_node() {
+        let env = env(&[
+            ("UNDERWAY_CLUSTER", "c"),
+            ("UNDERWAY_MODE", "vpc-route"),
+            ("UNDERWAY_KUBERNETES__ENABLED", "true"),
+            ("UNDERWAY_KUBERNETES__NODE_NAME", "ip-10-0-1-5.ec2.internal"),
+        ]);
+        let c = Config::load(None, &env).unwrap();
+        assert_eq!((c.mode, c.vpc_route.pod_cidr), (Mode::VpcRoute, None));
+        assert_eq!(c.kubernetes.pool_label, "underway.dev/pool");
+        assert!(c.kubernetes.gc.enabled && c.kubernetes.events);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! first sync happen in the background, and the status line says which one it waits for.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -10,11 +11,13 @@ use underway_cloud::Discovery;
 use underway_cloud::aws::Ec2Cloud;
 use underway_cloud::stats::CallStats;
 
+use crate::cluster_gc;
 use crate::config::{Config, Mode};
 use crate::eni_mode::EniMode;
 use crate::error::{IpamdError, Result};
 use crate::http::{self, Http};
 use crate::identity;
+use crate::k8s;
 use crate::metrics::Metrics;
 use crate::pool::Pool;
 use crate::reconcile;
@@ -25,32 +28,17 @@ use crate::store::{Loaded, Store};
 use crate::vpc_route::VpcRouteMode;
 use underway_cloud::Instance;
 
-/// The store's content as the starting book, and whether it was usable. A store of the other
-/// mode is refused while pods hold its addresses (switching a node's mode needs a drain).
+/// The store's content as the starting book, whether it was usable, and what to log about it.
+/// Standalone, the configured mode is adopted at once (a refused switch stops start-up); with
+/// Kubernetes the mode is the pool's, known only later, so the stored mode stands until then.
 fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
     let empty = Book { mode: cfg.mode, pool: Pool::new(cfg.cooldown_ms), pods: Default::default(), waiting: 0 };
-    Ok(match store.load()? {
+    let (mut book, from_store, note) = match store.load()? {
         Loaded::Fresh => (empty, false, None),
         Loaded::Ok(s) => {
-            let stored = s.mode.unwrap_or(Mode::Eni);
             let pool = Pool::from_enis(cfg.cooldown_ms, s.enis);
-            let held = pool.held().count();
-            if stored != cfg.mode {
-                if held > 0 {
-                    return Err(IpamdError::Config {
-                        field: "mode".into(),
-                        reason: format!(
-                            "this node holds {held} pod addresses in {stored:?} mode; switching it to {:?} while pods \
-                             hold addresses is refused: drain the node (or delete its pods) first",
-                            cfg.mode
-                        ),
-                    });
-                }
-                (empty, false, Some(format!("the store was in {stored:?} mode with no pods; starting afresh")))
-            } else {
-                let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
-                (Book { mode: cfg.mode, pool, pods, waiting: 0 }, true, None)
-            }
+            let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
+            (Book { mode: s.mode.unwrap_or(Mode::Eni), pool, pods, waiting: 0 }, true, None)
         }
         Loaded::Corrupt { reason, kept } => (
             empty,
@@ -60,7 +48,15 @@ fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
                 kept.display()
             )),
         ),
-    })
+    };
+    if cfg.kubernetes.enabled {
+        return Ok((book, from_store, note));
+    }
+    match book.adopt(cfg.mode, cfg.cooldown_ms) {
+        Ok(None) => Ok((book, from_store, note)),
+        Ok(Some(afresh)) => Ok((book, false, Some(afresh))),
+        Err(reason) => Err(IpamdError::Config { field: "mode".into(), reason }),
+    }
 }
 
 fn retry_policy() -> ExponentialBuilder {
@@ -71,44 +67,72 @@ fn retry_policy() -> ExponentialBuilder {
         .without_max_times()
 }
 
+/// What the background start-up shares with the parts already serving.
+struct Shared {
+    state: Arc<NodeState>,
+    metrics: Arc<Metrics>,
+    service: Arc<Service>,
+    calls: Arc<OnceLock<Arc<CallStats>>>,
+    max_enis: Arc<OnceLock<u32>>,
+    node: Arc<OnceLock<Instance>>,
+    effective: Arc<OnceLock<Arc<Config>>>,
+}
+
 /// Runs ipamd until `shutdown` completes; then saves the store and removes the socket.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let cfg = Arc::new(cfg);
     let store = Store::open(&cfg.state_dir)?;
-    let (book, from_store, corrupt) = load(&cfg, &store)?;
+    let (book, from_store, note) = load(&cfg, &store)?;
     let assigned = book.pool.held().count();
     let status = Status { from_store, waiting_for: Some("the node's identity".into()), ..Status::default() };
     let state = Arc::new(NodeState::new(store, book, status));
-    if let Some(c) = corrupt {
+    if let Some(c) = note {
         state.record_error(c);
     }
     let calls: Arc<OnceLock<Arc<CallStats>>> = Arc::default();
     let max_enis: Arc<OnceLock<u32>> = Arc::default();
     let metrics = Arc::new(Metrics::new(state.clone(), calls.clone(), max_enis.clone()));
     let listener = server::bind(&cfg.socket)?;
+    let (events_tx, events_rx) = match cfg.kubernetes.enabled && cfg.kubernetes.events {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let service = Arc::new(Service {
         state: state.clone(),
         metrics: metrics.clone(),
         add_wait: Duration::from_millis(cfg.add_wait_ms),
-        mtu: cfg.eni.mtu,
+        mtu: AtomicU32::new(cfg.eni.mtu),
         veth_prefix: cfg.veth_prefix.clone(),
+        events: events_tx,
     });
-    let rpc = tokio::spawn(server::serve(listener, service));
+    let rpc = tokio::spawn(server::serve(listener, service.clone()));
     let node: Arc<OnceLock<Instance>> = Arc::default();
-    http::start(Http { state: state.clone(), metrics: metrics.clone(), config: cfg.clone(), node: node.clone() })
-        .await?;
+    let effective: Arc<OnceLock<Arc<Config>>> = Arc::default();
+    http::start(Http {
+        state: state.clone(),
+        metrics: metrics.clone(),
+        config: cfg.clone(),
+        effective: effective.clone(),
+        node: node.clone(),
+    })
+    .await?;
     tracing::info!(
         socket = %cfg.socket.display(),
         "serving; {assigned} assignments from the store{}",
         if from_store { "" } else { " (none usable: starting empty)" }
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let mut bg = tokio::spawn(background(cfg.clone(), state.clone(), metrics, calls, max_enis, node, stop));
+    let shared = Shared { state: state.clone(), metrics, service, calls, max_enis, node, effective };
+    let mut bg = tokio::spawn(background(cfg.clone(), shared, events_rx, stop));
     shutdown.await;
     tracing::info!("shutting down");
     rpc.abort();
     let _ = stop_tx.send(true);
-    // The source undoes what must not outlive it (VPC routes); start-up still retrying just ends.
+    // The source undoes what must not outlive it (VPC routes, the Lease); start-up still
+    // retrying just ends.
     if tokio::time::timeout(Duration::from_secs(20), &mut bg).await.is_err() {
         bg.abort();
     }
@@ -117,29 +141,29 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     Ok(())
 }
 
+/// A closure for backon's `notify`: the status names what start-up waits for.
+fn waiting(state: &Arc<NodeState>, what: String) -> impl Fn(&IpamdError, Duration) + use<> {
+    let st = state.clone();
+    move |e: &IpamdError, d: Duration| {
+        st.set_status(|s| s.waiting_for = Some(format!("{what}: {e} (retry in {} ms)", d.as_millis())));
+        st.record_error(format!("{what}: {e}"));
+    }
+}
+
 async fn background(
     cfg: Arc<Config>,
-    state: Arc<NodeState>,
-    metrics: Arc<Metrics>,
-    calls: Arc<OnceLock<Arc<CallStats>>>,
-    max_enis: Arc<OnceLock<u32>>,
-    node_cell: Arc<OnceLock<Instance>>,
+    sh: Shared,
+    events: Option<tokio::sync::mpsc::Receiver<k8s::events::FailedAdd>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let waiting = |what: String| {
-        let st = state.clone();
-        move |e: &crate::error::IpamdError, d: Duration| {
-            st.set_status(|s| s.waiting_for = Some(format!("{what}: {e} (retry in {} ms)", d.as_millis())));
-            st.record_error(format!("{what}: {e}"));
-        }
-    };
+    let state = &sh.state;
     let source = match cfg.identity.source {
         crate::config::IdentitySource::Imds => "the node's identity from IMDS",
         crate::config::IdentitySource::Static => "the node's identity",
     };
     let (instance_id, region, macs) = (|| identity::instance_id(&cfg.identity))
         .retry(retry_policy())
-        .notify(waiting(source.to_string()))
+        .notify(waiting(state, source.to_string()))
         .await
         .expect("retried forever");
     let mut ec2 = cfg.cloud.clone();
@@ -147,19 +171,32 @@ async fn background(
         ec2.region = region;
     }
     let cloud = Arc::new(Ec2Cloud::connect(&ec2).await);
-    let _ = calls.set(cloud.stats().clone());
+    let _ = sh.calls.set(cloud.stats().clone());
+    let mut gc = None;
+    let cfg = if cfg.kubernetes.enabled {
+        match join_cluster(&sh, cfg, cloud.clone(), events, stop.clone()).await {
+            Some((c, g)) => {
+                gc = g;
+                c
+            }
+            None => return,
+        }
+    } else {
+        cfg
+    };
+    let _ = sh.effective.set(cfg.clone());
     state.set_status(|s| s.waiting_for = Some(format!("instance {instance_id} from EC2")));
     let node = (|| identity::node_info(&*cloud, &instance_id))
         .retry(retry_policy())
-        .notify(waiting(format!("instance {instance_id} from EC2")))
+        .notify(waiting(state, format!("instance {instance_id} from EC2")))
         .await
         .expect("retried forever");
     let (limits, from) = (|| async { cloud.instance_limits(&node.instance_type).await.map_err(Into::into) })
         .retry(retry_policy())
-        .notify(waiting(format!("the limits of {}", node.instance_type)))
+        .notify(waiting(state, format!("the limits of {}", node.instance_type)))
         .await
         .expect("retried forever");
-    let _ = max_enis.set(cfg.targets.max_enis(&limits));
+    let _ = sh.max_enis.set(cfg.targets.max_enis(&limits));
     tracing::info!(
         "node {} ({}, {} ENIs × {} IPv4, from {from:?}) in {} / {}",
         node.id,
@@ -172,8 +209,9 @@ async fn background(
     for m in if cfg.mode == Mode::Eni { cfg.targets.unreachable(&limits) } else { Vec::new() } {
         state.record_error(format!("target unreachable on {}: {m}", node.instance_type));
     }
-    let _ = node_cell.set(node.clone());
+    let _ = sh.node.set(node.clone());
     state.set_status(|s| s.waiting_for = Some("the first sync with EC2".into()));
+    let (state, metrics) = (sh.state.clone(), sh.metrics.clone());
     match cfg.mode {
         Mode::Eni => {
             let src = EniMode::new(cloud, cfg.clone(), node, macs, limits, metrics.clone());
@@ -183,5 +221,134 @@ async fn background(
             Ok(src) => reconcile::run(src, state, cfg, metrics, stop).await,
             Err(e) => state.set_status(|s| s.waiting_for = Some(format!("a valid configuration: {e}"))),
         },
+    }
+    // The elected GC gives its Lease up once stopped.
+    if let Some(g) = gc {
+        let _ = g.await;
+    }
+}
+
+/// With Kubernetes: the effective config from the Node and its pool, the stored pool's mode
+/// checked against it, and the cluster-side tasks started (Node watch, Events, elected GC).
+/// `None` when start-up cannot go on (the status says why).
+async fn join_cluster(
+    sh: &Shared,
+    base: Arc<Config>,
+    cloud: Arc<Ec2Cloud>,
+    events: Option<tokio::sync::mpsc::Receiver<k8s::events::FailedAdd>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Option<(Arc<Config>, Option<tokio::task::JoinHandle<()>>)> {
+    let state = &sh.state;
+    let name = base.kubernetes.node_name.clone().unwrap_or_default();
+    let client = (|| k8s::client())
+        .retry(retry_policy())
+        .notify(waiting(state, "a Kubernetes client".into()))
+        .await
+        .expect("retried forever");
+    state.set_status(|s| s.waiting_for = Some(format!("Node {name} from the API server")));
+    let st = state.clone();
+    let report = move |w: String| {
+        tracing::info!("waiting for {w}");
+        st.set_status(|s| s.waiting_for = Some(w));
+    };
+    let (cfg, view, stream) = match k8s::node::resolve(client.clone(), &base, Duration::from_secs(10), report).await {
+        Ok(r) => r,
+        Err(e) => {
+            state.set_status(|s| s.waiting_for = Some(format!("Node {name}: {e} (restart ipamd)")));
+            state.record_error(e.to_string());
+            return None;
+        }
+    };
+    let (adopted, g) = state.change(|b| b.adopt(cfg.mode, cfg.cooldown_ms));
+    match adopted {
+        Err(reason) => {
+            state.set_status(|s| s.waiting_for = Some(format!("a drain: {reason}")));
+            state.record_error(reason);
+            return None;
+        }
+        Ok(Some(afresh)) => {
+            state.set_status(|s| s.from_store = false);
+            state.record_error(afresh);
+            if let Err(e) = state.commit(g).await {
+                state.record_error(e.to_string());
+            }
+        }
+        Ok(None) => {}
+    }
+    tracing::info!("Node {name}: pool {:?}, mode {:?}", cfg.pool, cfg.mode);
+    sh.service.mtu.store(cfg.eni.mtu, Ordering::Relaxed);
+    let st = state.clone();
+    let label = cfg.kubernetes.pool_label.clone();
+    tokio::spawn(k8s::node::watch_changes(stream, view, label, cfg.mode, move |m| {
+        tracing::warn!("Node {}: {m}", st.status().line());
+        st.record_error(m);
+    }));
+    if let Some(rx) = events {
+        let (c, n) = (client.clone(), name.clone());
+        tokio::spawn(async move { k8s::events::run(c, &n, rx).await });
+    }
+    let gc = cfg.kubernetes.gc.enabled.then(|| {
+        let g = &cfg.kubernetes.gc;
+        let holder = k8s::lease::Holder {
+            namespace: g.lease_namespace.clone(),
+            name: g.lease_name.clone(),
+            me: name.clone(),
+            duration: Duration::from_secs(g.lease_duration_s.into()),
+        };
+        let scope = cluster_gc::Scope {
+            cluster: cfg.cluster.clone(),
+            leak_grace_ms: cfg.eni.leak_grace_ms,
+            routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
+        };
+        let interval = Duration::from_millis(g.interval_ms);
+        tokio::spawn(elected_gc(client, holder, cloud, scope, interval, state.clone(), stop))
+    });
+    Some((Arc::new(cfg), gc))
+}
+
+/// Every third of the Lease's duration: try to hold it; while held, run the cluster-wide GC every
+/// `interval`. Never runs the GC without a Lease renewed in this round; gives it up when stopped.
+async fn elected_gc(
+    client: kube::Client,
+    holder: k8s::lease::Holder,
+    cloud: Arc<Ec2Cloud>,
+    scope: cluster_gc::Scope,
+    interval: Duration,
+    state: Arc<NodeState>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut held = false;
+    let mut last: Option<tokio::time::Instant> = None;
+    loop {
+        let now_held = match k8s::lease::try_hold(&client, &holder).await {
+            Ok(h) => h,
+            Err(e) => {
+                state.record_error(format!("cluster GC: {e}"));
+                false
+            }
+        };
+        if now_held != held {
+            tracing::info!(
+                "cluster GC: {} the Lease {}/{}",
+                if now_held { "holding" } else { "not holding" },
+                holder.namespace,
+                holder.name
+            );
+        }
+        held = now_held;
+        if held && last.is_none_or(|t| t.elapsed() >= interval) {
+            last = Some(tokio::time::Instant::now());
+            match cluster_gc::run(&*cloud, &scope).await {
+                Ok(lines) => lines.iter().for_each(|l| tracing::info!("cluster GC: {l}")),
+                Err(e) => state.record_error(format!("cluster GC: {e}")),
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(holder.duration / 3) => {}
+        }
+    }
+    if held && let Err(e) = k8s::lease::release(&client, &holder).await {
+        tracing::warn!("cluster GC: giving up the Lease: {e}");
     }
 }

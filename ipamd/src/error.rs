@@ -14,6 +14,9 @@ pub enum IpamdError {
     Cloud(#[from] CloudError),
     #[error("datapath: {0}")]
     Routes(#[from] RoutesError),
+    /// The API server refused or could not be reached (only with `kubernetes.enabled`).
+    #[error("kubernetes: {0}")]
+    Kube(String),
     #[error("identity: {0}")]
     Identity(String),
     #[error("{what}: {source}")]

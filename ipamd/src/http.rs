@@ -22,7 +22,10 @@ use underway_cloud::Instance;
 pub struct Http {
     pub state: Arc<NodeState>,
     pub metrics: Arc<Metrics>,
+    /// The config as read from the file and environment.
     pub config: Arc<Config>,
+    /// The config in force once the Node and its pool were applied (Kubernetes), if different.
+    pub effective: Arc<std::sync::OnceLock<Arc<Config>>>,
     pub node: Arc<std::sync::OnceLock<Instance>>,
 }
 
@@ -106,7 +109,7 @@ async fn assignments(State(h): State<Http>) -> Json<Vec<AssignmentView>> {
 }
 
 async fn config(State(h): State<Http>) -> Json<Config> {
-    Json((*h.config).clone())
+    Json((**h.effective.get().unwrap_or(&h.config)).clone())
 }
 
 async fn errors(State(h): State<Http>) -> Json<Vec<ErrorEntry>> {

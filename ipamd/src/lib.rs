@@ -7,9 +7,11 @@
 //! - [`reconcile`] + [`eni_mode`] / [`vpc_route`]: the pool's two address sources, through the
 //!   cloud seam; [`host`]: the pods the node itself shows;
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
+//! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
 //! - [`daemon`]: start-up and shutdown.
 
 pub mod clock;
+pub mod cluster_gc;
 pub mod config;
 pub mod daemon;
 pub mod eni_mode;
@@ -18,6 +20,7 @@ pub mod host;
 pub mod http;
 pub mod identity;
 pub mod install;
+pub mod k8s;
 pub mod metrics;
 pub mod pool;
 pub mod reconcile;

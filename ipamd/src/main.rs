@@ -26,6 +26,11 @@ enum Cmd {
     CheckConfig,
     /// Ask the running daemon for its status line.
     Status,
+    /// Print the UnderwayPool CustomResourceDefinition (YAML), as committed in deploy/k8s/crd.yaml.
+    Crd,
+    /// Run the cluster-wide GC once (ENIs and VPC routes of nodes that are gone), as the
+    /// Lease holder does every `kubernetes.gc.interval_ms`.
+    GcCluster,
     /// Remove the CNI config ipamd installed (`cni.conf_dir`), e.g. when underway is removed.
     Uninstall,
     /// VPC-route mode: delete routes inside `vpc_route.cluster_cidr` whose target instance is
@@ -50,6 +55,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Cmd::Crd = cli.cmd {
+        print!("{}", underway_ipamd::k8s::crd_yaml());
+        return ExitCode::SUCCESS;
+    }
     let cfg = match config(&cli) {
         Ok(c) => c,
         Err(e) => {
@@ -88,6 +97,32 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Crd => unreachable!("answered before the config is read"),
+        Cmd::GcCluster => {
+            let scope = underway_ipamd::cluster_gc::Scope {
+                cluster: cfg.cluster.clone(),
+                leak_grace_ms: cfg.eni.leak_grace_ms,
+                routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+            let r = rt.block_on(async {
+                let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
+                underway_ipamd::cluster_gc::run(&cloud, &scope).await
+            });
+            match r {
+                Ok(lines) => {
+                    for l in &lines {
+                        println!("{l}");
+                    }
+                    println!("{} deleted", lines.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::GcRoutes { tables } => {
             let tables = if tables.is_empty() { cfg.vpc_route.route_tables.clone() } else { tables };
             let Some(cluster) = cfg.vpc_route.cluster_cidr else {

@@ -3,13 +3,17 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use underway_api::{
     AddRequest, Allocation, ApiError, AttachmentKey, ErrorKind, GcRequest, POD_GATEWAY, Request, Response, StatusReply,
 };
 
+use tokio::sync::mpsc;
+
 use crate::clock::unix_ms;
+use crate::k8s::events::FailedAdd;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, PoolError};
 use crate::state::{Blocker, Book, NodeState};
@@ -43,8 +47,11 @@ pub struct Service {
     pub state: Arc<NodeState>,
     pub metrics: Arc<Metrics>,
     pub add_wait: Duration,
-    pub mtu: u32,
+    /// Pod MTU: the config's, or the pool's once the Kubernetes pool is known.
+    pub mtu: AtomicU32,
     pub veth_prefix: String,
+    /// Failed Adds go here, for an Event on their pod (Kubernetes only; never waited for).
+    pub events: Option<mpsc::Sender<FailedAdd>>,
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -56,7 +63,12 @@ impl Service {
         match req {
             Request::Add(a) => {
                 let t = Instant::now();
+                let pod = a.pod_namespace.clone().zip(a.pod_name.clone());
                 let r = self.add(a).await;
+                if let (Response::Error(e), Some((namespace, name)), Some(tx)) = (&r, pod, &self.events) {
+                    // Full channel: the Event is dropped, never the answer delayed.
+                    let _ = tx.try_send(FailedAdd { namespace, name, kind: e.kind, message: e.message.clone() });
+                }
                 self.metrics.observe_add(t.elapsed(), matches!(r, Response::Added(_)));
                 r
             }
@@ -84,7 +96,7 @@ impl Service {
             gateway: POD_GATEWAY,
             route_table: l.route_table,
             eni: Some(l.eni.clone()),
-            mtu: Some(self.mtu),
+            mtu: Some(self.mtu.load(Ordering::Relaxed)),
         }
     }
 

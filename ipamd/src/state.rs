@@ -26,6 +26,27 @@ pub struct Book {
 }
 
 impl Book {
+    /// Takes `mode` as the pool's mode. A store of the other mode is dropped when no pod holds
+    /// one of its addresses (returns what was done) and refused while pods do: switching a
+    /// node's mode needs a drain.
+    pub fn adopt(&mut self, mode: crate::config::Mode, cooldown_ms: u64) -> Result<Option<String>, String> {
+        if self.mode == mode {
+            return Ok(None);
+        }
+        let held = self.pool.held().count();
+        if held > 0 {
+            return Err(format!(
+                "this node holds {held} pod addresses in {:?} mode; switching it to {mode:?} while pods hold \
+                 addresses is refused: drain the node (or delete its pods) first",
+                self.mode
+            ));
+        }
+        let was = self.mode;
+        *self =
+            Book { mode, pool: crate::pool::Pool::new(cooldown_ms), pods: Default::default(), waiting: self.waiting };
+        Ok(Some(format!("the store was in {was:?} mode with no pods; starting afresh")))
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             mode: Some(self.mode),

@@ -12,7 +12,7 @@ use underway_cloud::InstanceLimits;
 use underway_cloud::limits::ADDRESSES_PER_PREFIX;
 
 /// The configured targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct Targets {
     /// Whole ENIs' worth of free slots to keep (used when neither IP target is set).

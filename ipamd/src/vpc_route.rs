@@ -41,7 +41,7 @@ pub fn pool_name(cidr: &Ipv4Net) -> String {
 }
 
 /// An instance that no longer exists for routing purposes.
-async fn gone<C: Cloud>(cloud: &C, instance_id: &str) -> Result<bool> {
+pub(crate) async fn gone<C: Cloud>(cloud: &C, instance_id: &str) -> Result<bool> {
     match cloud.instance(instance_id).await {
         Ok(i) => Ok(matches!(i.state.as_str(), "terminated" | "shutting-down")),
         Err(CloudError::NotFound { .. }) => Ok(true),

@@ -1,0 +1,48 @@
+//! Cluster-wide GC: what nodes that are gone left behind. One ipamd runs it at a time (the holder
+//! of the Lease, see [`crate::k8s::lease`]); `underway-ipamd gc-cluster` runs it once by hand.
+//!
+//! - ENIs this cluster made (tag `underway.io/cluster`) that are detached, older than the grace,
+//!   and whose instance (tag `underway.io/instance-id`) is terminated or unknown. A live node's
+//!   own detached ENIs are left to that node's ipamd.
+//! - VPC routes inside the cluster CIDR whose target instance is gone ([`gc_routes`]).
+
+use ipnet::Ipv4Net;
+use underway_cloud::{Cloud, TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE, Tags};
+
+use crate::clock::unix_ms;
+use crate::error::Result;
+use crate::vpc_route::{gc_routes, gone};
+
+/// What the GC looks at.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub cluster: String,
+    /// ENIs detached for less than this since their creation are left alone (one may be on its
+    /// way to being attached).
+    pub leak_grace_ms: u64,
+    /// VPC-route GC: the tables and the cluster CIDR inside which routes may be deleted.
+    pub routes: Option<(Vec<String>, Ipv4Net)>,
+}
+
+/// Runs the GC once; returns one line per thing deleted.
+pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let now_s = unix_ms() / 1000;
+    let grace_s = scope.leak_grace_ms / 1000;
+    let tags = Tags::from([(TAG_CLUSTER.to_string(), scope.cluster.clone())]);
+    for e in cloud.enis_by_tags(&tags).await? {
+        let created: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
+        if e.in_use() || e.status != "available" || now_s.saturating_sub(created) < grace_s {
+            continue;
+        }
+        let Some(instance) = e.tags.get(TAG_INSTANCE) else { continue };
+        if gone(cloud, instance).await? {
+            cloud.delete_eni(&e.id).await?;
+            out.push(format!("deleted ENI {} of instance {instance} (gone)", e.id));
+        }
+    }
+    if let Some((tables, cidr)) = &scope.routes {
+        out.extend(gc_routes(cloud, tables, *cidr).await?);
+    }
+    Ok(out)
+}
