@@ -249,3 +249,64 @@ impl Service {
         Response::Collected { released }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::pool::Pool;
+    use crate::state::Status;
+    use crate::store::Store;
+
+    /// A service over an empty pool whose growth a full subnet blocks, in a temp store.
+    fn service(dir: &std::path::Path) -> (Service, mpsc::Receiver<FailedAdd>) {
+        let book = Book { mode: Mode::Eni, pool: Pool::new(0), pods: Default::default(), waiting: 0 };
+        let status = Status {
+            synced: true,
+            blocker: Some(Blocker::SubnetExhausted("subnet subnet-1 has no free addresses".into())),
+            ..Status::default()
+        };
+        let state = Arc::new(NodeState::new(Store::open(dir).unwrap(), book, status));
+        let metrics = Arc::new(Metrics::new(state.clone(), Default::default(), Default::default()));
+        let (tx, rx) = mpsc::channel(1);
+        let svc = Service {
+            state,
+            metrics,
+            add_wait: Duration::ZERO,
+            mtu: AtomicU32::new(9001),
+            veth_prefix: "uw".into(),
+            events: Some(tx),
+        };
+        (svc, rx)
+    }
+
+    fn add(pod: Option<(&str, &str)>) -> Request {
+        Request::Add(AddRequest {
+            key: AttachmentKey { network: "n".into(), container_id: "c1".into(), ifname: "eth0".into() },
+            netns: "/var/run/netns/x".into(),
+            pod_namespace: pod.map(|p| p.0.into()),
+            pod_name: pod.map(|p| p.1.into()),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_of_a_pod_is_passed_on_for_an_event() {
+        let dir = std::env::temp_dir().join(format!("underway-service-{}", std::process::id()));
+        let (svc, mut rx) = service(&dir);
+        let r = svc.handle(add(Some(("shop", "cart-1")))).await;
+        let Response::Error(e) = r else { panic!("{r:?}") };
+        assert_eq!(e.kind, ErrorKind::SubnetExhausted);
+        let f = rx.try_recv().expect("an event to publish");
+        assert_eq!((f.namespace.as_str(), f.name.as_str(), f.kind), ("shop", "cart-1", ErrorKind::SubnetExhausted));
+        assert_eq!(f.message, e.message);
+        // Without the pod's names (a runtime that sends no CNI_ARGS) there is nothing to attach it to.
+        svc.handle(add(None)).await;
+        assert!(rx.try_recv().is_err());
+        // A full channel drops the event; the answer still comes.
+        svc.handle(add(Some(("shop", "cart-2")))).await;
+        let r = svc.handle(add(Some(("shop", "cart-3")))).await;
+        assert!(matches!(r, Response::Error(_)));
+        assert_eq!(rx.try_recv().unwrap().name, "cart-2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

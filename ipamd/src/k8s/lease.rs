@@ -126,3 +126,133 @@ pub async fn release(client: &kube::Client, h: &Holder) -> Result<()> {
         Err(e) => Err(kube_err(&what)(e)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::fixtures::{self, conflict, not_found};
+    use serde_json::{Value, json};
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    fn spec(holder: Option<&str>, renewed: Option<i64>, duration: Option<i32>) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: holder.map(Into::into),
+            renew_time: renewed.map(|s| MicroTime(at(s))),
+            lease_duration_seconds: duration,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn decide_table() {
+        let cases: &[(Option<LeaseSpec>, i64, Step)] = &[
+            (None, 0, Step::Create),
+            (Some(spec(Some("node-a"), Some(0), Some(60))), 500, Step::Renew),
+            (Some(spec(Some("node-b"), Some(0), Some(60))), 59, Step::Wait),
+            (Some(spec(Some("node-b"), Some(0), Some(60))), 60, Step::Acquire),
+            (Some(spec(Some("node-b"), Some(0), Some(60))), 61, Step::Acquire),
+            (Some(spec(None, Some(0), Some(60))), 1, Step::Acquire),
+            (Some(spec(Some(""), Some(0), Some(60))), 1, Step::Acquire),
+            (Some(spec(Some("node-b"), None, Some(60))), 1, Step::Acquire),
+            (Some(spec(Some("node-b"), Some(0), None)), 1, Step::Acquire),
+        ];
+        for (i, (lease, now, want)) in cases.iter().enumerate() {
+            assert_eq!(decide(lease.as_ref(), "node-a", at(*now)), *want, "case {i}");
+        }
+    }
+
+    fn holder() -> Holder {
+        Holder {
+            namespace: "kube-system".into(),
+            name: "underway-cluster-gc".into(),
+            me: "node-a".into(),
+            duration: Duration::from_secs(60),
+        }
+    }
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases";
+
+    fn lease(holder: &str, renewed: Timestamp, transitions: i32) -> Value {
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "underway-cluster-gc", "namespace": "kube-system", "resourceVersion": "7"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 60,
+                        "renewTime": MicroTime(renewed), "leaseTransitions": transitions}})
+    }
+
+    #[tokio::test]
+    async fn no_lease_is_created_held_by_us() {
+        let (client, mut api) = fixtures::client();
+        let t = tokio::spawn(async move { try_hold(&client, &holder()).await });
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("GET {PATH}/underway-cluster-gc"));
+        s.answer(404, not_found("leases.coordination.k8s.io", "underway-cluster-gc"));
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("POST {PATH}"));
+        assert_eq!(s.body["metadata"]["name"], "underway-cluster-gc");
+        assert_eq!(s.body["spec"]["holderIdentity"], "node-a");
+        assert_eq!(s.body["spec"]["leaseDurationSeconds"], 60);
+        let b = s.body.clone();
+        s.answer(201, b);
+        assert!(t.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_live_holder_is_left_alone() {
+        let (client, mut api) = fixtures::client();
+        let t = tokio::spawn(async move { try_hold(&client, &holder()).await });
+        let s = api.next().await;
+        assert_eq!(s.method, "GET");
+        s.answer(200, lease("node-b", Timestamp::now(), 3));
+        // Exactly one request: no write follows a read that shows a live holder.
+        assert!(!t.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_expired_holder_is_replaced_with_the_read_resource_version() {
+        let (client, mut api) = fixtures::client();
+        let t = tokio::spawn(async move { try_hold(&client, &holder()).await });
+        let stale = Timestamp::now().checked_sub(SignedDuration::from_secs(120)).unwrap();
+        api.next().await.answer(200, lease("node-b", stale, 3));
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("PUT {PATH}/underway-cluster-gc"));
+        assert_eq!(s.body["metadata"]["resourceVersion"], "7");
+        assert_eq!(s.body["spec"]["holderIdentity"], "node-a");
+        assert_eq!(s.body["spec"]["leaseTransitions"], 4);
+        let b = s.body.clone();
+        s.answer(200, b);
+        assert!(t.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_is_not_holding() {
+        let (client, mut api) = fixtures::client();
+        let t = tokio::spawn(async move { try_hold(&client, &holder()).await });
+        api.next().await.answer(200, lease("node-a", Timestamp::now(), 1));
+        let s = api.next().await;
+        assert_eq!(s.method, "PUT");
+        assert_eq!(s.body["spec"]["leaseTransitions"], 1, "a renewal is not a transition");
+        s.answer(409, conflict("leases.coordination.k8s.io", "underway-cluster-gc"));
+        assert!(!t.await.unwrap().unwrap());
+    }
+
+    #[tokio::test]
+    async fn release_clears_the_holder_only_if_it_is_us() {
+        let (client, mut api) = fixtures::client();
+        let c = client.clone();
+        let t = tokio::spawn(async move { release(&c, &holder()).await });
+        api.next().await.answer(200, lease("node-a", Timestamp::now(), 1));
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("PUT {PATH}/underway-cluster-gc"));
+        assert!(s.body["spec"].get("holderIdentity").is_none(), "{}", s.body);
+        let b = s.body.clone();
+        s.answer(200, b);
+        t.await.unwrap().unwrap();
+        // Someone else's Lease: read, not written.
+        let t = tokio::spawn(async move { release(&client, &holder()).await });
+        api.next().await.answer(200, lease("node-b", Timestamp::now(), 1));
+        t.await.unwrap().unwrap();
+    }
+}
