@@ -19,3 +19,46 @@ fn the_shipped_configs_load() {
     assert_eq!(routed.mode, Mode::VpcRoute);
     assert_eq!(routed.vpc_route.pod_cidr, Some("10.0.128.0/24".parse().unwrap()));
 }
+
+/// deploy/k8s/crd.yaml is what `underway-ipamd crd` prints from the Rust types today.
+#[test]
+fn the_committed_crd_is_generated_from_the_types() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/crd.yaml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        committed == underway_ipamd::k8s::crd_yaml(),
+        "deploy/k8s/crd.yaml is stale: regenerate it with `underway-ipamd crd > deploy/k8s/crd.yaml`"
+    );
+}
+
+/// The example UnderwayPools parse (unknown fields are refused) and give a node the settings
+/// they claim.
+#[test]
+fn the_example_pools_apply_to_a_node() {
+    use underway_ipamd::config::UnderwayPool;
+    use underway_ipamd::k8s::node::{NodeView, Resolved, effective};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/examples/pools.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let pools: Vec<UnderwayPool> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(pools.len(), 2);
+    let base = load(
+        "ipamd-eni.toml",
+        &[("UNDERWAY_KUBERNETES__ENABLED", "true"), ("UNDERWAY_KUBERNETES__NODE_NAME", "ip-10-0-1-5.ec2.internal")],
+    );
+    let node = |pool: &str, cidr: Option<&str>| NodeView {
+        pool: Some(pool.into()),
+        pod_cidr: cidr.map(|c| c.parse().unwrap()),
+    };
+    let Resolved::Ready(general) = effective(&base, "n", &node("general", None), Some(&pools[0])).unwrap() else {
+        panic!("an ENI pool waits for nothing")
+    };
+    assert_eq!((general.mode, general.targets.warm_ip_target), (Mode::Eni, Some(5)));
+    assert_eq!(general.eni.subnet_tags.get("underway.io/pods").map(String::as_str), Some("true"));
+    let Resolved::Ready(routed) =
+        effective(&base, "n", &node("routed", Some("10.244.7.0/24")), Some(&pools[1])).unwrap()
+    else {
+        panic!("the pod CIDR is there")
+    };
+    assert_eq!(routed.mode, Mode::VpcRoute);
+    assert_eq!(routed.vpc_route.pod_cidr, Some("10.244.7.0/24".parse().unwrap()));
+}

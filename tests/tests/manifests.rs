@@ -38,7 +38,12 @@ fn every_manifest_validates_strictly() {
     assert!(files.len() >= 3, "{files:?}");
     let (ok, text) = validate(&bin, &files);
     assert!(ok, "{text}");
-    for kind in ["daemonset/underway", "clusterrole/underway", "serviceaccount/underway"] {
+    for kind in [
+        "daemonset/underway",
+        "clusterrole/underway",
+        "serviceaccount/underway",
+        "customresourcedefinition/underwaypools.underway.dev",
+    ] {
         assert!(text.contains(&format!("passed for resource {kind}")), "{kind} checked: {text}");
     }
     // A misspelt field must fail: the check is real.
