@@ -218,3 +218,33 @@ impl NodeState {
         self.errors.lock().expect("errors lock").iter().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+
+    fn book(mode: Mode, held: bool) -> Book {
+        let mut pool = Pool::new(0);
+        pool.add_eni("eni-0", 0, None);
+        pool.add_addresses("eni-0", &["10.0.0.5".parse().unwrap()]).unwrap();
+        if held {
+            let key = AttachmentKey { network: "n".into(), container_id: "c".into(), ifname: "eth0".into() };
+            pool.assign(&key, 0).unwrap();
+        }
+        Book { mode, pool, pods: Default::default(), waiting: 0 }
+    }
+
+    #[test]
+    fn adopting_a_mode() {
+        let mut b = book(Mode::Eni, true);
+        assert_eq!(b.adopt(Mode::Eni, 0), Ok(None), "same mode: kept");
+        assert_eq!(b.pool.held().count(), 1);
+        let e = b.adopt(Mode::VpcRoute, 0).unwrap_err();
+        assert!(e.contains("holds 1 pod addresses in Eni mode") && e.contains("drain"), "{e}");
+        assert_eq!((b.mode, b.pool.held().count()), (Mode::Eni, 1), "a refused switch changes nothing");
+        let mut b = book(Mode::Eni, false);
+        assert!(b.adopt(Mode::VpcRoute, 0).unwrap().unwrap().contains("starting afresh"));
+        assert_eq!((b.mode, b.pool.enis().count()), (Mode::VpcRoute, 0), "no pods: the other mode's pool is dropped");
+    }
+}
