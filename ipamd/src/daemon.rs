@@ -174,7 +174,12 @@ async fn background(
     let _ = sh.calls.set(cloud.stats().clone());
     let mut gc = None;
     let cfg = if cfg.kubernetes.enabled {
-        match join_cluster(&sh, cfg, cloud.clone(), events, stop.clone()).await {
+        let client = (|| k8s::client())
+            .retry(retry_policy())
+            .notify(waiting(state, "a Kubernetes client".into()))
+            .await
+            .expect("retried forever");
+        match join_cluster(&sh, cfg, client, cloud.clone(), events, stop.clone()).await {
             Some((c, g)) => {
                 gc = g;
                 c
@@ -234,17 +239,13 @@ async fn background(
 async fn join_cluster(
     sh: &Shared,
     base: Arc<Config>,
+    client: kube::Client,
     cloud: Arc<Ec2Cloud>,
     events: Option<tokio::sync::mpsc::Receiver<k8s::events::FailedAdd>>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> Option<(Arc<Config>, Option<tokio::task::JoinHandle<()>>)> {
     let state = &sh.state;
     let name = base.kubernetes.node_name.clone().unwrap_or_default();
-    let client = (|| k8s::client())
-        .retry(retry_policy())
-        .notify(waiting(state, "a Kubernetes client".into()))
-        .await
-        .expect("retried forever");
     state.set_status(|s| s.waiting_for = Some(format!("Node {name} from the API server")));
     let st = state.clone();
     let report = move |w: String| {
@@ -275,6 +276,7 @@ async fn join_cluster(
         }
         Ok(None) => {}
     }
+    state.set_status(|s| s.waiting_for = None);
     tracing::info!("Node {name}: pool {:?}, mode {:?}", cfg.pool, cfg.mode);
     sh.service.mtu.store(cfg.eni.mtu, Ordering::Relaxed);
     let st = state.clone();
@@ -350,5 +352,200 @@ async fn elected_gc(
     }
     if held && let Err(e) = k8s::lease::release(&client, &holder).await {
         tracing::warn!("cluster GC: giving up the Lease: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::k8s::fixtures::{self, Seen};
+    use aws_config::{BehaviorVersion, Region, SdkConfig};
+    use serde_json::json;
+    use underway_api::{AddRequest, AttachmentKey, ErrorKind, Request, Response};
+    use underway_cloud::aws::Ec2Config;
+
+    struct Rig {
+        sh: Shared,
+        events: Option<tokio::sync::mpsc::Receiver<k8s::events::FailedAdd>>,
+        dir: std::path::PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// The parts `run` builds, over a store in `mode` with `held` pods, for `cfg`.
+    fn rig(name: &str, cfg: &Config, mode: Mode, held: bool) -> Rig {
+        let dir = std::env::temp_dir().join(format!("underway-daemon-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut pool = Pool::new(0);
+        pool.add_eni("eni-0", 0, None);
+        pool.add_addresses("eni-0", &["10.0.0.5".parse().unwrap()]).unwrap();
+        if held {
+            let key = AttachmentKey { network: "n".into(), container_id: "old".into(), ifname: "eth0".into() };
+            pool.assign(&key, 0).unwrap();
+        }
+        let book = Book { mode, pool, pods: Default::default(), waiting: 0 };
+        let status = Status { from_store: true, ..Status::default() };
+        let state = Arc::new(NodeState::new(Store::open(&dir).unwrap(), book, status));
+        let metrics = Arc::new(Metrics::new(state.clone(), Default::default(), Default::default()));
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let service = Arc::new(Service {
+            state: state.clone(),
+            metrics: metrics.clone(),
+            add_wait: Duration::ZERO,
+            mtu: AtomicU32::new(cfg.eni.mtu),
+            veth_prefix: "uw".into(),
+            events: Some(tx),
+        });
+        let sh = Shared {
+            state,
+            metrics,
+            service,
+            calls: Default::default(),
+            max_enis: Default::default(),
+            node: Default::default(),
+            effective: Default::default(),
+        };
+        Rig { sh, events: Some(rx), dir }
+    }
+
+    fn base() -> Config {
+        let env: Vec<(String, String)> = [
+            ("UNDERWAY_CLUSTER", "c1"),
+            ("UNDERWAY_KUBERNETES__ENABLED", "true"),
+            ("UNDERWAY_KUBERNETES__NODE_NAME", "node-a"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        Config::load(None, &env).unwrap()
+    }
+
+    /// A cloud that is never reached in these tests (the Lease is always someone else's).
+    fn cloud() -> Arc<Ec2Cloud> {
+        let sdk = SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .endpoint_url("http://127.0.0.1:9")
+            .build();
+        Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config::default()))
+    }
+
+    fn node_list(pool: &str) -> serde_json::Value {
+        json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "42"}, "items": [
+            {"apiVersion": "v1", "kind": "Node",
+             "metadata": {"name": "node-a", "resourceVersion": "41", "labels": {"underway.dev/pool": pool}},
+             "spec": {"podCIDR": "10.244.7.0/24"}}]})
+    }
+
+    fn pool_cr(name: &str, spec: serde_json::Value) -> serde_json::Value {
+        json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
+               "metadata": {"name": name, "resourceVersion": "7"}, "spec": spec})
+    }
+
+    /// Answers the start-up requests: the Node list, then the pool. Returns the requests seen.
+    async fn answer_startup(api: &mut fixtures::ApiServer, pool: &str, spec: serde_json::Value) -> Vec<String> {
+        let s = api.next().await;
+        let seen = vec![s.line()];
+        s.answer(200, node_list(pool));
+        let s = api.next().await;
+        let mut seen = seen;
+        seen.push(s.line());
+        s.answer(200, pool_cr(pool, spec));
+        seen
+    }
+
+    #[tokio::test]
+    async fn the_pool_from_the_node_label_is_the_config_and_failures_become_events() {
+        let (client, mut api) = fixtures::client();
+        let base = base();
+        let mut rig = rig("join", &base, Mode::Eni, false);
+        let events = rig.events.take();
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let sh = &rig.sh;
+        let join = join_cluster(sh, Arc::new(base), client, cloud(), events, stop);
+        let server = async {
+            let seen = answer_startup(
+                &mut api,
+                "general",
+                json!({"mode": "eni", "eni": {"mtu": 1500}, "targets": {"warm_ip_target": 2}}),
+            )
+            .await;
+            assert_eq!(seen, ["GET /api/v1/nodes", "GET /apis/underway.dev/v1alpha1/underwaypools/general"]);
+        };
+        let (joined, ()) = tokio::join!(join, server);
+        let (cfg, _gc) = joined.expect("joined");
+        assert_eq!((cfg.pool.as_deref(), cfg.targets.warm_ip_target), (Some("general"), Some(2)));
+        assert_eq!(sh.service.mtu.load(Ordering::Relaxed), 1500, "pods get the pool's MTU");
+        // An Add that fails for a pod: an Event on that pod. The Node watch and the Lease are
+        // asked for meanwhile; a live holder keeps this ipamd out of the GC.
+        let add = |c: &str| {
+            Request::Add(AddRequest {
+                key: AttachmentKey { network: "n".into(), container_id: c.into(), ifname: "eth0".into() },
+                netns: "/var/run/netns/x".into(),
+                pod_namespace: Some("shop".into()),
+                pod_name: Some(format!("cart-{c}")),
+            })
+        };
+        let r = sh.service.handle(add("1")).await;
+        assert!(matches!(&r, Response::Added(a) if a.mtu == Some(1500)), "the pool's MTU: {r:?}");
+        sh.state.set_status(|s| s.blocker = Some(crate::state::Blocker::EniLimitReached("all 3 ENIs are full".into())));
+        let r = sh.service.handle(add("2")).await;
+        assert!(matches!(&r, Response::Error(e) if e.kind == ErrorKind::EniLimitReached), "{r:?}");
+        let mut held: Vec<Seen> = Vec::new();
+        let mut saw = (false, false, false);
+        while !(saw.0 && saw.1 && saw.2) {
+            let s = api.next().await;
+            match (s.method.as_str(), s.path.as_str()) {
+                ("GET", "/api/v1/nodes") => {
+                    assert_eq!(s.query.get("watch").map(String::as_str), Some("true"));
+                    assert_eq!(s.query.get("fieldSelector").map(String::as_str), Some("metadata.name=node-a"));
+                    saw.0 = true;
+                    held.push(s);
+                }
+                ("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/underway-cluster-gc") => {
+                    let renewed =
+                        k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now());
+                    s.answer(
+                        200,
+                        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "underway-cluster-gc", "namespace": "kube-system", "resourceVersion": "3"},
+                        "spec": {"holderIdentity": "node-b", "leaseDurationSeconds": 60, "renewTime": renewed}}),
+                    );
+                    saw.1 = true;
+                }
+                ("POST", "/apis/events.k8s.io/v1/namespaces/shop/events") => {
+                    assert_eq!(s.body["reason"], "EniLimitReached");
+                    assert_eq!(s.body["regarding"]["name"], "cart-2");
+                    let b = s.body.clone();
+                    s.answer(201, b);
+                    saw.2 = true;
+                }
+                _ => panic!("unexpected request {} {:?}", s.line(), s.query),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_the_other_mode_waits_for_a_drain() {
+        let (client, mut api) = fixtures::client();
+        let base = base();
+        let rig = rig("drain", &base, Mode::Eni, true);
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let join = join_cluster(&rig.sh, Arc::new(base), client, cloud(), None, stop);
+        let server = answer_startup(&mut api, "routed", json!({"mode": "vpc-route"}));
+        let (joined, _) = tokio::join!(join, server);
+        assert!(joined.is_none(), "start-up stops");
+        let st = rig.sh.state.status();
+        let w = st.waiting_for.unwrap_or_default();
+        assert!(w.contains("a drain") && w.contains("1 pod addresses in Eni mode"), "{w}");
+        assert_eq!(
+            rig.sh.state.read(|b| (b.mode, b.pool.held().count())),
+            (Mode::Eni, 1),
+            "the pods keep their addresses"
+        );
     }
 }
