@@ -24,9 +24,22 @@ pub struct Scope {
     pub routes: Option<(Vec<String>, Ipv4Net)>,
 }
 
-/// Runs the GC once; returns one line per thing deleted.
-pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Vec<String>> {
-    let mut out = Vec::new();
+/// What one run deleted, one line each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub enis: Vec<String>,
+    pub routes: Vec<String>,
+}
+
+impl Deleted {
+    pub fn lines(&self) -> impl Iterator<Item = &String> {
+        self.enis.iter().chain(&self.routes)
+    }
+}
+
+/// Runs the GC once.
+pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Deleted> {
+    let mut out = Deleted::default();
     let now_s = unix_ms() / 1000;
     let grace_s = scope.leak_grace_ms / 1000;
     let tags = Tags::from([(TAG_CLUSTER.to_string(), scope.cluster.clone())]);
@@ -38,11 +51,11 @@ pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Vec<String>> {
         let Some(instance) = e.tags.get(TAG_INSTANCE) else { continue };
         if gone(cloud, instance).await? {
             cloud.delete_eni(&e.id).await?;
-            out.push(format!("deleted ENI {} of instance {instance} (gone)", e.id));
+            out.enis.push(format!("deleted ENI {} of instance {instance} (gone)", e.id));
         }
     }
     if let Some((tables, cidr)) = &scope.routes {
-        out.extend(gc_routes(cloud, tables, *cidr).await?);
+        out.routes = gc_routes(cloud, tables, *cidr).await?;
     }
     Ok(out)
 }

@@ -303,7 +303,7 @@ async fn join_cluster(
             routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
         };
         let interval = Duration::from_millis(g.interval_ms);
-        tokio::spawn(elected_gc(client, holder, cloud, scope, interval, state.clone(), stop))
+        tokio::spawn(elected_gc(client, holder, cloud, scope, interval, state.clone(), sh.metrics.clone(), stop))
     });
     Some((Arc::new(cfg), gc))
 }
@@ -317,6 +317,7 @@ async fn elected_gc(
     scope: cluster_gc::Scope,
     interval: Duration,
     state: Arc<NodeState>,
+    metrics: Arc<Metrics>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut held = false;
@@ -338,10 +339,15 @@ async fn elected_gc(
             );
         }
         held = now_held;
+        metrics.lease_held(held);
         if held && last.is_none_or(|t| t.elapsed() >= interval) {
             last = Some(tokio::time::Instant::now());
             match cluster_gc::run(&*cloud, &scope).await {
-                Ok(lines) => lines.iter().for_each(|l| tracing::info!("cluster GC: {l}")),
+                Ok(d) => {
+                    d.lines().for_each(|l| tracing::info!("cluster GC: {l}"));
+                    metrics.cluster_gc_deleted("eni", d.enis.len());
+                    metrics.cluster_gc_deleted("route", d.routes.len());
+                }
                 Err(e) => state.record_error(format!("cluster GC: {e}")),
             }
         }
@@ -353,6 +359,7 @@ async fn elected_gc(
     if held && let Err(e) = k8s::lease::release(&client, &holder).await {
         tracing::warn!("cluster GC: giving up the Lease: {e}");
     }
+    metrics.lease_held(false);
 }
 
 #[cfg(test)]
@@ -424,14 +431,15 @@ mod tests {
         Config::load(None, &env).unwrap()
     }
 
-    /// A cloud that is never reached in these tests (the Lease is always someone else's).
+    /// A cloud with nothing behind it: a GC run against it fails at once, which shows it ran.
     fn cloud() -> Arc<Ec2Cloud> {
         let sdk = SdkConfig::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
             .endpoint_url("http://127.0.0.1:9")
             .build();
-        Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config::default()))
+        let cfg = Ec2Config { max_attempts: 1, ..Ec2Config::default() };
+        Arc::new(Ec2Cloud::from_sdk_config(&sdk, &cfg))
     }
 
     fn node_list(pool: &str) -> serde_json::Value {
@@ -547,5 +555,67 @@ mod tests {
             (Mode::Eni, 1),
             "the pods keep their addresses"
         );
+    }
+
+    fn lease_json(holder: &str, renewed: k8s_openapi::jiff::Timestamp) -> serde_json::Value {
+        let renewed = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(renewed);
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "underway-cluster-gc", "namespace": "kube-system", "resourceVersion": "5"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 3, "renewTime": renewed}})
+    }
+
+    #[tokio::test]
+    async fn the_cluster_gc_runs_only_while_the_lease_is_held_and_gives_it_up_on_stop() {
+        let (client, mut api) = fixtures::client();
+        let rig = rig("gc", &base(), Mode::Eni, false);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let holder = k8s::lease::Holder {
+            namespace: "kube-system".into(),
+            name: "underway-cluster-gc".into(),
+            me: "node-a".into(),
+            duration: Duration::from_secs(3),
+        };
+        let scope = cluster_gc::Scope { cluster: "c1".into(), leak_grace_ms: 0, routes: None };
+        let (state, metrics) = (rig.sh.state.clone(), rig.sh.metrics.clone());
+        let task =
+            tokio::spawn(elected_gc(client, holder, cloud(), scope, Duration::from_secs(3600), state, metrics, stop));
+        let gc_errors = || rig.sh.state.errors().iter().filter(|e| e.what.starts_with("cluster GC")).count();
+        let path = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/underway-cluster-gc";
+        // Round 1: node-b holds it and renews: no GC.
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("GET {path}"));
+        s.answer(200, lease_json("node-b", k8s_openapi::jiff::Timestamp::now()));
+        // Round 2 (a third of the duration later): node-b stopped renewing; we take it over.
+        let s = api.next().await;
+        assert_eq!(gc_errors(), 0, "round 1 ran no GC");
+        assert!(rig.sh.metrics.render().contains("underway_cluster_gc_lease_held 0"));
+        let stale =
+            k8s_openapi::jiff::Timestamp::now().checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(10)).unwrap();
+        s.answer(200, lease_json("node-b", stale));
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("PUT {path}"));
+        assert_eq!(s.body["spec"]["holderIdentity"], "node-a");
+        let b = s.body.clone();
+        s.answer(200, b);
+        // Holding: the GC runs (and fails against the empty cloud, which records it).
+        let t = std::time::Instant::now();
+        while gc_errors() == 0 {
+            assert!(t.elapsed() < Duration::from_secs(20), "no GC run while holding");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(rig.sh.metrics.render().contains("underway_cluster_gc_lease_held 1"));
+        // Stop (it lands in the pause after that run, so no round races it): the Lease is given
+        // up, read then written without a holder.
+        stop_tx.send(true).unwrap();
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("GET {path}"));
+        s.answer(200, lease_json("node-a", k8s_openapi::jiff::Timestamp::now()));
+        let s = api.next().await;
+        assert_eq!(s.line(), format!("PUT {path}"));
+        assert!(s.body["spec"].get("holderIdentity").is_none(), "{}", s.body);
+        let b = s.body.clone();
+        s.answer(200, b);
+        task.await.unwrap();
+        assert!(rig.sh.metrics.render().contains("underway_cluster_gc_lease_held 0"));
     }
 }

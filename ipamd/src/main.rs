@@ -110,11 +110,11 @@ fn main() -> ExitCode {
                 underway_ipamd::cluster_gc::run(&cloud, &scope).await
             });
             match r {
-                Ok(lines) => {
-                    for l in &lines {
+                Ok(d) => {
+                    for l in d.lines() {
                         println!("{l}");
                     }
-                    println!("{} deleted", lines.len());
+                    println!("{} ENIs and {} routes deleted", d.enis.len(), d.routes.len());
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -27,6 +27,8 @@ pub struct Metrics {
     enis_deleted: Counter,
     route_table_routes: Family<Labels, Gauge>,
     route_table_capacity: Gauge,
+    lease_held: Gauge,
+    cluster_gc_deleted: Family<Labels, Counter>,
 }
 
 /// What the collector reads at scrape time.
@@ -59,13 +61,43 @@ impl Metrics {
             "VPC-route mode: routes a table may hold (vpc_route.route_table_capacity)",
             route_table_capacity.clone(),
         );
+        let lease_held = Gauge::default();
+        registry.register(
+            "cluster_gc_lease_held",
+            "1 while this ipamd holds the Lease that runs the cluster-wide GC (Kubernetes only)",
+            lease_held.clone(),
+        );
+        let cluster_gc_deleted = Family::<Labels, Counter>::default();
+        registry.register(
+            "cluster_gc_deleted",
+            "ENIs and VPC routes of gone nodes deleted by the cluster-wide GC, by kind",
+            cluster_gc_deleted.clone(),
+        );
         registry.register_collector(Box::new(Live { state, calls, max_enis }));
-        Metrics { registry, add_seconds, reconcile_runs, enis_deleted, route_table_routes, route_table_capacity }
+        Metrics {
+            registry,
+            add_seconds,
+            reconcile_runs,
+            enis_deleted,
+            route_table_routes,
+            route_table_capacity,
+            lease_held,
+            cluster_gc_deleted,
+        }
     }
 
     pub fn observe_add(&self, took: Duration, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.add_seconds.get_or_create(&vec![("result", result.to_string())]).observe(took.as_secs_f64());
+    }
+
+    pub fn lease_held(&self, held: bool) {
+        self.lease_held.set(i64::from(held));
+    }
+
+    /// `kind`: `eni` or `route`.
+    pub fn cluster_gc_deleted(&self, kind: &str, n: usize) {
+        self.cluster_gc_deleted.get_or_create(&vec![("kind", kind.to_string())]).inc_by(n as u64);
     }
 
     pub fn reconcile_run(&self, result: &str) {
