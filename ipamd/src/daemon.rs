@@ -268,8 +268,11 @@ async fn join_cluster(
             return None;
         }
         Ok(Some(afresh)) => {
+            // Worth a word only if a store was there (a fresh one merely took the file's mode).
+            if state.status().from_store {
+                state.record_error(afresh);
+            }
             state.set_status(|s| s.from_store = false);
-            state.record_error(afresh);
             if let Err(e) = state.commit(g).await {
                 state.record_error(e.to_string());
             }

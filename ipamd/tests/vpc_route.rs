@@ -8,36 +8,10 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::Filter;
 use support::*;
 use underway_api::{ErrorKind, Request, Response};
 use underway_tests::netns::TempNs;
 use underway_tests::world::{Node, World};
-
-/// (destination, target instance) of every route of a table that points to an instance.
-async fn routes(w: &World, table: &str) -> Vec<(String, String)> {
-    let o = w.ec2().client.describe_route_tables().route_table_ids(table).send().await.unwrap();
-    let mut v: Vec<_> = o.route_tables()[0]
-        .routes()
-        .iter()
-        .filter_map(|r| Some((r.destination_cidr_block()?.to_string(), r.instance_id()?.to_string())))
-        .collect();
-    v.sort();
-    v
-}
-
-async fn main_table(w: &World) -> String {
-    let o = w
-        .ec2()
-        .client
-        .describe_route_tables()
-        .filters(Filter::builder().name("vpc-id").values(&w.ec2().vpc_id).build())
-        .filters(Filter::builder().name("association.main").values("true").build())
-        .send()
-        .await
-        .unwrap();
-    o.route_tables()[0].route_table_id().unwrap().to_string()
-}
 
 async fn source_dest_check(w: &World, n: &Node) -> bool {
     node_enis(w, n).await[0].source_dest_check().unwrap()

@@ -76,6 +76,17 @@ impl IpamdProcess {
     /// Writes a config for `node` (the world's cluster, IMDS, EC2 endpoint; `extra` TOML is
     /// appended, for targets and timings) and starts ipamd.
     pub fn start(world: &World, node: &Node, bin: &Path, extra: &str) -> Result<IpamdProcess, HarnessError> {
+        Self::start_with_env(world, node, bin, extra, &[])
+    }
+
+    /// [`IpamdProcess::start`] with more environment variables (e.g. `KUBECONFIG`).
+    pub fn start_with_env(
+        world: &World,
+        node: &Node,
+        bin: &Path,
+        extra: &str,
+        more_env: &[(&str, &str)],
+    ) -> Result<IpamdProcess, HarnessError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
             "underway-ipamd-{}-{}-{}",
@@ -102,6 +113,7 @@ impl IpamdProcess {
             ("UNDERWAY_LOG".into(), "info,underway_ipamd=debug,aws=warn".into()),
             ("AWS_REGION".into(), "us-east-1".into()),
         ];
+        let env = env.into_iter().chain(more_env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
         let mut p = IpamdProcess {
             ns: node.ns.clone(),
             log: dir.join("ipamd.log"),

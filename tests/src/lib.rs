@@ -6,6 +6,7 @@
 //! - [`imds`]: an IMDSv2 server on loopback serving a map of metadata paths, with tokens checked.
 //! - [`world`]: a VPC of node namespaces and a router; [`ipamd`]: a real ipamd inside a node.
 
+pub mod apiserver;
 pub mod cni;
 pub mod fixture;
 pub mod imds;

@@ -126,3 +126,28 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("not within {limit:?}: {what}");
 }
+
+/// (destination, target instance) of every route of a table that points to an instance.
+pub async fn routes(w: &World, table: &str) -> Vec<(String, String)> {
+    let o = w.ec2().client.describe_route_tables().route_table_ids(table).send().await.unwrap();
+    let mut v: Vec<_> = o.route_tables()[0]
+        .routes()
+        .iter()
+        .filter_map(|r| Some((r.destination_cidr_block()?.to_string(), r.instance_id()?.to_string())))
+        .collect();
+    v.sort();
+    v
+}
+
+pub async fn main_table(w: &World) -> String {
+    let o = w
+        .ec2()
+        .client
+        .describe_route_tables()
+        .filters(Filter::builder().name("vpc-id").values(&w.ec2().vpc_id).build())
+        .filters(Filter::builder().name("association.main").values("true").build())
+        .send()
+        .await
+        .unwrap();
+    o.route_tables()[0].route_table_id().unwrap().to_string()
+}

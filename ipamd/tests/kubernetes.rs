@@ -1,0 +1,153 @@
+//! A real ipamd process with its Kubernetes side on, on the test world, against a stand-in API
+//! server (`underway_tests::apiserver`: no real API server can run here) listening inside the
+//! node's namespace and named by a kubeconfig. It proves the wiring end to end: the client from
+//! `KUBECONFIG`, the Node read by name only, the pool its label names, the Node's pod CIDR routed
+//! in the VPC, Events for failed Adds, the Lease taken and the cluster GC run by its holder, and
+//! the Lease given up and the route removed on SIGTERM. Needs root and LocalStack.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde_json::json;
+use support::*;
+use underway_api::Response;
+use underway_cloud::aws::{Ec2Cloud, Ec2Config};
+use underway_cloud::{AddressCount, CreateEni, Discovery, Interfaces, eni_tags};
+use underway_tests::apiserver::FakeApiServer;
+use underway_tests::ipamd::IpamdProcess;
+
+const NODE: &str = "ip-10-0-1-10.ec2.internal";
+
+/// A file removed when dropped.
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
+    let (w, n) = world("m5.large").await;
+    let cloud = Ec2Cloud::from_sdk_config(&w.account().sdk_config(), &Ec2Config::default());
+    let pod_cidr: Ipv4Net = "10.0.141.0/28".parse().unwrap();
+
+    // The cluster as ipamd will see it: its Node, labelled into the "routed" pool, with a pod CIDR.
+    let listener = underway_tests::netns::in_ns(&n.ns, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let api = FakeApiServer::start_on(listener).unwrap();
+    api.put_node(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": NODE, "resourceVersion": "1", "labels": {"underway.dev/pool": "routed"}},
+        "spec": {"podCIDR": pod_cidr.to_string(), "providerID": format!("aws:///us-east-1a/{}", n.instance_id)}}));
+    api.put_node(json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "another-node", "resourceVersion": "1", "labels": {"underway.dev/pool": "other"}}}));
+    api.put_pool(json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
+        "metadata": {"name": "routed", "resourceVersion": "1"},
+        "spec": {"mode": "vpc-route", "vpc_route": {"cluster_cidr": "10.0.128.0/17"}}}));
+    let kubeconfig = TempFile(std::env::temp_dir().join(format!("underway-kubeconfig-{}", std::process::id())));
+    std::fs::write(&kubeconfig.0, api.kubeconfig("127.0.0.1")).unwrap();
+
+    // What a node that is gone left behind: the elected GC must delete it.
+    let dead = w.ec2().run_instance("m5.large").await;
+    w.ec2().terminate(&dead).await;
+    let long_ago = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 3600;
+    let leaked = cloud
+        .create_eni(&CreateEni {
+            subnet_id: w.ec2().subnet_id.clone(),
+            security_groups: vec![w.ec2().security_group.clone()],
+            description: "left by a dead node".into(),
+            tags: eni_tags(w.id(), &dead, long_ago),
+            initial: AddressCount::default(),
+        })
+        .await
+        .unwrap()
+        .id;
+
+    // The file says ENI mode; the cluster says otherwise.
+    let extra = format!(
+        "cooldown_ms = 1000\nadd_wait_ms = 500\nreconcile_interval_ms = 500\n\
+         [kubernetes]\nenabled = true\nnode_name = \"{NODE}\"\ngc = {{ interval_ms = 1000, lease_duration_s = 15 }}\n"
+    );
+    let kc = kubeconfig.0.display().to_string();
+    let mut p =
+        IpamdProcess::start_with_env(&w, &n, std::path::Path::new(IPAMD), &extra, &[("KUBECONFIG", &kc)]).unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "ipamd ready with the cluster's settings",
+        || matches!(p.call(&underway_api::Request::Status), Ok(Response::Status(s)) if s.ready && s.reason == "serving"),
+    );
+
+    // The pool and pod CIDR came from the cluster.
+    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/config").unwrap()).unwrap();
+    assert_eq!(cfg["mode"], "vpc-route", "{cfg}");
+    assert_eq!(cfg["pool"], "routed");
+    assert_eq!(cfg["vpc_route"]["pod_cidr"], pod_cidr.to_string());
+    let main = main_table(&w).await;
+    assert!(
+        routes(&w, &main).await.contains(&(pod_cidr.to_string(), n.instance_id.clone())),
+        "the Node's pod CIDR is routed"
+    );
+
+    // Fill the /28; the Adds that find no address fail, each with an Event on its pod.
+    let answers = add_parallel(&p, "web", 20);
+    let mut failed = Vec::new();
+    for (name, r) in &answers {
+        match r {
+            Response::Added(a) => assert!(pod_cidr.contains(&a.address), "{name}: {a:?}"),
+            Response::Error(e) => failed.push((name.clone(), e.clone())),
+            other => panic!("{other:?}"),
+        }
+    }
+    let given: std::collections::BTreeSet<Ipv4Addr> =
+        answers.iter().filter_map(|(_, r)| if let Response::Added(a) = r { Some(a.address) } else { None }).collect();
+    assert_eq!(given.len(), answers.len() - failed.len(), "no address twice");
+    assert!(!failed.is_empty() && given.len() >= 10, "{} given, {} failed", given.len(), failed.len());
+    eventually(Duration::from_secs(20), "an Event for every failed Add", || api.events().len() >= failed.len());
+    for (name, e) in &failed {
+        let ev = api
+            .events()
+            .into_iter()
+            .find(|ev| ev["regarding"]["name"] == name.as_str())
+            .unwrap_or_else(|| panic!("no Event for {name}: {:?}", api.events()));
+        assert_eq!(ev["regarding"]["kind"], "Pod");
+        assert_eq!(ev["type"], "Warning");
+        assert_eq!(ev["reason"], underway_ipamd::k8s::events::reason(e.kind), "{ev}");
+        assert_eq!(ev["reportingInstance"], NODE);
+        assert!(ev["note"].as_str().unwrap_or_default().contains("no free address"), "{ev}");
+    }
+
+    // This ipamd holds the Lease and its GC deleted the dead node's ENI.
+    eventually(Duration::from_secs(30), "the Lease held by this node", || {
+        api.lease("underway-cluster-gc").is_some_and(|l| l["spec"]["holderIdentity"] == NODE)
+    });
+    let t = std::time::Instant::now();
+    loop {
+        match cloud.eni(&leaked).await {
+            Err(underway_cloud::CloudError::NotFound { .. }) => break,
+            Ok(_) => assert!(t.elapsed() < Duration::from_secs(30), "the leaked ENI {leaked} is still there"),
+            Err(e) => panic!("{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = p.http_get(61678, "/metrics").unwrap();
+    assert!(metrics.contains("underway_cluster_gc_lease_held 1"), "{metrics}");
+    assert_eq!(sample(&metrics, "underway_cluster_gc_deleted_total{kind=\"eni\"}"), Some(1.0), "{metrics}");
+
+    // What it asked the API server: its own Node only, its pool, never pods.
+    let requests = api.requests();
+    let node_requests: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET /api/v1/nodes")).collect();
+    assert!(node_requests.len() >= 2, "a list and a watch: {requests:?}");
+    let selector = format!("fieldSelector=metadata.name%3D{NODE}");
+    assert!(node_requests.iter().all(|r| r.contains(&selector)), "{node_requests:?}");
+    assert!(requests.iter().any(|r| r == "GET /apis/underway.dev/v1alpha1/underwaypools/routed"), "{requests:?}");
+    assert!(!requests.iter().any(|r| r.contains("/pods")), "{requests:?}");
+
+    // SIGTERM: the Lease is given up and the route removed.
+    assert!(p.stop(), "{}", p.log_text());
+    let lease = api.lease("underway-cluster-gc").unwrap();
+    assert!(lease["spec"].get("holderIdentity").is_none_or(|h| h.is_null()), "{lease}");
+    assert!(!routes(&w, &main).await.iter().any(|(d, _)| *d == pod_cidr.to_string()));
+}
