@@ -306,14 +306,15 @@ async fn join_cluster(
             routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
         };
         let interval = Duration::from_millis(g.interval_ms);
-        tokio::spawn(elected_gc(client, holder, cloud, scope, interval, state.clone(), sh.metrics.clone(), stop))
+        let gc =
+            ElectedGc { client, holder, cloud, scope, interval, state: state.clone(), metrics: sh.metrics.clone() };
+        tokio::spawn(elected_gc(gc, stop))
     });
     Some((Arc::new(cfg), gc))
 }
 
-/// Every third of the Lease's duration: try to hold it; while held, run the cluster-wide GC every
-/// `interval`. Never runs the GC without a Lease renewed in this round; gives it up when stopped.
-async fn elected_gc(
+/// The cluster-wide GC as one ipamd runs it: the Lease it competes for and what it collects.
+struct ElectedGc {
     client: kube::Client,
     holder: k8s::lease::Holder,
     cloud: Arc<Ec2Cloud>,
@@ -321,8 +322,12 @@ async fn elected_gc(
     interval: Duration,
     state: Arc<NodeState>,
     metrics: Arc<Metrics>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
+}
+
+/// Every third of the Lease's duration: try to hold it; while held, run the cluster-wide GC every
+/// `interval`. Never runs the GC without a Lease renewed in this round; gives it up when stopped.
+async fn elected_gc(gc: ElectedGc, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let ElectedGc { client, holder, cloud, scope, interval, state, metrics } = gc;
     let mut held = false;
     let mut last: Option<tokio::time::Instant> = None;
     loop {
@@ -580,8 +585,9 @@ mod tests {
         };
         let scope = cluster_gc::Scope { cluster: "c1".into(), leak_grace_ms: 0, routes: None };
         let (state, metrics) = (rig.sh.state.clone(), rig.sh.metrics.clone());
-        let task =
-            tokio::spawn(elected_gc(client, holder, cloud(), scope, Duration::from_secs(3600), state, metrics, stop));
+        let gc =
+            ElectedGc { client, holder, cloud: cloud(), scope, interval: Duration::from_secs(3600), state, metrics };
+        let task = tokio::spawn(elected_gc(gc, stop));
         let gc_errors = || rig.sh.state.errors().iter().filter(|e| e.what.starts_with("cluster GC")).count();
         let path = "/apis/coordination.k8s.io/v1/namespaces/kube-system/leases/underway-cluster-gc";
         // Round 1: node-b holds it and renews: no GC.
