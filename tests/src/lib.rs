@@ -5,6 +5,7 @@
 //!   each test takes its own [`localstack::Account`] so tests never see each other's state.
 //! - [`imds`]: an IMDSv2 server on loopback serving a map of metadata paths, with tokens checked.
 //! - [`world`]: a VPC of node namespaces and a router; [`ipamd`]: a real ipamd inside a node.
+//! - [`apiserver`]: a stand-in for the few Kubernetes API paths ipamd uses (no API server runs here).
 
 pub mod apiserver;
 pub mod cni;
