@@ -373,7 +373,7 @@ async fn elected_gc(gc: ElectedGc, mut stop: tokio::sync::watch::Receiver<bool>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::fixtures::{self, Seen};
+    use crate::k8s::fixtures::{self, Seen, pool_cr};
     use aws_config::{BehaviorVersion, Region, SdkConfig};
     use serde_json::json;
     use underway_api::{AddRequest, AttachmentKey, ErrorKind, Request, Response};
@@ -427,18 +427,6 @@ mod tests {
         Rig { sh, events: Some(rx), dir }
     }
 
-    fn base() -> Config {
-        let env: Vec<(String, String)> = [
-            ("UNDERWAY_CLUSTER", "c1"),
-            ("UNDERWAY_KUBERNETES__ENABLED", "true"),
-            ("UNDERWAY_KUBERNETES__NODE_NAME", "node-a"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        Config::load(None, &env).unwrap()
-    }
-
     /// A cloud with nothing behind it: a GC run against it fails at once, which shows it ran.
     fn cloud() -> Arc<Ec2Cloud> {
         let sdk = SdkConfig::builder()
@@ -457,11 +445,6 @@ mod tests {
              "spec": {"podCIDR": "10.244.7.0/24"}}]})
     }
 
-    fn pool_cr(name: &str, spec: serde_json::Value) -> serde_json::Value {
-        json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
-               "metadata": {"name": name, "resourceVersion": "7"}, "spec": spec})
-    }
-
     /// Answers the start-up requests: the Node list, then the pool. Returns the requests seen.
     async fn answer_startup(api: &mut fixtures::ApiServer, pool: &str, spec: serde_json::Value) -> Vec<String> {
         let s = api.next().await;
@@ -477,7 +460,7 @@ mod tests {
     #[tokio::test]
     async fn the_pool_from_the_node_label_is_the_config_and_failures_become_events() {
         let (client, mut api) = fixtures::client();
-        let base = base();
+        let base = fixtures::config(&[]);
         let mut rig = rig("join", &base, Mode::Eni, false);
         let events = rig.events.take();
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
@@ -548,7 +531,7 @@ mod tests {
     #[tokio::test]
     async fn a_pool_of_the_other_mode_waits_for_a_drain() {
         let (client, mut api) = fixtures::client();
-        let base = base();
+        let base = fixtures::config(&[]);
         let rig = rig("drain", &base, Mode::Eni, true);
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let join = join_cluster(&rig.sh, Arc::new(base), client, cloud(), None, stop);
@@ -575,7 +558,7 @@ mod tests {
     #[tokio::test]
     async fn the_cluster_gc_runs_only_while_the_lease_is_held_and_gives_it_up_on_stop() {
         let (client, mut api) = fixtures::client();
-        let rig = rig("gc", &base(), Mode::Eni, false);
+        let rig = rig("gc", &fixtures::config(&[]), Mode::Eni, false);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let holder = k8s::lease::Holder {
             namespace: "kube-system".into(),

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -101,7 +102,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
             other => panic!("{other:?}"),
         }
     }
-    let given: std::collections::BTreeSet<Ipv4Addr> =
+    let given: BTreeSet<Ipv4Addr> =
         answers.iter().filter_map(|(_, r)| if let Response::Added(a) = r { Some(a.address) } else { None }).collect();
     assert_eq!(given.len(), answers.len() - failed.len(), "no address twice");
     assert!(!failed.is_empty() && given.len() >= 10, "{} given, {} failed", given.len(), failed.len());
@@ -150,4 +151,63 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     let lease = api.lease("underway-cluster-gc").unwrap();
     assert!(lease["spec"].get("holderIdentity").is_none_or(|h| h.is_null()), "{lease}");
     assert!(!routes(&w, &main).await.iter().any(|(d, _)| *d == pod_cidr.to_string()));
+
+    // deploy/k8s/rbac.yaml grants what these requests needed, and nothing they did not.
+    let used: BTreeSet<(String, String, String)> = api.requests().iter().filter_map(|r| permission(r)).collect();
+    let granted = granted();
+    let missing: Vec<_> = used.difference(&granted).collect();
+    assert!(missing.is_empty(), "rbac.yaml lacks {missing:?}");
+    // kube's event recorder PATCHes a repeated Event into a series (tested in k8s::events);
+    // 20 distinct pods here never repeat one.
+    let series = ("events.k8s.io".to_string(), "events".to_string(), "patch".to_string());
+    let unused: Vec<_> = granted.difference(&used).filter(|g| **g != series).collect();
+    assert!(unused.is_empty(), "rbac.yaml grants {unused:?}, which ipamd never used");
+}
+
+/// (API group, resource, verb) a request line needs.
+fn permission(line: &str) -> Option<(String, String, String)> {
+    let (method, target) = line.split_once(' ')?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/<res>[/<name>] or /apis/<group>/<v>/[namespaces/<ns>/]<res>[/<name>]
+    let (group, rest) = match parts.as_slice() {
+        ["api", _, rest @ ..] => (String::new(), rest),
+        ["apis", g, _, rest @ ..] => (g.to_string(), rest),
+        _ => return None,
+    };
+    let rest = if rest.first() == Some(&"namespaces") && rest.len() > 2 { &rest[2..] } else { rest };
+    let named = rest.len() > 1;
+    let verb = match (method, named) {
+        ("GET", _) if query.contains("watch=true") => "watch",
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => return None,
+    };
+    Some((group, rest[0].to_string(), verb.to_string()))
+}
+
+/// Every (API group, resource, verb) the ClusterRole and Role in deploy/k8s/rbac.yaml grant.
+fn granted() -> BTreeSet<(String, String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/rbac.yaml");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = BTreeSet::new();
+    for d in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+        for rule in d["rules"].as_array().unwrap() {
+            let strs = |k: &str| -> Vec<String> {
+                rule[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            };
+            for g in strs("apiGroups") {
+                for r in strs("resources") {
+                    for v in strs("verbs") {
+                        out.insert((g.clone(), r.clone(), v));
+                    }
+                }
+            }
+        }
+    }
+    out
 }

@@ -91,3 +91,21 @@ pub fn conflict(kind: &str, name: &str) -> Value {
         "reason": "Conflict", "details": {"name": name, "kind": kind}, "code": 409
     })
 }
+
+/// A config with the Kubernetes side on for node `node-a` in cluster `c1`, plus `extra`
+/// `UNDERWAY_*` variables.
+pub fn config(extra: &[(&str, &str)]) -> crate::config::Config {
+    let base = [
+        ("UNDERWAY_CLUSTER", "c1"),
+        ("UNDERWAY_KUBERNETES__ENABLED", "true"),
+        ("UNDERWAY_KUBERNETES__NODE_NAME", "node-a"),
+    ];
+    let env: Vec<(String, String)> = base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    crate::config::Config::load(None, &env).expect("a valid config")
+}
+
+/// An UnderwayPool object as the API server returns it.
+pub fn pool_cr(name: &str, spec: Value) -> Value {
+    serde_json::json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
+                       "metadata": {"name": name, "resourceVersion": "7"}, "spec": spec})
+}

@@ -196,30 +196,12 @@ pub async fn watch_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::k8s::fixtures::{self, not_found};
+    use crate::k8s::fixtures::{self, config as base, not_found, pool_cr};
     use serde_json::{Value, json};
-
-    fn base(extra: &[(&str, &str)]) -> Config {
-        let mut env: Vec<(String, String)> = [
-            ("UNDERWAY_CLUSTER", "c1"),
-            ("UNDERWAY_KUBERNETES__ENABLED", "true"),
-            ("UNDERWAY_KUBERNETES__NODE_NAME", "node-a"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Config::load(None, &env).unwrap()
-    }
 
     fn node(labels: Value, spec: Value) -> Value {
         json!({"apiVersion": "v1", "kind": "Node",
                "metadata": {"name": "node-a", "resourceVersion": "41", "labels": labels}, "spec": spec})
-    }
-
-    fn pool_cr(name: &str, spec: Value) -> Value {
-        json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
-               "metadata": {"name": name, "resourceVersion": "7"}, "spec": spec})
     }
 
     fn cr(name: &str, spec: Value) -> UnderwayPool {
