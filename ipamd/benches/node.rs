@@ -13,9 +13,22 @@ use support::*;
 use underway_api::{Request, Response};
 use underway_tests::ipamd::{MUTATING, calls_by_operation as calls};
 
-fn rss_kib(pid: u32) -> u64 {
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    let line = s.lines().find(|l| l.starts_with(&format!("{field}:"))).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// "anonymous X MiB + file-backed Y MiB": what the process allocated, and the binary's and
+/// libraries' pages it has mapped (clean, shared with the page cache).
+fn split(pid: u32) -> String {
+    let mib = |f| status_kib(pid, f) as f64 / 1024.0;
+    format!("anonymous {:.1} MiB + file-backed {:.1} MiB", mib("RssAnon"), mib("RssFile"))
 }
 
 /// `n` pods, 25 at a time in parallel.
@@ -63,10 +76,11 @@ async fn main() {
     std::thread::sleep(Duration::from_secs(2));
     let full = rss_kib(p.pid().unwrap());
     println!(
-        "RSS: {:.1} MiB idle, {:.1} MiB with 250 assignments (ratio to 20 MiB: {:.2})",
+        "RSS: {:.1} MiB idle, {:.1} MiB with 250 assignments (ratio to 20 MiB: {:.2}; {})",
         idle as f64 / 1024.0,
         full as f64 / 1024.0,
-        full as f64 / 1024.0 / 20.0
+        full as f64 / 1024.0 / 20.0,
+        split(p.pid().unwrap())
     );
     let mut first = Vec::new();
     let mut synced = Vec::new();
@@ -94,4 +108,46 @@ async fn main() {
     );
     let rss_after = rss_kib(p.pid().unwrap());
     println!("RSS after the restarts (250 assignments from the store): {:.1} MiB", rss_after as f64 / 1024.0);
+
+    drop(p);
+    drop(w);
+
+    println!("\n## RSS with the Kubernetes side on, by cluster size (target: ≤ 20 MiB, not growing with the cluster)");
+    for nodes in [10, 5000] {
+        let (rss, parts, requests) = rss_with_kubernetes(nodes).await;
+        println!(
+            "{nodes} Nodes: RSS {:.1} MiB with its Node watched, the Lease held and 250 assignments (ratio to 20 MiB: {:.2}; {parts}); {requests} API requests",
+            rss as f64 / 1024.0,
+            rss as f64 / 1024.0 / 20.0
+        );
+    }
+}
+
+/// ipamd with its Kubernetes side against a stand-in API server holding `nodes` Nodes: its RSS
+/// (KiB) with 250 assignments, its split, and how many requests it made.
+async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
+    let (w, n) = world("m5.24xlarge").await;
+    let listener = underway_tests::netns::in_ns(&n.ns, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
+    let api = underway_tests::apiserver::FakeApiServer::start_on(listener).unwrap();
+    for i in 0..nodes {
+        api.put_node(serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": format!("node-{i}"), "resourceVersion": "1", "labels": {"underway.dev/pool": "general"}},
+            "spec": {"podCIDR": format!("10.{}.{}.0/24", 100 + i / 256, i % 256)}}));
+    }
+    api.put_pool(serde_json::json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
+        "metadata": {"name": "general"}, "spec": {"mode": "eni", "targets": {"warm_ip_target": 10}}}));
+    let kubeconfig = std::env::temp_dir().join(format!("underway-bench-kubeconfig-{}", std::process::id()));
+    std::fs::write(&kubeconfig, api.kubeconfig("127.0.0.1")).unwrap();
+    let extra = format!("{FAST}[kubernetes]\nenabled = true\nnode_name = \"node-7\"\n");
+    let kc = kubeconfig.display().to_string();
+    let env = [("KUBECONFIG", kc.as_str())];
+    let p =
+        underway_tests::ipamd::IpamdProcess::start_with_env(&w, &n, std::path::Path::new(IPAMD), &extra, &env).unwrap();
+    p.wait_ready(10, Duration::from_secs(60)).unwrap();
+    pods(&p, "k", 250);
+    std::thread::sleep(Duration::from_secs(6)); // a Lease round or two
+    let rss = rss_kib(p.pid().unwrap());
+    let parts = split(p.pid().unwrap());
+    let _ = std::fs::remove_file(&kubeconfig);
+    (rss, parts, api.requests().len())
 }
