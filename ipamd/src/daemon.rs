@@ -282,10 +282,11 @@ async fn join_cluster(
     state.set_status(|s| s.waiting_for = None);
     tracing::info!("Node {name}: pool {:?}, mode {:?}", cfg.pool, cfg.mode);
     sh.service.mtu.store(cfg.eni.mtu, Ordering::Relaxed);
-    let st = state.clone();
+    let (st, node) = (state.clone(), name.clone());
     let label = cfg.kubernetes.pool_label.clone();
     tokio::spawn(k8s::node::watch_changes(stream, view, label, cfg.mode, move |m| {
-        tracing::warn!("Node {}: {m}", st.status().line());
+        let m = format!("Node {node}: {m}");
+        tracing::warn!("{m}");
         st.record_error(m);
     }));
     if let Some(rx) = events {
