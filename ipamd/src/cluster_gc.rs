@@ -7,7 +7,7 @@
 //! - VPC routes inside the cluster CIDR whose target instance is gone ([`gc_routes`]).
 
 use ipnet::Ipv4Net;
-use underway_cloud::{Cloud, TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE, Tags};
+use underway_cloud::{Cloud, Eni, TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE, Tags};
 
 use crate::clock::unix_ms;
 use crate::error::Result;
@@ -22,6 +22,25 @@ pub struct Scope {
     pub leak_grace_ms: u64,
     /// VPC-route GC: the tables and the cluster CIDR inside which routes may be deleted.
     pub routes: Option<(Vec<String>, Ipv4Net)>,
+}
+
+impl Scope {
+    /// What the config says: its cluster, ENI grace, and (with `vpc_route.cluster_cidr`) route tables.
+    pub fn of(cfg: &crate::config::Config) -> Scope {
+        Scope {
+            cluster: cfg.cluster.clone(),
+            leak_grace_ms: cfg.eni.leak_grace_ms,
+            routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
+        }
+    }
+}
+
+/// A leak candidate: detached (`available`, no live attachment) and created longer than
+/// `grace_ms` ago (its `underway.io/created-at` tag; none counts as long ago). The node's own GC
+/// and this cluster-wide one share the rule.
+pub fn detached_past_grace(e: &Eni, now_ms: u64, grace_ms: u64) -> bool {
+    let created_s: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
+    !e.in_use() && e.status == "available" && (now_ms / 1000).saturating_sub(created_s) >= grace_ms / 1000
 }
 
 /// What one run deleted, one line each.
@@ -40,12 +59,10 @@ impl Deleted {
 /// Runs the GC once.
 pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Deleted> {
     let mut out = Deleted::default();
-    let now_s = unix_ms() / 1000;
-    let grace_s = scope.leak_grace_ms / 1000;
+    let now = unix_ms();
     let tags = Tags::from([(TAG_CLUSTER.to_string(), scope.cluster.clone())]);
     for e in cloud.enis_by_tags(&tags).await? {
-        let created: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
-        if e.in_use() || e.status != "available" || now_s.saturating_sub(created) < grace_s {
+        if !detached_past_grace(&e, now, scope.leak_grace_ms) {
             continue;
         }
         let Some(instance) = e.tags.get(TAG_INSTANCE) else { continue };

@@ -301,11 +301,7 @@ async fn join_cluster(
             me: name.clone(),
             duration: Duration::from_secs(g.lease_duration_s.into()),
         };
-        let scope = cluster_gc::Scope {
-            cluster: cfg.cluster.clone(),
-            leak_grace_ms: cfg.eni.leak_grace_ms,
-            routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
-        };
+        let scope = cluster_gc::Scope::of(&cfg);
         let interval = Duration::from_millis(g.interval_ms);
         let gc =
             ElectedGc { client, holder, cloud, scope, interval, state: state.clone(), metrics: sh.metrics.clone() };

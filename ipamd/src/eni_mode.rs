@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use underway_cloud::{
     AddressCount, Attachment, Cloud, CloudError, CreateEni, Eni as CloudEni, InstanceLimits, LimitKind, Subnet,
-    TAG_CREATED_AT, eni_tags,
+    eni_tags,
 };
 use underway_routes::EniSpec;
 
@@ -388,17 +388,15 @@ impl<C: Cloud + 'static> EniMode<C> {
 
     /// Deletes ENIs this cluster made for this node that have stayed detached past the grace.
     async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
-        let now_s = unix_ms() / 1000;
-        let grace_s = self.cfg.eni.leak_grace_ms / 1000;
+        let now = unix_ms();
         for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
-            let created: u64 = e.tags.get(TAG_CREATED_AT).and_then(|t| t.parse().ok()).unwrap_or(0);
-            if e.in_use() || e.status != "available" || now_s.saturating_sub(created) < grace_s {
+            if !crate::cluster_gc::detached_past_grace(&e, now, self.cfg.eni.leak_grace_ms) {
                 continue;
             }
             match self.cloud.delete_eni(&e.id).await {
                 Ok(()) => {
                     self.metrics.eni_deleted();
-                    tracing::info!("deleted leaked ENI {} (detached, created {}s ago)", e.id, now_s - created);
+                    tracing::info!("deleted leaked ENI {} (detached past the grace)", e.id);
                 }
                 Err(err) => state.record_error(format!("GC of leaked ENI {}: {err}", e.id)),
             }

@@ -99,11 +99,7 @@ fn main() -> ExitCode {
         },
         Cmd::Crd => unreachable!("answered before the config is read"),
         Cmd::GcCluster => {
-            let scope = underway_ipamd::cluster_gc::Scope {
-                cluster: cfg.cluster.clone(),
-                leak_grace_ms: cfg.eni.leak_grace_ms,
-                routes: cfg.vpc_route.cluster_cidr.map(|c| (cfg.vpc_route.route_tables.clone(), c)),
-            };
+            let scope = underway_ipamd::cluster_gc::Scope::of(&cfg);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
             let r = rt.block_on(async {
                 let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
