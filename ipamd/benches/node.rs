@@ -127,8 +127,7 @@ async fn main() {
 /// (KiB) with 250 assignments, its split, and how many requests it made.
 async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
     let (w, n) = world("m5.24xlarge").await;
-    let listener = underway_tests::netns::in_ns(&n.ns, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
-    let api = underway_tests::apiserver::FakeApiServer::start_on(listener).unwrap();
+    let api = underway_tests::apiserver::FakeApiServer::in_ns(&n.ns).unwrap();
     for i in 0..nodes {
         api.put_node(serde_json::json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": format!("node-{i}"), "resourceVersion": "1", "labels": {"underway.dev/pool": "general"}},
@@ -136,10 +135,8 @@ async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
     }
     api.put_pool(serde_json::json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
         "metadata": {"name": "general"}, "spec": {"mode": "eni", "targets": {"warm_ip_target": 10}}}));
-    let kubeconfig = std::env::temp_dir().join(format!("underway-bench-kubeconfig-{}", std::process::id()));
-    std::fs::write(&kubeconfig, api.kubeconfig("127.0.0.1")).unwrap();
     let extra = format!("{FAST}[kubernetes]\nenabled = true\nnode_name = \"node-7\"\n");
-    let kc = kubeconfig.display().to_string();
+    let kc = api.kubeconfig_path();
     let env = [("KUBECONFIG", kc.as_str())];
     let p =
         underway_tests::ipamd::IpamdProcess::start_with_env(&w, &n, std::path::Path::new(IPAMD), &extra, &env).unwrap();
@@ -148,6 +145,5 @@ async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
     std::thread::sleep(Duration::from_secs(6)); // a Lease round or two
     let rss = rss_kib(p.pid().unwrap());
     let parts = split(p.pid().unwrap());
-    let _ = std::fs::remove_file(&kubeconfig);
     (rss, parts, api.requests().len())
 }

@@ -22,15 +22,6 @@ use underway_tests::ipamd::IpamdProcess;
 
 const NODE: &str = "ip-10-0-1-10.ec2.internal";
 
-/// A file removed when dropped.
-struct TempFile(std::path::PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     let (w, n) = world("m5.large").await;
@@ -38,8 +29,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     let pod_cidr: Ipv4Net = "10.0.141.0/28".parse().unwrap();
 
     // The cluster as ipamd will see it: its Node, labelled into the "routed" pool, with a pod CIDR.
-    let listener = underway_tests::netns::in_ns(&n.ns, || std::net::TcpListener::bind("127.0.0.1:0")).unwrap().unwrap();
-    let api = FakeApiServer::start_on(listener).unwrap();
+    let api = FakeApiServer::in_ns(&n.ns).unwrap();
     api.put_node(json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": NODE, "resourceVersion": "1", "labels": {"underway.dev/pool": "routed"}},
         "spec": {"podCIDR": pod_cidr.to_string(), "providerID": format!("aws:///us-east-1a/{}", n.instance_id)}}));
@@ -48,8 +38,6 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     api.put_pool(json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
         "metadata": {"name": "routed", "resourceVersion": "1"},
         "spec": {"mode": "vpc-route", "vpc_route": {"cluster_cidr": "10.0.128.0/17"}}}));
-    let kubeconfig = TempFile(std::env::temp_dir().join(format!("underway-kubeconfig-{}", std::process::id())));
-    std::fs::write(&kubeconfig.0, api.kubeconfig("127.0.0.1")).unwrap();
 
     // What a node that is gone left behind: the elected GC must delete it.
     let dead = w.ec2().run_instance("m5.large").await;
@@ -72,7 +60,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
         "cooldown_ms = 1000\nadd_wait_ms = 500\nreconcile_interval_ms = 500\n\
          [kubernetes]\nenabled = true\nnode_name = \"{NODE}\"\ngc = {{ interval_ms = 1000, lease_duration_s = 15 }}\n"
     );
-    let kc = kubeconfig.0.display().to_string();
+    let kc = api.kubeconfig_path();
     let mut p =
         IpamdProcess::start_with_env(&w, &n, std::path::Path::new(IPAMD), &extra, &[("KUBECONFIG", &kc)]).unwrap();
     eventually(

@@ -34,6 +34,8 @@ pub struct FakeApiServer {
     pub port: u16,
     objects: Shared,
     task: JoinHandle<()>,
+    /// The kubeconfig [`FakeApiServer::in_ns`] wrote (removed on drop).
+    kubeconfig: Option<std::path::PathBuf>,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -45,12 +47,7 @@ fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
 }
 
 fn query(uri: &Uri) -> BTreeMap<String, String> {
-    uri.query()
-        .unwrap_or_default()
-        .split('&')
-        .filter_map(|kv| kv.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.replace("%3D", "=").replace("%2F", "/")))
-        .collect()
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes()).into_owned().collect()
 }
 
 impl FakeApiServer {
@@ -64,7 +61,23 @@ impl FakeApiServer {
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(FakeApiServer { port, objects, task })
+        Ok(FakeApiServer { port, objects, task, kubeconfig: None })
+    }
+
+    /// Serves on 127.0.0.1 inside network namespace `ns` and writes a kubeconfig naming it, for a
+    /// process started in that namespace ([`FakeApiServer::kubeconfig_path`]).
+    pub fn in_ns(ns: &str) -> Result<Self, crate::HarnessError> {
+        let listener = crate::netns::in_ns(ns, || std::net::TcpListener::bind("127.0.0.1:0"))??;
+        let mut api = Self::start_on(listener)?;
+        let path = std::env::temp_dir().join(format!("underway-kubeconfig-{}-{}", std::process::id(), api.port));
+        std::fs::write(&path, api.kubeconfig("127.0.0.1"))?;
+        api.kubeconfig = Some(path);
+        Ok(api)
+    }
+
+    /// The kubeconfig file [`FakeApiServer::in_ns`] wrote.
+    pub fn kubeconfig_path(&self) -> String {
+        self.kubeconfig.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
     }
 
     /// A kubeconfig naming this server (plain HTTP on the listener's port, a dummy token).
@@ -105,6 +118,9 @@ impl FakeApiServer {
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.task.abort();
+        if let Some(p) = &self.kubeconfig {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 
@@ -116,7 +132,7 @@ async fn handle(State(objects): State<Shared>, method: Method, uri: Uri, body: B
     if method == Method::GET && path == ["api", "v1", "nodes"] && q.contains_key("watch") {
         objects.lock().expect("objects").requests.push(line);
         // A watch that stays open and reports nothing (until the client goes away).
-        let body = Body::from_stream(futures_pending());
+        let body = Body::from_stream(futures_util::stream::pending::<Result<Bytes, std::io::Error>>());
         return Response::builder().status(200).body(body).expect("a response");
     }
     let (code, out) = {
@@ -131,20 +147,6 @@ async fn handle(State(objects): State<Shared>, method: Method, uri: Uri, body: B
         .header("content-type", "application/json")
         .body(Body::from(serde_json::to_vec(&out).expect("JSON")))
         .expect("a response")
-}
-
-fn futures_pending() -> impl futures_core::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    struct Pending;
-    impl futures_core::Stream for Pending {
-        type Item = Result<Bytes, std::io::Error>;
-        fn poll_next(
-            self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<Option<Self::Item>> {
-            std::task::Poll::Pending
-        }
-    }
-    Pending
 }
 
 fn answer(
