@@ -63,7 +63,8 @@ impl Service {
         match req {
             Request::Add(a) => {
                 let t = Instant::now();
-                let pod = a.pod_namespace.clone().zip(a.pod_name.clone());
+                // The pod's names are copied only when an Event could use them.
+                let pod = self.events.as_ref().and_then(|_| a.pod_namespace.clone().zip(a.pod_name.clone()));
                 let r = self.add(a).await;
                 if let (Response::Error(e), Some((namespace, name)), Some(tx)) = (&r, pod, &self.events) {
                     // Full channel: the Event is dropped, never the answer delayed.
