@@ -3,6 +3,8 @@
 //! - [`localstack`]: one LocalStack per test run on 127.0.0.1, installed into a venv when missing,
 //!   killed with its whole process group when the test process ends (even on panic or SIGKILL);
 //!   each test takes its own [`localstack::Account`] so tests never see each other's state.
+//! - [`front`]: the strict EC2 front every account is reached through: AWS's rules and request
+//!   buckets where LocalStack is lenient, seeded faults, a record of every request.
 //! - [`imds`]: an IMDSv2 server on loopback serving a map of metadata paths, with tokens checked.
 //! - [`world`]: a VPC of node namespaces and a router; [`ipamd`]: a real ipamd inside a node.
 //! - [`apiserver`]: a stand-in for the few Kubernetes API paths ipamd uses (no API server runs here).
@@ -10,6 +12,7 @@
 pub mod apiserver;
 pub mod cni;
 pub mod fixture;
+pub mod front;
 pub mod imds;
 pub mod ipamd;
 pub mod localstack;

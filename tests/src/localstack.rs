@@ -9,14 +9,15 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ec2::config::Credentials;
 
 use crate::HarnessError;
+use crate::front::Front;
 
 /// The pins that make LocalStack start on Python 3.11 (EMULATOR-NOTES).
 pub const PIP_PACKAGES: &[&str] = &[
@@ -186,17 +187,30 @@ impl LocalStack {
         })
     }
 
-    /// A fresh, empty account of this LocalStack.
+    /// A fresh, empty account of this LocalStack, reached through its own strict EC2 front.
     pub fn account(&self) -> Account {
-        Account { id: fresh_account_id(), endpoint: self.endpoint.clone() }
+        let id = fresh_account_id();
+        let direct = sdk_config(&id, &self.endpoint);
+        let front = Front::start(&id, &self.endpoint, direct).unwrap_or_else(|e| panic!("starting the EC2 front: {e}"));
+        let front = Arc::new(front);
+        // A front serves its account until the process ends: SDK clients made from the account
+        // (a fixture's, an Ec2Cloud's) often outlive the `Account` value itself.
+        static LIVE: std::sync::Mutex<Vec<Arc<Front>>> = std::sync::Mutex::new(Vec::new());
+        LIVE.lock().unwrap_or_else(|p| p.into_inner()).push(front.clone());
+        Account { endpoint: front.endpoint().to_string(), id, upstream: self.endpoint.clone(), front }
     }
 }
 
-/// One LocalStack account: its own empty EC2 world.
+/// One LocalStack account: its own empty EC2 world, behind its own [`Front`] (AWS's rules, the
+/// account's request buckets, faults on request).
 #[derive(Debug, Clone)]
 pub struct Account {
     pub id: String,
+    /// The front's endpoint: what every SDK client of the tests uses.
     pub endpoint: String,
+    /// LocalStack itself, for the test world's view of the cloud (not a client of EC2's API).
+    pub upstream: String,
+    pub front: Arc<Front>,
 }
 
 fn fresh_account_id() -> String {
@@ -209,21 +223,32 @@ fn fresh_account_id() -> String {
     format!("{:012}", 100_000_000_000 + mixed % 899_999_999_999)
 }
 
+/// An SDK config for account `id` at `endpoint`: static credentials whose key id is the account id.
+fn sdk_config(id: &str, endpoint: &str) -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(Credentials::new(
+            id,
+            "test",
+            None,
+            None,
+            "underway-tests",
+        )))
+        .build()
+}
+
 impl Account {
-    /// An SDK config for this account: static credentials whose key id is the account id.
+    /// An SDK config for this account through its front.
     pub fn sdk_config(&self) -> SdkConfig {
-        SdkConfig::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(REGION))
-            .endpoint_url(&self.endpoint)
-            .credentials_provider(aws_sdk_ec2::config::SharedCredentialsProvider::new(Credentials::new(
-                &self.id,
-                "test",
-                None,
-                None,
-                "underway-tests",
-            )))
-            .build()
+        sdk_config(&self.id, &self.endpoint)
+    }
+
+    /// An SDK config for this account straight to LocalStack: only for the test world, which plays
+    /// the cloud itself (its reads are not an EC2 client's calls and must not spend the budget).
+    pub fn direct_sdk_config(&self) -> SdkConfig {
+        sdk_config(&self.id, &self.upstream)
     }
 }
 
