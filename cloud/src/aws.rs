@@ -1,8 +1,9 @@
 //! The seam on AWS EC2, through aws-sdk-ec2.
 //!
-//! Every call goes through [`Ec2Cloud::call`]: it takes a token from the rate budget, lets the
-//! SDK's standard retry mode retry throttles and transient failures, maps the final error to a
-//! [`CloudError`] and counts the outcome.
+//! Every call goes through [`Ec2Cloud::call`]: each attempt takes a token from the rate budget,
+//! throttles and transient failures are retried with jittered backoff (the SDK's own retries are
+//! off, so no attempt bypasses the budget), the final error is mapped to a [`CloudError`] and
+//! every attempt's outcome is counted.
 
 use std::future::Future;
 use std::net::Ipv4Addr;
@@ -17,6 +18,7 @@ use aws_sdk_ec2::types::{
 };
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
+use backon::BackoffBuilder;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +85,15 @@ pub struct Ec2Cloud {
     client: Client,
     budget: Arc<RateBudget>,
     stats: Arc<CallStats>,
+    retry: Retry,
+}
+
+/// How `call` retries.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    max_attempts: u32,
+    initial_backoff: Duration,
+    call_timeout: Duration,
 }
 
 impl Ec2Cloud {
@@ -100,12 +111,11 @@ impl Ec2Cloud {
 
     /// Builds on an SDK config made elsewhere (tests give a replay HTTP client this way).
     pub fn from_sdk_config(sdk: &SdkConfig, cfg: &Ec2Config) -> Self {
-        let retry = RetryConfig::standard()
-            .with_max_attempts(cfg.max_attempts)
-            .with_initial_backoff(Duration::from_millis(cfg.initial_backoff_ms));
+        // Retries are ours (`call`): each attempt spends from the rate budget.
+        let retry = RetryConfig::disabled();
         let timeouts = TimeoutConfig::builder()
             .operation_attempt_timeout(Duration::from_millis(cfg.attempt_timeout_ms))
-            .operation_timeout(Duration::from_millis(cfg.call_timeout_ms))
+            .operation_timeout(Duration::from_millis(cfg.attempt_timeout_ms))
             .build();
         let mut conf = aws_sdk_ec2::config::Builder::from(sdk).retry_config(retry).timeout_config(timeouts);
         if let Some(e) = &cfg.endpoint {
@@ -115,6 +125,11 @@ impl Ec2Cloud {
             client: Client::from_conf(conf.build()),
             budget: Arc::new(RateBudget::new(cfg.rate_budget)),
             stats: Arc::new(CallStats::default()),
+            retry: Retry {
+                max_attempts: cfg.max_attempts.max(1),
+                initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
+                call_timeout: Duration::from_millis(cfg.call_timeout_ms),
+            },
         }
     }
 
@@ -123,15 +138,49 @@ impl Ec2Cloud {
         &self.stats
     }
 
-    async fn call<T, E, Fut>(&self, op: &'static str, class: ApiClass, fut: Fut) -> Result<T>
+    /// One call: every attempt takes a token from the rate budget first (the SDK's own retries
+    /// would bypass it, and a throttled account is exactly when the budget matters), throttles and
+    /// transient failures are retried with jittered exponential backoff (backon) up to
+    /// `max_attempts`, all within `call_timeout_ms`. `send` makes one attempt; a mutating request
+    /// that must be idempotent across attempts carries its own ClientToken.
+    async fn call<T, E, F, Fut>(&self, op: &'static str, class: ApiClass, send: F) -> Result<T>
     where
+        F: Fn() -> Fut + Send,
         Fut: Future<Output = std::result::Result<T, SdkError<E>>> + Send,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        self.budget.acquire(class).await;
-        let res = fut.await.map_err(|e| map_sdk_error(op, e));
-        let outcome = res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok);
-        self.stats.record(op, outcome);
+        let attempts = async {
+            let mut delays = backon::ExponentialBuilder::default()
+                .with_min_delay(self.retry.initial_backoff)
+                .with_max_delay(Duration::from_secs(20))
+                .with_factor(2.0)
+                .with_jitter()
+                .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
+                .build();
+            loop {
+                self.budget.acquire(class).await;
+                let res = send().await.map_err(|e| map_sdk_error(op, e));
+                let outcome = res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok);
+                self.stats.record(op, outcome);
+                match res {
+                    Err(e @ (CloudError::Throttled { .. } | CloudError::Transient { .. })) => match delays.next() {
+                        Some(d) => {
+                            tracing::debug!(op, error = %e, "cloud call failed; retrying in {d:?}");
+                            tokio::time::sleep(d).await;
+                        }
+                        None => return Err(e),
+                    },
+                    other => return other,
+                }
+            }
+        };
+        let res = match tokio::time::timeout(self.retry.call_timeout, attempts).await {
+            Ok(r) => r,
+            Err(_) => Err(CloudError::Transient {
+                op,
+                message: format!("no answer within {:?} (cloud.call_timeout_ms)", self.retry.call_timeout),
+            }),
+        };
         if let Err(e) = &res {
             tracing::debug!(op, error = %e, "cloud call failed");
         }
@@ -154,7 +203,7 @@ impl Ec2Cloud {
                 .set_filters((!filters.is_empty()).then(|| filters.clone()))
                 .set_network_interface_ids((!ids.is_empty()).then(|| ids.clone()))
                 .set_next_token(token.clone());
-            let page = self.call("DescribeNetworkInterfaces", ApiClass::Describe, req.send()).await?;
+            let page = self.call("DescribeNetworkInterfaces", ApiClass::Describe, || req.clone().send()).await?;
             for ni in page.network_interfaces() {
                 out.push(eni_from(ni)?);
             }
@@ -172,7 +221,7 @@ impl Ec2Cloud {
             .describe_subnets()
             .set_subnet_ids((!ids.is_empty()).then_some(ids))
             .set_filters((!filters.is_empty()).then_some(filters));
-        let out = self.call("DescribeSubnets", ApiClass::Describe, req.send()).await?;
+        let out = self.call("DescribeSubnets", ApiClass::Describe, || req.clone().send()).await?;
         out.subnets()
             .iter()
             .map(|s| {
@@ -194,7 +243,7 @@ impl Ec2Cloud {
             .describe_route_tables()
             .set_route_table_ids((!ids.is_empty()).then_some(ids))
             .set_filters((!filters.is_empty()).then_some(filters));
-        let out = self.call("DescribeRouteTables", ApiClass::Describe, req.send()).await?;
+        let out = self.call("DescribeRouteTables", ApiClass::Describe, || req.clone().send()).await?;
         out.route_tables().iter().map(route_table_from).collect()
     }
 
@@ -215,13 +264,15 @@ impl Ec2Cloud {
                 }
             })
             .and_then(|_| {
-                if vpc.contains(&dest) {
-                    Ok(())
-                } else {
-                    Err(CloudError::invalid(
+                // AWS refuses a route more specific than the VPC's local route unless it is a whole
+                // subnet to an interface (VPC User Guide, route tables); underway routes pod CIDRs
+                // that lie outside every VPC block, and nothing that overlaps one.
+                match vpc.cidrs.iter().find(|b| b.contains(&dest.network()) || dest.contains(&b.network())) {
+                    None => Ok(()),
+                    Some(b) => Err(CloudError::invalid(
                         "destination",
-                        format!("{dest} is outside the VPC {} ({:?})", vpc.id, vpc.cidrs),
-                    ))
+                        format!("{dest} overlaps the VPC {}'s block {b}: AWS refuses such a route", vpc.id),
+                    )),
                 }
             });
         checked.or_else(|e| self.refuse(op, e))
@@ -244,6 +295,13 @@ where
         }
         _ => CloudError::Fatal { op, code: "SdkError".into(), message: DisplayErrorContext(&err).to_string() },
     }
+}
+
+/// A ClientToken unique to one logical request (EC2 allows up to 64 ASCII characters).
+fn client_token() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    format!("underway-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
 }
 
 fn filter(name: &str, values: impl IntoIterator<Item = impl Into<String>>) -> Filter {
@@ -356,7 +414,7 @@ impl Discovery for Ec2Cloud {
             return self.refuse(OP, e);
         }
         let out = self
-            .call(OP, ApiClass::Describe, self.client.describe_instances().instance_ids(instance_id).send())
+            .call(OP, ApiClass::Describe, || self.client.describe_instances().instance_ids(instance_id).send())
             .await?;
         let inst = out
             .reservations()
@@ -392,7 +450,7 @@ impl Discovery for Ec2Cloud {
         if let Err(e) = check_id("vpc_id", vpc_id, "vpc-") {
             return self.refuse(OP, e);
         }
-        let out = self.call(OP, ApiClass::Describe, self.client.describe_vpcs().vpc_ids(vpc_id).send()).await?;
+        let out = self.call(OP, ApiClass::Describe, || self.client.describe_vpcs().vpc_ids(vpc_id).send()).await?;
         let v = one(OP, vpc_id, out.vpcs().to_vec())?;
         let mut cidrs: Vec<Ipv4Net> = Vec::new();
         if let Some(c) = v.cidr_block() {
@@ -458,7 +516,7 @@ impl Discovery for Ec2Cloud {
             return self.refuse(OP, CloudError::invalid("instance_type", "is empty"));
         }
         let req = self.client.describe_instance_types().instance_types(InstanceType::from(instance_type));
-        let api = self.call(OP, ApiClass::Describe, req.send()).await.map(|out| {
+        let api = self.call(OP, ApiClass::Describe, || req.clone().send()).await.map(|out| {
             out.instance_types().first().and_then(|t| {
                 let n = t.network_info()?;
                 Some(InstanceLimits {
@@ -505,8 +563,11 @@ impl Interfaces for Ec2Cloud {
             .description(&req.description)
             .set_tag_specifications(tags.map(|t| vec![t]))
             .set_secondary_private_ip_address_count((req.initial.ips > 0).then_some(req.initial.ips as i32))
-            .set_ipv4_prefix_count((req.initial.prefixes > 0).then_some(req.initial.prefixes as i32));
-        let out = self.call(OP, ApiClass::Mutating, call.send()).await?;
+            .set_ipv4_prefix_count((req.initial.prefixes > 0).then_some(req.initial.prefixes as i32))
+            // One token for every attempt: a retry after a lost reply gets the same ENI back
+            // (EC2's idempotency) instead of making a second one.
+            .client_token(client_token());
+        let out = self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
         let ni = out.network_interface().ok_or_else(|| malformed(OP, "network interface", None))?;
         eni_from(ni)
     }
@@ -531,13 +592,13 @@ impl Interfaces for Ec2Cloud {
             .network_interface_id(eni_id)
             .instance_id(instance_id)
             .device_index(device_index as i32);
-        let out = self.call(OP, ApiClass::Mutating, call.send()).await?;
+        let out = self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
         let attachment = out.attachment_id().ok_or_else(|| malformed(OP, "attachment id", None))?.to_string();
         // An ENI that outlives its instance is a leak: let EC2 delete it with the instance.
         let change =
             NetworkInterfaceAttachmentChanges::builder().attachment_id(&attachment).delete_on_termination(true).build();
         let call = self.client.modify_network_interface_attribute().network_interface_id(eni_id).attachment(change);
-        self.call("ModifyNetworkInterfaceAttribute", ApiClass::Mutating, call.send()).await?;
+        self.call("ModifyNetworkInterfaceAttribute", ApiClass::Mutating, || call.clone().send()).await?;
         Ok(attachment)
     }
 
@@ -547,7 +608,7 @@ impl Interfaces for Ec2Cloud {
             return self.refuse(OP, e);
         }
         let call = self.client.detach_network_interface().attachment_id(attachment_id).force(force);
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 
     async fn delete_eni(&self, eni_id: &str) -> Result<()> {
@@ -563,7 +624,7 @@ impl Interfaces for Ec2Cloud {
             return self.refuse(OP, e);
         }
         let call = self.client.delete_network_interface().network_interface_id(eni_id);
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 
     async fn set_source_dest_check(&self, eni_id: &str, enabled: bool) -> Result<()> {
@@ -576,7 +637,7 @@ impl Interfaces for Ec2Cloud {
             .modify_network_interface_attribute()
             .network_interface_id(eni_id)
             .source_dest_check(AttributeBooleanValue::builder().value(enabled).build());
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 
     async fn assign(&self, known: &Eni, count: AddressCount) -> Result<Assigned> {
@@ -590,7 +651,7 @@ impl Interfaces for Ec2Cloud {
             .network_interface_id(&known.id)
             .set_secondary_private_ip_address_count((count.ips > 0).then_some(count.ips as i32))
             .set_ipv4_prefix_count((count.prefixes > 0).then_some(count.prefixes as i32));
-        let out = self.call(OP, ApiClass::Mutating, call.send()).await?;
+        let out = self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
         let mut added = Assigned::default();
         for a in out.assigned_private_ip_addresses() {
             let ip = parse_ip(OP, a.private_ip_address())?;
@@ -619,7 +680,7 @@ impl Interfaces for Ec2Cloud {
             .unassign_private_ip_addresses()
             .network_interface_id(eni_id)
             .set_private_ip_addresses(Some(ips.iter().map(|i| i.to_string()).collect()));
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 
     async fn unassign_prefixes(&self, eni_id: &str, prefixes: &[Ipv4Net]) -> Result<()> {
@@ -634,7 +695,7 @@ impl Interfaces for Ec2Cloud {
             .unassign_private_ip_addresses()
             .network_interface_id(eni_id)
             .set_ipv4_prefixes(Some(prefixes.iter().map(|p| p.to_string()).collect()));
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 }
 
@@ -688,7 +749,7 @@ impl RouteTables for Ec2Cloud {
             RouteTarget::Eni(e) => call.network_interface_id(e),
             RouteTarget::Other(_) => unreachable!("refused by check_route_args"),
         };
-        self.call(OP, ApiClass::Mutating, call.send()).await?;
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
         Ok(RouteChange::Created)
     }
 
@@ -701,7 +762,7 @@ impl RouteTables for Ec2Cloud {
             RouteTarget::Eni(e) => call.network_interface_id(e),
             RouteTarget::Other(_) => unreachable!("refused by check_route_args"),
         };
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 
     async fn delete_route(&self, table_id: &str, destination: Ipv4Net) -> Result<()> {
@@ -710,6 +771,6 @@ impl RouteTables for Ec2Cloud {
             return self.refuse(OP, e);
         }
         let call = self.client.delete_route().route_table_id(table_id).destination_cidr_block(destination.to_string());
-        self.call(OP, ApiClass::Mutating, call.send()).await.map(|_| ())
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await.map(|_| ())
     }
 }
