@@ -124,6 +124,8 @@ pub enum Outcome {
 pub enum Fault {
     Throttle,
     ServerError,
+    /// A 503 `Unavailable` (recorded as `ServerError`).
+    Unavailable,
     ResetBefore,
     ResetAfter,
     Invisible,
@@ -133,7 +135,7 @@ impl Fault {
     pub fn name(self) -> &'static str {
         match self {
             Fault::Throttle => "throttle",
-            Fault::ServerError => "server-error",
+            Fault::ServerError | Fault::Unavailable => "server-error",
             Fault::ResetBefore => "reset-before",
             Fault::ResetAfter => "reset-after",
             Fault::Invisible => "invisible",
@@ -348,6 +350,30 @@ impl Drop for Front {
     }
 }
 
+/// The fault one request gets, drawn all at once when it arrives (always five draws), so the n-th
+/// request of a run meets the same fate whatever the interleaving of concurrent requests.
+pub fn plan_faults(rng: &mut fastrand::Rng, f: &Faults) -> Option<Fault> {
+    let d: [f64; 4] = [rng.f64(), rng.f64(), rng.f64(), rng.f64()];
+    let coin = rng.bool();
+    if d[0] < f.reset_before {
+        Some(Fault::ResetBefore)
+    } else if d[1] < f.throttle {
+        Some(Fault::Throttle)
+    } else if d[2] < f.server_error {
+        Some(if coin { Fault::ServerError } else { Fault::Unavailable })
+    } else if d[3] < f.reset_after {
+        Some(Fault::ResetAfter)
+    } else {
+        None
+    }
+}
+
+/// The faults the first `n` requests of a front with `f` meet (what a test can plan with).
+pub fn simulate_faults(f: &Faults, n: usize) -> Vec<Option<Fault>> {
+    let mut rng = fastrand::Rng::with_seed(f.seed);
+    (0..n).map(|_| plan_faults(&mut rng, f)).collect()
+}
+
 /// The largest number of sorted-or-not times within any window of `window_ms`.
 pub fn peak_in_window(times: &[u64], window_ms: u64) -> usize {
     let mut t = times.to_vec();
@@ -461,26 +487,28 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if !cfg.faults.latency.is_zero() {
         tokio::time::sleep(cfg.faults.latency).await;
     }
-    let draw = |share: f64| share > 0.0 && shared.rng.lock().expect("rng").f64() < share;
-    if draw(cfg.faults.reset_before) {
-        shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetBefore));
-        return Err(Reset);
-    }
-    if draw(cfg.faults.throttle) {
-        shared.record(&action, &node, mutating, Outcome::Fault(Fault::Throttle));
-        return Ok(xml_response(
-            503,
-            wire::error_xml("RequestLimitExceeded", "Request limit exceeded.", &request_id()),
-        ));
-    }
-    if draw(cfg.faults.server_error) {
-        shared.record(&action, &node, mutating, Outcome::Fault(Fault::ServerError));
-        let (status, code) =
-            if shared.rng.lock().expect("rng").bool() { (500, "InternalError") } else { (503, "Unavailable") };
-        return Ok(xml_response(
-            status,
-            wire::error_xml(code, "An internal error has occurred (injected).", &request_id()),
-        ));
+    let plan = plan_faults(&mut shared.rng.lock().expect("rng"), &cfg.faults);
+    match plan {
+        Some(Fault::ResetBefore) => {
+            shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetBefore));
+            return Err(Reset);
+        }
+        Some(Fault::Throttle) => {
+            shared.record(&action, &node, mutating, Outcome::Fault(Fault::Throttle));
+            return Ok(xml_response(
+                503,
+                wire::error_xml("RequestLimitExceeded", "Request limit exceeded.", &request_id()),
+            ));
+        }
+        Some(f @ (Fault::ServerError | Fault::Unavailable)) => {
+            shared.record(&action, &node, mutating, Outcome::Fault(Fault::ServerError));
+            let (status, code) = if f == Fault::ServerError { (500, "InternalError") } else { (503, "Unavailable") };
+            return Ok(xml_response(
+                status,
+                wire::error_xml(code, "An internal error has occurred (injected).", &request_id()),
+            ));
+        }
+        _ => {}
     }
 
     // 2. The account's request buckets.
@@ -567,7 +595,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
             shared.idempotent.lock().expect("idem").insert(key, (status, bytes.clone()));
         }
     }
-    if draw(cfg.faults.reset_after) {
+    if plan == Some(Fault::ResetAfter) {
         shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetAfter));
         return Err(Reset);
     }
@@ -632,6 +660,19 @@ mod tests {
         assert!(!t.take(now + Duration::from_millis(100)));
         assert!(t.take(now + Duration::from_secs(10)) && t.take(now + Duration::from_secs(10)));
         assert!(!t.take(now + Duration::from_secs(10)), "never more than the size");
+    }
+
+    #[test]
+    fn fault_plans_follow_the_shares_and_the_seed() {
+        let f = Faults { seed: 7, throttle: 0.3, server_error: 0.05, reset_after: 0.02, ..Faults::default() };
+        let a = simulate_faults(&f, 10_000);
+        assert_eq!(a, simulate_faults(&f, 10_000), "the same seed, the same fates");
+        let share = |k: &[Fault]| a.iter().filter(|x| x.is_some_and(|x| k.contains(&x))).count() as f64 / 1e4;
+        assert!((share(&[Fault::Throttle]) - 0.3).abs() < 0.02);
+        assert!((share(&[Fault::ServerError, Fault::Unavailable]) - 0.05 * 0.7).abs() < 0.01);
+        assert!((share(&[Fault::ResetAfter]) - 0.02 * 0.7 * 0.95).abs() < 0.006);
+        assert_eq!(share(&[Fault::ResetBefore]), 0.0);
+        assert!(simulate_faults(&Faults::default(), 100).iter().all(Option::is_none), "no fault by default");
     }
 
     #[test]
