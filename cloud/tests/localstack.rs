@@ -164,7 +164,9 @@ async fn routes_ensure_replace_delete() {
     assert_eq!(assoc.id, table);
     assert_eq!(assoc.subnets, vec![fx.subnet_id.clone()]);
 
-    let pods = net("10.0.128.0/24");
+    // Pod CIDRs lie outside every VPC block (AWS refuses a route inside the VPC's local route
+    // unless it is a whole subnet to an interface: the front enforces it).
+    let pods = net("100.64.1.0/24");
     let to_a = RouteTarget::Instance(a.clone());
     assert_eq!(cloud.ensure_route(&vpc, &table, pods, &to_a).await.unwrap(), RouteChange::Created);
     assert_eq!(cloud.ensure_route(&vpc, &table, pods, &to_a).await.unwrap(), RouteChange::Unchanged);
@@ -186,7 +188,7 @@ async fn routes_ensure_replace_delete() {
 
     let primary_b = cloud.instance(&b).await.unwrap().primary_eni;
     let eni_target = RouteTarget::Eni(primary_b.clone());
-    let other = net("10.0.129.0/24");
+    let other = net("100.64.2.0/24");
     assert_eq!(cloud.ensure_route(&vpc, &table, other, &eni_target).await.unwrap(), RouteChange::Created);
     assert_eq!(cloud.ensure_route(&vpc, &table, other, &eni_target).await.unwrap(), RouteChange::Unchanged);
 
@@ -239,14 +241,14 @@ async fn impossible_requests_are_refused_before_any_call() {
         (
             "destination",
             cloud
-                .ensure_route(&vpc, "rtb-0abc", net("192.168.0.0/24"), &RouteTarget::Instance(id.clone()))
+                .ensure_route(&vpc, "rtb-0abc", net("10.0.200.0/24"), &RouteTarget::Instance(id.clone()))
                 .await
                 .unwrap_err(),
         ),
         (
             "target",
             cloud
-                .ensure_route(&vpc, "rtb-0abc", net("10.0.200.0/24"), &RouteTarget::Instance(eni.id.clone()))
+                .ensure_route(&vpc, "rtb-0abc", net("100.64.0.0/24"), &RouteTarget::Instance(eni.id.clone()))
                 .await
                 .unwrap_err(),
         ),

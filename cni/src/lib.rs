@@ -122,7 +122,9 @@ fn api_err(what: &str, e: ApiError) -> CniError {
         | ErrorKind::SubnetExhausted
         | ErrorKind::EniLimitReached
         | ErrorKind::Throttled
-        | ErrorKind::RouteTableFull => code::TRY_AGAIN_LATER,
+        | ErrorKind::RouteTableFull
+        | ErrorKind::RouteConflict
+        | ErrorKind::Other => code::TRY_AGAIN_LATER,
     };
     CniError::new(c, what, format!("{:?}: {}", e.kind, e.message))
 }

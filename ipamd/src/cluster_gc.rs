@@ -4,7 +4,7 @@
 //! - ENIs this cluster made (tag `underway.io/cluster`) that are detached, older than the grace,
 //!   and whose instance (tag `underway.io/instance-id`) is terminated or unknown. A live node's
 //!   own detached ENIs are left to that node's ipamd.
-//! - VPC routes inside the cluster CIDR whose target instance is gone ([`gc_routes`]).
+//! - VPC routes inside the cluster CIDR whose target (instance or ENI) is gone ([`gc_routes`]).
 
 use ipnet::Ipv4Net;
 use underway_cloud::{Cloud, Eni, TAG_CLUSTER, TAG_CREATED_AT, TAG_INSTANCE, Tags};
@@ -72,7 +72,7 @@ pub async fn run<C: Cloud>(cloud: &C, scope: &Scope) -> Result<Deleted> {
         }
     }
     if let Some((tables, cidr)) = &scope.routes {
-        out.routes = gc_routes(cloud, tables, *cidr).await?;
+        out.routes = gc_routes(cloud, &scope.cluster, tables, *cidr).await?;
     }
     Ok(out)
 }

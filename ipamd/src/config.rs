@@ -36,17 +36,17 @@ pub enum Mode {
 #[serde(default, deny_unknown_fields)]
 pub struct VpcRouteConfig {
     /// This node's pod CIDR (standalone only: with Kubernetes it is the Node's `spec.podCIDR`, and
-    /// an UnderwayPool must not set it). It must lie inside one of the VPC's CIDR blocks and
-    /// outside every subnet.
+    /// an UnderwayPool must not set it). It must lie outside every VPC CIDR block (AWS refuses a
+    /// route inside the VPC unless it is a whole subnet to an interface), e.g. in 100.64.0.0/10.
     pub pod_cidr: Option<Ipv4Net>,
-    /// Route tables to keep "pod CIDR → this instance" in. Empty: the table associated with the
-    /// node's subnet, else the VPC's main table.
+    /// Route tables to keep "pod CIDR → this node's primary ENI" in. Empty: the table associated
+    /// with the node's subnet, else the VPC's main table. Each must carry the tag
+    /// `underway.io/cluster = <cluster>` (ipamd refuses an untagged table before any change).
     pub route_tables: Vec<String>,
     /// Routes a table may hold (AWS: 50 by default, up to 1,000). LocalStack enforces none.
     pub route_table_capacity: u32,
-    /// Remove this node's routes on a graceful shutdown.
-    pub remove_routes_on_shutdown: bool,
-    /// The cluster's pod CIDRs: the route GC only ever deletes routes inside it.
+    /// The cluster's pod CIDRs (outside every VPC block): the route GC only ever deletes routes
+    /// inside it.
     pub cluster_cidr: Option<Ipv4Net>,
     /// How often the routes are checked again.
     pub check_interval_ms: u64,
@@ -58,7 +58,6 @@ impl Default for VpcRouteConfig {
             pod_cidr: None,
             route_tables: Vec::new(),
             route_table_capacity: 50,
-            remove_routes_on_shutdown: true,
             cluster_cidr: None,
             check_interval_ms: 60_000,
         }

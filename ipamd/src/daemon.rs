@@ -7,9 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use underway_cloud::Discovery;
 use underway_cloud::aws::Ec2Cloud;
 use underway_cloud::stats::CallStats;
+use underway_cloud::{Discovery, RouteTables};
 
 use crate::cluster_gc;
 use crate::config::{Config, Mode};
@@ -231,6 +231,25 @@ async fn background(
     if let Some(g) = gc {
         let _ = g.await;
     }
+}
+
+/// `uninstall` in VPC-route mode: this node's routes, which a graceful stop keeps, deleted from
+/// its tables (the configured ones, else its subnet's). Who the node is comes from IMDS (or the
+/// static identity), as at start-up, without retrying.
+pub async fn remove_node_routes(cfg: &Config) -> Result<Vec<String>> {
+    let (instance_id, region, _) = identity::instance_id(&cfg.identity).await?;
+    let mut ec2 = cfg.cloud.clone();
+    if ec2.region.is_none() {
+        ec2.region = region;
+    }
+    let cloud = Ec2Cloud::connect(&ec2).await;
+    let node = cloud.instance(&instance_id).await?;
+    let tables = if cfg.vpc_route.route_tables.is_empty() {
+        vec![cloud.route_table_for_subnet(&node.vpc_id, &node.subnet_id).await?.id]
+    } else {
+        cfg.vpc_route.route_tables.clone()
+    };
+    crate::vpc_route::remove_node_routes(&cloud, &cfg.cluster, &node, &tables).await
 }
 
 /// With Kubernetes: the effective config from the Node and its pool, the stored pool's mode

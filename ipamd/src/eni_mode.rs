@@ -478,7 +478,4 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         }
         Ok(Step { blocker, again: acted && d.limited.is_none() })
     }
-
-    /// ENIs and addresses stay with the node across restarts: nothing to undo.
-    async fn shutdown(&mut self, _state: &NodeState) {}
 }

@@ -31,10 +31,11 @@ enum Cmd {
     /// Run the cluster-wide GC once (ENIs and VPC routes of nodes that are gone), as the
     /// Lease holder does every `kubernetes.gc.interval_ms`.
     GcCluster,
-    /// Remove the CNI config ipamd installed (`cni.conf_dir`), e.g. when underway is removed.
+    /// Remove the CNI config ipamd installed (`cni.conf_dir`), e.g. when underway is removed; in
+    /// VPC-route mode also this node's routes (a graceful stop keeps them).
     Uninstall,
-    /// VPC-route mode: delete routes inside `vpc_route.cluster_cidr` whose target instance is
-    /// terminated or unknown, in the given tables (default: `vpc_route.route_tables`).
+    /// VPC-route mode: delete routes inside `vpc_route.cluster_cidr` whose target (instance or
+    /// ENI) is gone, in the given tables (default: `vpc_route.route_tables`).
     GcRoutes {
         #[arg(long = "table")]
         tables: Vec<String>,
@@ -83,20 +84,33 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Uninstall => match underway_ipamd::install::uninstall(&cfg.cni) {
-            Ok(Some(p)) => {
-                println!("removed {}", p.display());
-                ExitCode::SUCCESS
+        Cmd::Uninstall => {
+            match underway_ipamd::install::uninstall(&cfg.cni) {
+                Ok(Some(p)) => println!("removed {}", p.display()),
+                Ok(None) => println!("no CNI config installed"),
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    return ExitCode::FAILURE;
+                }
             }
-            Ok(None) => {
-                println!("nothing installed");
-                ExitCode::SUCCESS
+            if cfg.mode != underway_ipamd::config::Mode::VpcRoute {
+                return ExitCode::SUCCESS;
             }
-            Err(e) => {
-                eprintln!("underway-ipamd: {e}");
-                ExitCode::FAILURE
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+            match rt.block_on(underway_ipamd::daemon::remove_node_routes(&cfg)) {
+                Ok(lines) => {
+                    for l in &lines {
+                        println!("{l}");
+                    }
+                    println!("{} routes of this node deleted", lines.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("underway-ipamd: {e}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Cmd::Crd => unreachable!("answered before the config is read"),
         Cmd::GcCluster => {
             let scope = underway_ipamd::cluster_gc::Scope::of(&cfg);
@@ -134,7 +148,7 @@ fn main() -> ExitCode {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
             let r = rt.block_on(async {
                 let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
-                underway_ipamd::vpc_route::gc_routes(&cloud, &tables, cluster).await
+                underway_ipamd::vpc_route::gc_routes(&cloud, &cfg.cluster, &tables, cluster).await
             });
             match r {
                 Ok(lines) => {

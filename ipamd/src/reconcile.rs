@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use underway_cloud::CloudError;
+use underway_cloud::{CloudError, LimitKind};
 
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
@@ -28,10 +28,9 @@ pub struct Step {
 pub trait Source: Send {
     /// Makes the pool match the cloud and the host (at start, and after a restart).
     fn sync(&mut self, state: &NodeState) -> impl Future<Output = Result<()>> + Send;
-    /// One decision and what it implies.
+    /// One decision and what it implies. Nothing a source makes is undone on a graceful stop: a
+    /// restart must find the node's ENIs and routes as they were (pods keep running meanwhile).
     fn step(&mut self, state: &NodeState) -> impl Future<Output = Result<Step>> + Send;
-    /// A graceful stop: undo what must not outlive the daemon (VPC-route mode's routes).
-    fn shutdown(&mut self, state: &NodeState) -> impl Future<Output = ()> + Send;
 }
 
 fn backoff() -> impl Iterator<Item = Duration> {
@@ -44,13 +43,23 @@ fn backoff() -> impl Iterator<Item = Duration> {
         .build()
 }
 
-/// What an error means for the pool, for the status line and a failed Add.
+/// What an error means for the pool, for the status line and a failed Add: the one place a cloud
+/// failure becomes a blocker (and, through [`Blocker::kind`], what a pod is told).
 pub fn blocker_of(e: &IpamdError) -> Blocker {
     match e {
         IpamdError::Cloud(CloudError::Throttled { op, .. }) => {
             Blocker::Throttled(format!("EC2 is throttling {op}; ipamd backs off and retries"))
         }
-        IpamdError::Cloud(c @ CloudError::LimitReached { .. }) => Blocker::EniLimitReached(c.to_string()),
+        IpamdError::Cloud(c @ CloudError::LimitReached { limit, .. }) => match limit {
+            LimitKind::RoutesPerTable => Blocker::RouteTableFull(c.to_string()),
+            LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes => Blocker::SubnetExhausted(c.to_string()),
+            LimitKind::EnisPerInstance | LimitKind::AddressesPerEni | LimitKind::EnisPerRegion => {
+                Blocker::EniLimitReached(c.to_string())
+            }
+        },
+        IpamdError::Cloud(c @ CloudError::InUse { code, .. }) if code == "RouteAlreadyExists" => {
+            Blocker::RouteConflict(c.to_string())
+        }
         other => Blocker::Cloud(other.to_string()),
     }
 }
@@ -65,8 +74,7 @@ fn result_label(e: &IpamdError) -> &'static str {
     }
 }
 
-/// Syncs (retrying until it works), then runs steps until `stop` turns true; then shuts the
-/// source down.
+/// Syncs (retrying until it works), then runs steps until `stop` turns true.
 pub async fn run<S: Source>(
     mut src: S,
     state: Arc<NodeState>,
@@ -108,10 +116,7 @@ pub async fn run<S: Source>(
             tokio::select! {
                 _ = state.wake.notified() => {}
                 _ = tokio::time::sleep(interval) => {}
-                _ = stop.changed() => {
-                    src.shutdown(&state).await;
-                    return;
-                }
+                _ = stop.changed() => return,
             }
             tokio::time::sleep(window).await;
         }
@@ -138,6 +143,42 @@ pub async fn run<S: Source>(
                 tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(30))).await;
                 state.wake.notify_one();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use underway_api::ErrorKind;
+
+    #[test]
+    fn each_cloud_failure_reaches_the_pod_as_its_own_kind() {
+        let limit = |limit| {
+            IpamdError::Cloud(CloudError::LimitReached { op: "X", limit, code: "C".into(), message: "m".into() })
+        };
+        let cases = [
+            (limit(LimitKind::RoutesPerTable), ErrorKind::RouteTableFull),
+            (limit(LimitKind::SubnetAddresses), ErrorKind::SubnetExhausted),
+            (limit(LimitKind::SubnetPrefixes), ErrorKind::SubnetExhausted),
+            (limit(LimitKind::EnisPerInstance), ErrorKind::EniLimitReached),
+            (limit(LimitKind::AddressesPerEni), ErrorKind::EniLimitReached),
+            (
+                IpamdError::Cloud(CloudError::Throttled { op: "CreateRoute", code: "RequestLimitExceeded".into() }),
+                ErrorKind::Throttled,
+            ),
+            (
+                IpamdError::Cloud(CloudError::InUse {
+                    op: "CreateRoute",
+                    code: "RouteAlreadyExists".into(),
+                    message: "m".into(),
+                }),
+                ErrorKind::RouteConflict,
+            ),
+            (IpamdError::Cloud(CloudError::Transient { op: "X", message: "m".into() }), ErrorKind::PoolEmpty),
+        ];
+        for (e, want) in cases {
+            assert_eq!(blocker_of(&e).kind(), want, "{e}");
         }
     }
 }

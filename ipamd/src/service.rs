@@ -175,11 +175,7 @@ impl Service {
         };
         let (kind, why) = match (&st.waiting_for, &st.blocker) {
             (Some(w), _) => (ErrorKind::NotReady, format!("ipamd is not ready: waiting for {w}")),
-            (None, Some(b @ Blocker::SubnetExhausted(_))) => (ErrorKind::SubnetExhausted, b.message().to_string()),
-            (None, Some(b @ Blocker::EniLimitReached(_))) => (ErrorKind::EniLimitReached, b.message().to_string()),
-            (None, Some(b @ Blocker::Throttled(_))) => (ErrorKind::Throttled, b.message().to_string()),
-            (None, Some(b @ Blocker::RouteTableFull(_))) => (ErrorKind::RouteTableFull, b.message().to_string()),
-            (None, Some(b)) => (ErrorKind::PoolEmpty, b.message().to_string()),
+            (None, Some(b)) => (b.kind(), b.message().to_string()),
             (None, None) => (ErrorKind::PoolEmpty, "the pool is still growing".to_string()),
         };
         error(kind, format!("{waited}{extra}: {why}"))

@@ -71,6 +71,21 @@ pub enum Blocker {
 }
 
 impl Blocker {
+    /// The kind a failed Add (and its pod's Event) reports for this blocker: the one place the
+    /// two are matched.
+    pub fn kind(&self) -> underway_api::ErrorKind {
+        use underway_api::ErrorKind;
+        match self {
+            Blocker::NotReady(_) => ErrorKind::NotReady,
+            Blocker::SubnetExhausted(_) => ErrorKind::SubnetExhausted,
+            Blocker::EniLimitReached(_) => ErrorKind::EniLimitReached,
+            Blocker::Throttled(_) => ErrorKind::Throttled,
+            Blocker::RouteTableFull(_) => ErrorKind::RouteTableFull,
+            Blocker::RouteConflict(_) => ErrorKind::RouteConflict,
+            Blocker::Cloud(_) => ErrorKind::PoolEmpty,
+        }
+    }
+
     pub fn message(&self) -> &str {
         match self {
             Blocker::NotReady(m)

@@ -1,19 +1,27 @@
-//! VPC-route mode: the node owns a pod CIDR; the VPC routes it to the node. This source keeps
-//! "pod CIDR → this instance" in every configured route table and hands addresses out of the
-//! CIDR locally (the same pool, store, cooldown and RPC as ENI mode; one pseudo-ENI named after
-//! the CIDR holds them).
+//! VPC-route mode: the node owns a pod CIDR outside every VPC CIDR block; the VPC routes it to
+//! the node's primary ENI. This source keeps "pod CIDR → primary ENI" in every configured route
+//! table and hands addresses out of the CIDR locally (the same pool, store, cooldown and RPC as
+//! ENI mode; one pseudo-ENI named after the CIDR holds them).
+//!
+//! Valid on AWS (VPC User Guide, route tables): a route more specific than the VPC's local route
+//! must match a whole subnet and target an interface, so a pod CIDR inside the VPC cannot be
+//! routed at all; outside every block it can, to the primary ENI (an instance target is refused
+//! once the instance has a second interface — kubernetes #92783). Source/destination check is
+//! turned off on that ENI.
 //!
 //! Ownership rules: a route for the CIDR that points elsewhere is replaced only when its target
-//! instance is gone (terminated, or unknown to EC2) or is this node's own primary ENI; a live
+//! (instance or ENI) is gone, or is this node itself (an older instance target of ours); a live
 //! conflict is reported naming both and left alone (flannel #186 overwrote other clusters'
-//! routes). Source/destination check is turned off on the primary *ENI*, not the instance
-//! (kubernetes #92783). A table's capacity is enforced here because LocalStack enforces none.
+//! routes). Only tables tagged `underway.io/cluster = <cluster>` are touched (the IAM policy
+//! grants route changes on those alone). Routes outlive the daemon: a graceful stop (every
+//! rolling update) keeps them, `underway-ipamd uninstall` removes them, and the cluster GC removes
+//! those of nodes that are gone.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use underway_cloud::{Cloud, CloudError, RouteTable, RouteTarget, Vpc};
+use underway_cloud::{Cloud, CloudError, Route, RouteTable, RouteTarget, TAG_CLUSTER, Vpc};
 
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
@@ -49,6 +57,60 @@ pub(crate) async fn gone<C: Cloud>(cloud: &C, instance_id: &str) -> Result<bool>
     }
 }
 
+/// A route whose target no longer exists: a blackhole, an instance that is gone, or an ENI that is
+/// deleted, detached, or attached to an instance that is gone.
+pub(crate) async fn target_gone<C: Cloud>(cloud: &C, r: &Route) -> Result<bool> {
+    if r.state == "blackhole" {
+        return Ok(true);
+    }
+    match &r.target {
+        RouteTarget::Instance(i) => gone(cloud, i).await,
+        RouteTarget::Eni(e) => match cloud.eni(e).await {
+            Ok(eni) => match &eni.attachment {
+                Some(a) if !a.instance_id.is_empty() => gone(cloud, &a.instance_id).await,
+                _ => Ok(true),
+            },
+            Err(CloudError::NotFound { .. }) => Ok(true),
+            Err(e) => Err(e.into()),
+        },
+        RouteTarget::Other(_) => Ok(false),
+    }
+}
+
+/// Checks that a pod CIDR (or the cluster's) lies outside every VPC CIDR block: AWS refuses a
+/// route more specific than the local route unless it is a whole subnet to an interface.
+pub fn outside_vpc(field: &str, cidr: Ipv4Net, vpc: &Vpc) -> Result<()> {
+    match vpc.cidrs.iter().find(|b| b.contains(&cidr.network()) || cidr.contains(&b.network())) {
+        None => Ok(()),
+        Some(b) => Err(IpamdError::Config {
+            field: field.into(),
+            reason: format!(
+                "{cidr} overlaps the VPC's CIDR block {b} (the VPC {} has {}): AWS refuses a route inside the VPC unless it is a whole subnet to an interface; use a range outside every block, e.g. in 100.64.0.0/10",
+                vpc.id,
+                vpc.cidrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+        }),
+    }
+}
+
+/// Refuses a route table that is not tagged for this cluster (before any change to it).
+pub fn tagged_for(table: &RouteTable, cluster: &str) -> Result<()> {
+    match table.tags.get(TAG_CLUSTER) {
+        Some(v) if v == cluster => Ok(()),
+        other => Err(IpamdError::Config {
+            field: "vpc_route.route_tables".into(),
+            reason: format!(
+                "route table {} is not tagged {TAG_CLUSTER}={cluster} ({}): underway changes only its cluster's tables, and the IAM policy allows route changes on those alone",
+                table.id,
+                match other {
+                    Some(v) => format!("it says {v:?}"),
+                    None => "no such tag".to_string(),
+                }
+            ),
+        }),
+    }
+}
+
 /// Routes that count against a table's capacity (the VPC's own `local` routes do not).
 fn counted(t: &RouteTable) -> usize {
     t.routes.iter().filter(|r| !matches!(&r.target, RouteTarget::Other(o) if o == "local")).count()
@@ -74,22 +136,24 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
     }
 
     fn me(&self) -> RouteTarget {
-        RouteTarget::Instance(self.node.id.clone())
+        RouteTarget::Eni(self.node.primary_eni.clone())
     }
 
-    /// Makes sure one table sends the pod CIDR to this instance; a blocker when it cannot.
+    /// Makes sure one table sends the pod CIDR to this node's primary ENI; a blocker when it cannot.
     async fn ensure(&self, vpc: &Vpc, table_id: &str) -> Result<Option<Blocker>> {
         let t = self.cloud.route_table(table_id).await?;
+        tagged_for(&t, &self.cfg.cluster)?;
         self.metrics.route_table(table_id, counted(&t), self.cfg.vpc_route.route_table_capacity);
         let me = self.me();
         let current = t.routes.iter().find(|r| r.destination == self.cidr);
         match current {
-            Some(r) if r.points_to(&me) => return Ok(None),
+            Some(r) if r.target == me => return Ok(None),
             Some(r) => {
                 let ours = match &r.target {
-                    RouteTarget::Instance(i) => *i == self.node.id || gone(&*self.cloud, i).await?,
-                    RouteTarget::Eni(e) => *e == self.node.primary_eni,
+                    RouteTarget::Instance(i) if *i == self.node.id => true,
+                    RouteTarget::Eni(e) if *e == self.node.primary_eni => true,
                     RouteTarget::Other(_) => false,
+                    _ => target_gone(&*self.cloud, r).await?,
                 };
                 if !ours {
                     return Ok(Some(Blocker::RouteConflict(format!(
@@ -157,20 +221,10 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
 impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
         let vpc = self.cloud.vpc(&self.node.vpc_id).await?;
-        if !vpc.contains(&self.cidr) {
-            return Err(IpamdError::Config {
-                field: "vpc_route.pod_cidr".into(),
-                reason: format!("{} is outside the VPC's blocks {:?}", self.cidr, vpc.cidrs),
-            });
-        }
-        // Pod addresses must never be handed out by the subnet to ENIs as well.
-        for sub in self.cloud.subnets(std::slice::from_ref(&self.node.subnet_id)).await? {
-            if sub.cidr.contains(&self.cidr.network()) || self.cidr.contains(&sub.cidr.network()) {
-                return Err(IpamdError::Config {
-                    field: "vpc_route.pod_cidr".into(),
-                    reason: format!("{} overlaps the node's subnet {} ({})", self.cidr, sub.id, sub.cidr),
-                });
-            }
+        // Before any route call: a pod CIDR inside the VPC can never be routed on AWS.
+        outside_vpc("vpc_route.pod_cidr", self.cidr, &vpc)?;
+        if let Some(c) = self.cfg.vpc_route.cluster_cidr {
+            outside_vpc("vpc_route.cluster_cidr", c, &vpc)?;
         }
         self.vpc = Some(vpc);
         self.tables = if self.cfg.vpc_route.route_tables.is_empty() {
@@ -217,40 +271,48 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         }
         Ok(Step { blocker, again: false })
     }
-
-    async fn shutdown(&mut self, _state: &NodeState) {
-        if !self.cfg.vpc_route.remove_routes_on_shutdown {
-            return;
-        }
-        for t in &self.tables {
-            match self.cloud.route_table(t).await {
-                Ok(rt) if rt.routes.iter().any(|r| r.destination == self.cidr && r.points_to(&self.me())) => {
-                    match self.cloud.delete_route(t, self.cidr).await {
-                        Ok(()) => tracing::info!("{t}: removed {} on shutdown", self.cidr),
-                        Err(e) => tracing::warn!("{t}: removing {} on shutdown: {e}", self.cidr),
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("{t}: {e}"),
-            }
-        }
-    }
 }
 
-/// The route GC: in each table, routes inside `cluster_cidr` whose target instance is terminated
-/// or unknown are deleted. Returns what was deleted, as lines. Never touches a route outside the
-/// cluster's CIDR or one that points to a live instance or to anything but an instance.
-pub async fn gc_routes<C: Cloud>(cloud: &C, tables: &[String], cluster_cidr: Ipv4Net) -> Result<Vec<String>> {
+/// The route GC: in each table tagged for `cluster`, routes inside `cluster_cidr` whose target
+/// (instance or ENI) is gone are deleted. Returns what was deleted, as lines. Never touches a
+/// route outside the cluster's CIDR, one that points to something alive, or anything but an
+/// instance or ENI route.
+pub async fn gc_routes<C: Cloud>(
+    cloud: &C,
+    cluster: &str,
+    tables: &[String],
+    cluster_cidr: Ipv4Net,
+) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for t in tables {
         let rt = cloud.route_table(t).await?;
+        tagged_for(&rt, cluster)?;
         for r in rt.routes.iter().filter(|r| cluster_cidr.contains(&r.destination)) {
-            if let RouteTarget::Instance(i) = &r.target
-                && gone(cloud, i).await?
-            {
+            if !matches!(r.target, RouteTarget::Other(_)) && target_gone(cloud, r).await? {
                 cloud.delete_route(t, r.destination).await?;
-                out.push(format!("{t}: deleted {} → {i} (instance gone)", r.destination));
+                out.push(format!("{t}: deleted {} → {:?} (target gone)", r.destination, r.target));
             }
+        }
+    }
+    Ok(out)
+}
+
+/// `uninstall` in VPC-route mode: deletes this node's own routes (to its primary ENI, or to the
+/// instance) in each table tagged for `cluster`. Returns what was deleted, as lines.
+pub async fn remove_node_routes<C: Cloud>(
+    cloud: &C,
+    cluster: &str,
+    node: &Instance,
+    tables: &[String],
+) -> Result<Vec<String>> {
+    let mine = [RouteTarget::Eni(node.primary_eni.clone()), RouteTarget::Instance(node.id.clone())];
+    let mut out = Vec::new();
+    for t in tables {
+        let rt = cloud.route_table(t).await?;
+        tagged_for(&rt, cluster)?;
+        for r in rt.routes.iter().filter(|r| mine.iter().any(|m| r.target == *m)) {
+            cloud.delete_route(t, r.destination).await?;
+            out.push(format!("{t}: deleted {} → {:?} (this node)", r.destination, r.target));
         }
     }
     Ok(out)

@@ -17,7 +17,7 @@ fn the_shipped_configs_load() {
     assert_eq!(pools.mode, Mode::Eni);
     let routed = load("ipamd-pools.toml", &[("UNDERWAY_POOL", "routed")]);
     assert_eq!(routed.mode, Mode::VpcRoute);
-    assert_eq!(routed.vpc_route.pod_cidr, Some("10.0.128.0/24".parse().unwrap()));
+    assert_eq!(routed.vpc_route.pod_cidr, Some("100.64.1.0/24".parse().unwrap()));
 }
 
 /// deploy/k8s/crd.yaml is what `underway-ipamd crd` prints from the Rust types today.

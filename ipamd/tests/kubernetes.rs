@@ -26,7 +26,7 @@ const NODE: &str = "ip-10-0-1-10.ec2.internal";
 async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     let (w, n) = world("m5.large").await;
     let cloud = Ec2Cloud::from_sdk_config(&w.account().sdk_config(), &Ec2Config::default());
-    let pod_cidr: Ipv4Net = "10.0.141.0/28".parse().unwrap();
+    let pod_cidr: Ipv4Net = "100.64.41.0/28".parse().unwrap();
 
     // The cluster as ipamd will see it: its Node, labelled into the "routed" pool, with a pod CIDR.
     let api = FakeApiServer::in_ns(&n.ns).unwrap();
@@ -37,7 +37,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
         "metadata": {"name": "another-node", "resourceVersion": "1", "labels": {"underway.dev/pool": "other"}}}));
     api.put_pool(json!({"apiVersion": "underway.dev/v1alpha1", "kind": "UnderwayPool",
         "metadata": {"name": "routed", "resourceVersion": "1"},
-        "spec": {"mode": "vpc-route", "vpc_route": {"cluster_cidr": "10.0.128.0/17"}}}));
+        "spec": {"mode": "vpc-route", "vpc_route": {"cluster_cidr": "100.64.0.0/16"}}}));
 
     // What a node that is gone left behind: the elected GC must delete it.
     let dead = w.ec2().run_instance("m5.large").await;
@@ -76,8 +76,8 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     assert_eq!(cfg["vpc_route"]["pod_cidr"], pod_cidr.to_string());
     let main = main_table(&w).await;
     assert!(
-        routes(&w, &main).await.contains(&(pod_cidr.to_string(), n.instance_id.clone())),
-        "the Node's pod CIDR is routed"
+        routes(&w, &main).await.contains(&(pod_cidr.to_string(), primary_eni(&w, &n).await)),
+        "the Node's pod CIDR is routed to its primary ENI"
     );
 
     // Fill the /28; the Adds that find no address fail, each with an Event on its pod.
@@ -134,11 +134,12 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     assert!(requests.iter().any(|r| r == "GET /apis/underway.dev/v1alpha1/underwaypools/routed"), "{requests:?}");
     assert!(!requests.iter().any(|r| r.contains("/pods")), "{requests:?}");
 
-    // SIGTERM: the Lease is given up and the route removed.
+    // SIGTERM: the Lease is given up; the route stays (a rolling update must not black-hole the
+    // node's pods).
     assert!(p.stop(), "{}", p.log_text());
     let lease = api.lease("underway-cluster-gc").unwrap();
     assert!(lease["spec"].get("holderIdentity").is_none_or(|h| h.is_null()), "{lease}");
-    assert!(!routes(&w, &main).await.iter().any(|(d, _)| *d == pod_cidr.to_string()));
+    assert!(routes(&w, &main).await.iter().any(|(d, _)| *d == pod_cidr.to_string()));
 
     // deploy/k8s/rbac.yaml grants what these requests needed, and nothing they did not.
     let used: BTreeSet<(String, String, String)> = api.requests().iter().filter_map(|r| permission(r)).collect();
@@ -150,6 +151,41 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     let series = ("events.k8s.io".to_string(), "events".to_string(), "patch".to_string());
     let unused: Vec<_> = granted.difference(&used).filter(|g| **g != series).collect();
     assert!(unused.is_empty(), "rbac.yaml grants {unused:?}, which ipamd never used");
+    // Named requests are scoped by name where RBAC can scope them: every get/update of a Lease
+    // names ipamd's own, and the rule allowing them lists that name alone.
+    let names = resource_names();
+    for line in api.requests() {
+        let Some((g, r, v)) = permission(&line) else { continue };
+        let Some(allowed) = names.get(&(g.clone(), r.clone(), v.clone())) else { continue };
+        let name = line.split('?').next().unwrap_or_default().rsplit('/').next().unwrap_or_default().to_string();
+        assert!(allowed.contains(&name), "{line}: {name} is not among {allowed:?}");
+    }
+    let lease = ("coordination.k8s.io".to_string(), "leases".to_string(), "update".to_string());
+    assert_eq!(names.get(&lease), Some(&vec!["underway-cluster-gc".to_string()]), "the Lease rule is scoped by name");
+}
+
+/// (API group, resource, verb) → the resourceNames its rule is limited to (rules with names only).
+fn resource_names() -> std::collections::BTreeMap<(String, String, String), Vec<String>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/rbac.yaml");
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for d in docs.iter().filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role") {
+        for rule in d["rules"].as_array().unwrap() {
+            let Some(names) = rule["resourceNames"].as_array() else { continue };
+            let strs = |k: &str| -> Vec<String> {
+                rule[k].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+            };
+            for g in strs("apiGroups") {
+                for r in strs("resources") {
+                    for v in strs("verbs") {
+                        let n = names.iter().map(|n| n.as_str().unwrap().to_string()).collect();
+                        out.insert((g.clone(), r.clone(), v), n);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// (API group, resource, verb) a request line needs.

@@ -6,7 +6,7 @@
 //!   ([`mac_for`]; LocalStack's own MACs are malformed), and vanishes when detached;
 //! - each node has an **IMDSv2** server at 169.254.169.254:80 inside its namespace (and on a
 //!   loopback port for the test process), serving from EC2 state, and an **EC2 endpoint** at
-//!   `http://169.254.169.250:4566` inside its namespace that forwards to LocalStack on loopback;
+//!   `http://169.254.169.250:4566` inside its namespace that forwards to the account's strict EC2 front (then LocalStack) on loopback;
 //! - one **router** namespace holds the far end of every ENI link. It routes each address EC2 says
 //!   an ENI owns (primary, secondary, /28 prefixes) to that ENI's link, and each route-table
 //!   destination to its target instance's primary ENI (or the target ENI), by a permanent neighbour
@@ -292,6 +292,8 @@ struct Inner {
     id: String,
     account: Account,
     ec2: Ec2Fixture,
+    /// LocalStack itself: the world plays the cloud, so its reads bypass the front.
+    direct: aws_sdk_ec2::Client,
     router_ns: String,
     nodes: Mutex<Vec<Arc<Node>>>,
     applied: Mutex<Applied>,
@@ -333,6 +335,7 @@ impl World {
         let router_ns = format!("{id}-router");
         let inner = Arc::new(Inner {
             id,
+            direct: aws_sdk_ec2::Client::new(&account.direct_sdk_config()),
             account,
             ec2,
             router_ns: router_ns.clone(),
@@ -341,6 +344,9 @@ impl World {
             sync_lock: tokio::sync::Mutex::new(()),
         });
         let world = World { inner, poller: Mutex::new(None) };
+        // An install step of VPC-route mode: the tables ipamd may change carry the cluster's tag.
+        let main = world.main_route_table().await?;
+        world.tag_for_cluster(&main).await?;
         netns::add_ns(&router_ns)?;
         netns::ip_in(&router_ns, &["link", "set", "lo", "up"])?;
         for (k, v) in [
@@ -355,8 +361,41 @@ impl World {
         Ok(world)
     }
 
+    /// The world's id, which is also the cluster name its ipamd processes use.
     pub fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// The VPC's main route table (tagged for the world's cluster at creation).
+    pub async fn main_route_table(&self) -> Result<String, HarnessError> {
+        let o = self
+            .inner
+            .direct
+            .describe_route_tables()
+            .filters(Filter::builder().name("vpc-id").values(&self.inner.ec2.vpc_id).build())
+            .filters(Filter::builder().name("association.main").values("true").build())
+            .send()
+            .await
+            .map_err(ec2_err)?;
+        o.route_tables()
+            .first()
+            .and_then(|t| t.route_table_id())
+            .map(str::to_string)
+            .ok_or_else(|| HarnessError::Ec2("the VPC has no main route table".into()))
+    }
+
+    /// Tags a route table `underway.io/cluster = <world id>`, as a user tags the cluster's tables.
+    pub async fn tag_for_cluster(&self, table: &str) -> Result<(), HarnessError> {
+        let tag = aws_sdk_ec2::types::Tag::builder().key(underway_cloud::TAG_CLUSTER).value(&self.inner.id).build();
+        self.inner.ec2.client.create_tags().resources(table).tags(tag).send().await.map_err(ec2_err)?;
+        Ok(())
+    }
+
+    /// A new route table in the VPC, tagged for the world's cluster.
+    pub async fn cluster_route_table(&self) -> Result<String, HarnessError> {
+        let t = self.inner.ec2.route_table().await;
+        self.tag_for_cluster(&t).await?;
+        Ok(t)
     }
     pub fn account(&self) -> &Account {
         &self.inner.account
@@ -395,11 +434,9 @@ impl World {
         })?;
         let imds = FakeImds::start_on(std::net::TcpListener::bind("127.0.0.1:0")?, vec![imds_in_ns?], BTreeMap::new())?;
         let ec2_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let proxy = spawn_proxy(
-            proxy_in_ns?,
-            inner.account.endpoint.trim_start_matches("http://").to_string(),
-            ec2_delay_ms.clone(),
-        )?;
+        // The node's EC2 calls reach the account's front under the node's name.
+        let front = inner.account.front.endpoint_for(&format!("node{index}"))?;
+        let proxy = spawn_proxy(proxy_in_ns?, front.trim_start_matches("http://").to_string(), ec2_delay_ms.clone())?;
         let node = Arc::new(Node {
             index,
             ns,
@@ -498,8 +535,7 @@ fn spawn_proxy(
     }))
 }
 
-async fn snapshot(ec2: &Ec2Fixture) -> Result<Snapshot, HarnessError> {
-    let c = &ec2.client;
+async fn snapshot(c: &aws_sdk_ec2::Client, ec2: &Ec2Fixture) -> Result<Snapshot, HarnessError> {
     let vpc_filter = || Filter::builder().name("vpc-id").values(&ec2.vpc_id).build();
     let mut snap = Snapshot { vpc_id: ec2.vpc_id.clone(), ..Snapshot::default() };
     let vpcs = c.describe_vpcs().vpc_ids(&ec2.vpc_id).send().await.map_err(ec2_err)?;
@@ -571,7 +607,7 @@ async fn snapshot(ec2: &Ec2Fixture) -> Result<Snapshot, HarnessError> {
 
 async fn sync(inner: &Arc<Inner>) -> Result<(), HarnessError> {
     let _one_at_a_time = inner.sync_lock.lock().await;
-    let snap = snapshot(&inner.ec2).await?;
+    let snap = snapshot(&inner.direct, &inner.ec2).await?;
     let nodes = inner.nodes.lock().expect("nodes").clone();
     let by_instance: BTreeMap<String, usize> = nodes.iter().map(|n| (n.instance_id.clone(), n.index)).collect();
     let p = plan(&snap, &by_instance);

@@ -74,8 +74,8 @@ async fn both_modes_all_pairs_and_node_to_pod_in_plain_ipv4() {
     let ds: Vec<IpamdProcess> = vec![
         ipamd(&w, &nodes[0], &eni_cfg("")),
         ipamd(&w, &nodes[1], &eni_cfg("")),
-        ipamd(&w, &nodes[2], &routed_cfg("10.0.128.0/24", "")),
-        ipamd(&w, &nodes[3], &routed_cfg("10.0.129.0/24", "")),
+        ipamd(&w, &nodes[2], &routed_cfg("100.64.1.0/24", "")),
+        ipamd(&w, &nodes[3], &routed_cfg("100.64.2.0/24", "")),
     ];
     for (i, d) in ds.iter().enumerate() {
         d.wait_ready(if i < 2 { 1 } else { 254 }, Duration::from_secs(60)).unwrap();
@@ -166,7 +166,7 @@ async fn a_secondary_eni_pod_needs_its_from_rule_and_check_says_so() {
     let b = w.add_node("m5.large").await.unwrap();
     w.start_sync_loop(Duration::from_millis(200));
     let da = ipamd(&w, &a, &eni_cfg(""));
-    let db = ipamd(&w, &b, &routed_cfg("10.0.130.0/24", ""));
+    let db = ipamd(&w, &b, &routed_cfg("100.64.3.0/24", ""));
     da.wait_ready(1, Duration::from_secs(60)).unwrap();
     db.wait_ready(254, Duration::from_secs(60)).unwrap();
     let pods: Vec<Pod> = (0..3).map(|j| add_pod(&a, &da, 0, &format!("s{j}"))).collect();
@@ -196,11 +196,11 @@ async fn a_secondary_eni_pod_needs_its_from_rule_and_check_says_so() {
 async fn a_deleted_pods_address_is_reused_only_after_the_cooldown() {
     let w = World::create().await.unwrap();
     let n = w.add_node("m5.large").await.unwrap();
-    let d = ipamd(&w, &n, &routed_cfg("10.0.131.0/28", ""));
+    let d = ipamd(&w, &n, &routed_cfg("100.64.4.0/28", ""));
     d.wait_ready(14, Duration::from_secs(60)).unwrap();
     let x = add_pod(&n, &d, 0, "x");
     let y = add_pod(&n, &d, 0, "y");
-    assert_eq!((x.addr, y.addr), ("10.0.131.1".parse().unwrap(), "10.0.131.2".parse().unwrap()));
+    assert_eq!((x.addr, y.addr), ("100.64.4.1".parse().unwrap(), "100.64.4.2".parse().unwrap()));
     let (code, _) = cni(&n.ns, "DEL", "x", &x.ns.path().display().to_string(), &conf(&d));
     let deleted = Instant::now();
     assert_eq!(code, 0);

@@ -99,11 +99,16 @@ pub enum ErrorKind {
     EniLimitReached,
     Throttled,
     RouteTableFull,
+    /// Another live owner's route holds this node's pod CIDR (VPC-route mode; never overwritten).
+    RouteConflict,
     /// ipamd holds no address for this attachment (CHECK).
     UnknownAttachment,
     VersionMismatch,
     BadRequest,
     Internal,
+    /// A kind this build does not know (a newer ipamd): read as a retryable failure, not garbage.
+    #[serde(other)]
+    Other,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,6 +223,16 @@ mod tests {
             line,
             "{\"version\":1,\"op\":\"del\",\"network\":\"underway\",\"container_id\":\"abc123\",\"ifname\":\"eth0\"}\n"
         );
+    }
+
+    #[test]
+    fn an_error_kind_from_a_newer_ipamd_is_read_as_other() {
+        let r: Response =
+            decode("{\"version\":1,\"result\":\"error\",\"kind\":\"quota_of_the_future\",\"message\":\"m\"}").unwrap();
+        assert_eq!(r, Response::Error(ApiError { kind: ErrorKind::Other, message: "m".into() }));
+        let r: Response =
+            decode("{\"version\":1,\"result\":\"error\",\"kind\":\"route_conflict\",\"message\":\"m\"}").unwrap();
+        assert_eq!(r, Response::Error(ApiError { kind: ErrorKind::RouteConflict, message: "m".into() }));
     }
 
     #[test]

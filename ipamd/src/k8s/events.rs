@@ -28,9 +28,12 @@ pub fn reason(kind: ErrorKind) -> &'static str {
         ErrorKind::EniLimitReached => "EniLimitReached",
         ErrorKind::Throttled => "CloudThrottled",
         ErrorKind::RouteTableFull => "RouteTableFull",
-        ErrorKind::UnknownAttachment | ErrorKind::VersionMismatch | ErrorKind::BadRequest | ErrorKind::Internal => {
-            "AddressAllocationFailed"
-        }
+        ErrorKind::RouteConflict => "RouteConflict",
+        ErrorKind::UnknownAttachment
+        | ErrorKind::VersionMismatch
+        | ErrorKind::BadRequest
+        | ErrorKind::Internal
+        | ErrorKind::Other => "AddressAllocationFailed",
     }
 }
 

@@ -127,27 +127,29 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     panic!("not within {limit:?}: {what}");
 }
 
-/// (destination, target instance) of every route of a table that points to an instance.
+/// (destination, target instance or ENI) of every route of a table that points to one.
 pub async fn routes(w: &World, table: &str) -> Vec<(String, String)> {
     let o = w.ec2().client.describe_route_tables().route_table_ids(table).send().await.unwrap();
     let mut v: Vec<_> = o.route_tables()[0]
         .routes()
         .iter()
-        .filter_map(|r| Some((r.destination_cidr_block()?.to_string(), r.instance_id()?.to_string())))
+        .filter_map(|r| {
+            let target = r.instance_id().or(r.network_interface_id())?;
+            Some((r.destination_cidr_block()?.to_string(), target.to_string()))
+        })
         .collect();
     v.sort();
     v
 }
 
+/// The VPC's main route table (tagged for the world's cluster).
 pub async fn main_table(w: &World) -> String {
-    let o = w
-        .ec2()
-        .client
-        .describe_route_tables()
-        .filters(Filter::builder().name("vpc-id").values(&w.ec2().vpc_id).build())
-        .filters(Filter::builder().name("association.main").values("true").build())
-        .send()
-        .await
-        .unwrap();
-    o.route_tables()[0].route_table_id().unwrap().to_string()
+    w.main_route_table().await.unwrap()
+}
+
+/// The node's primary ENI (device 0).
+pub async fn primary_eni(w: &World, n: &Node) -> String {
+    let enis = node_enis(w, n).await;
+    let p = enis.iter().find(|e| e.attachment().and_then(|a| a.device_index()) == Some(0)).expect("a primary ENI");
+    p.network_interface_id().unwrap().to_string()
 }

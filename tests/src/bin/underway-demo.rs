@@ -22,8 +22,8 @@ use underway_tests::world::{Node, World};
 const NODES: [(&str, &str, &str); 4] = [
     ("d3.xlarge", "eni", ""),
     ("d3.xlarge", "eni", ""),
-    ("m5.large", "vpc-route", "10.0.128.0/24"),
-    ("m5.large", "vpc-route", "10.0.129.0/24"),
+    ("m5.large", "vpc-route", "100.64.1.0/24"),
+    ("m5.large", "vpc-route", "100.64.2.0/24"),
 ];
 const PODS_PER_NODE: usize = 3;
 struct Pod {
@@ -143,15 +143,23 @@ async fn demo(started: Instant) -> Result<bool, String> {
     }
     let calls: Vec<u64> = daemons.iter().map(mutating_calls).collect();
     println!("\nEC2 mutating calls per node: {calls:?}");
+    // Every call went through the strict EC2 front (AWS's rules and the account's buckets).
+    let front = world.account().front.clone();
+    let refused = front.unprovoked().len();
+    println!(
+        "EC2 front: {} requests, {refused} refused by an AWS rule, busiest second {} mutating (account budget 50 + 5/s)",
+        front.records().len(),
+        front.peak(true, std::time::Duration::from_secs(1))
+    );
     let on_secondary = (0..2).all(|n| pods.iter().any(|p| p.node == n && p.via.contains("secondary")));
     for mut d in daemons {
         d.stop();
     }
     drop(pods);
     drop(world);
-    let all_ok = ok == pairs && on_secondary;
+    let all_ok = ok == pairs && on_secondary && refused == 0;
     println!(
-        "UNDERWAY-DEMO {} nodes=4 pods={} pings={ok}/{pairs} secondary_eni_pods={} ec2_mutating_calls={} seconds={:.0}",
+        "UNDERWAY-DEMO {} nodes=4 pods={} pings={ok}/{pairs} secondary_eni_pods={} ec2_mutating_calls={} ec2_refused={refused} seconds={:.0}",
         if all_ok { "ok" } else { "failed" },
         NODES.len() * PODS_PER_NODE,
         if on_secondary { "yes" } else { "no" },
