@@ -16,7 +16,7 @@ use crate::clock::unix_ms;
 use crate::k8s::events::FailedAdd;
 use crate::metrics::Metrics;
 use crate::pool::{Lease, PoolError};
-use crate::state::{Blocker, Book, NodeState};
+use crate::state::{Book, NodeState};
 use crate::store::PodRecord;
 
 /// Attachments found in use on the host but unknown to the store (it was lost) are held under
@@ -252,7 +252,7 @@ mod tests {
     use super::*;
     use crate::config::Mode;
     use crate::pool::Pool;
-    use crate::state::Status;
+    use crate::state::{Blocker, Status};
     use crate::store::Store;
 
     /// A service over an empty pool whose growth a full subnet blocks, in a temp store.

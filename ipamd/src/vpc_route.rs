@@ -147,7 +147,9 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
         let me = self.me();
         let current = t.routes.iter().find(|r| r.destination == self.cidr);
         match current {
-            Some(r) if r.target == me => return Ok(None),
+            // EC2 reports an ENI route with the instance it is attached to as well; what counts is
+            // the ENI the route resolves to.
+            Some(r) if r.points_to(&me) => return Ok(None),
             Some(r) => {
                 let ours = match &r.target {
                     RouteTarget::Instance(i) if *i == self.node.id => true,
@@ -310,7 +312,7 @@ pub async fn remove_node_routes<C: Cloud>(
     for t in tables {
         let rt = cloud.route_table(t).await?;
         tagged_for(&rt, cluster)?;
-        for r in rt.routes.iter().filter(|r| mine.iter().any(|m| r.target == *m)) {
+        for r in rt.routes.iter().filter(|r| mine.contains(&r.target)) {
             cloud.delete_route(t, r.destination).await?;
             out.push(format!("{t}: deleted {} → {:?} (this node)", r.destination, r.target));
         }

@@ -440,7 +440,8 @@ mod tests {
     fn route_rules_follow_the_vpc_guide() {
         let i = || Target::Instance("i-1".into());
         let e = || Target::Eni("eni-1".into());
-        let cases: Vec<(RouteRequest, TableView, Option<(Rule, &str)>)> = vec![
+        type Case = (RouteRequest, TableView, Option<(Rule, &'static str)>);
+        let cases: Vec<Case> = vec![
             // Inside the primary block, not a subnet: refused whatever the target.
             (route("10.0.128.0/24", i()), view(&[], Some(1)), Some((Rule::RouteInsideVpc, "InvalidParameterValue"))),
             (route("10.0.128.0/24", e()), view(&[], None), Some((Rule::RouteInsideVpc, "InvalidParameterValue"))),
