@@ -51,7 +51,22 @@ fn reach(ns: &TempNs, addr: std::net::Ipv4Addr) -> bool {
     (0..3).any(|_| ns.sh(&format!("ping -c 1 -W 1 {addr}")).0)
 }
 
+/// The tools the demo's world runs, named when one is missing (a missing `ping` would otherwise
+/// look like a network that does not work).
+fn check_tools() -> Result<(), String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for (tool, package) in
+        [("ip", "iproute2"), ("nft", "nftables"), ("ping", "iputils-ping"), ("nsenter", "util-linux")]
+    {
+        if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
+            return Err(format!("`{tool}` is not on PATH: install {package} (deploy/local/demo installs it as root)"));
+        }
+    }
+    Ok(())
+}
+
 async fn demo(started: Instant) -> Result<bool, String> {
+    check_tools()?;
     let ipamd = bin_path("underway-ipamd").map_err(|e| e.to_string())?;
     bin_path("underway").map_err(|e| e.to_string())?;
     println!("LocalStack: starting (installed into its venv on first use) ...");
