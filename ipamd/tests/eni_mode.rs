@@ -155,11 +155,13 @@ async fn add_on_an_empty_pool_waits_out_a_slow_ec2() {
     let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 0\n"));
     p.wait_ready(0, Duration::from_secs(60)).unwrap();
     assert_eq!(status(&p).free, 0);
-    n.set_ec2_delay(Duration::from_millis(2500));
+    // Every EC2 request of the account takes 2.5 s (the front's latency: per request, as the SDK
+    // keeps its connection to the front open).
+    w.account().front.configure(|c| c.faults.latency = Duration::from_millis(2500));
     let t = Instant::now();
     let a = added(add(&p, "slow"));
     let took = t.elapsed();
-    n.set_ec2_delay(Duration::ZERO);
+    w.account().front.configure(|c| c.faults.latency = Duration::ZERO);
     // Not a speed figure: proof that the Add really met the stall. That it got an address at
     // all shows it stayed within its wait (ipamd fails an Add once add_wait_ms has passed).
     assert!(took >= Duration::from_millis(2500), "the stall was in the way ({took:?}); got {}", a.address);

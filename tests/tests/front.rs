@@ -125,9 +125,6 @@ async fn a_table_holds_its_capacity_and_one_route_per_destination() {
     for n in 0..3 {
         create(n).send().await.unwrap();
     }
-    // Not provoked yet: the refusal is recorded as unprovoked (what tests/run fails on).
-    assert_eq!(code(create(1).send().await).0, "RouteAlreadyExists");
-    assert_eq!(account.front.unprovoked().len(), 1);
     account.front.provoke(Rule::RouteExists);
     account.front.provoke(Rule::RouteLimit);
     assert_eq!(code(create(2).send().await).0, "RouteAlreadyExists");
@@ -142,7 +139,40 @@ async fn a_table_holds_its_capacity_and_one_route_per_destination() {
         .expect("ReplaceRoute in a full table");
     c.delete_route().route_table_id(&rtb).destination_cidr_block("100.64.0.0/24").send().await.unwrap();
     create(3).send().await.expect("room again after a delete");
-    assert_eq!(account.front.unprovoked().len(), 1, "only the first, deliberate one");
+    assert!(account.front.unprovoked().is_empty());
+    let refused =
+        account.front.records().into_iter().filter(|r| matches!(r.outcome, Outcome::Refused { provoked: true, .. }));
+    assert_eq!(refused.count(), 2, "both refusals recorded as provoked");
+}
+
+/// The run's report fails on an unprovoked refusal, and only on one. (A live unprovoked refusal
+/// would fail the whole `tests/run`, so this one is written into a log of its own.)
+#[test]
+fn the_run_report_fails_on_an_unprovoked_refusal_only() {
+    let bin = underway_tests::ipamd::bin_path("underway-front-report").unwrap();
+    let dir = std::env::temp_dir().join(format!("underway-front-report-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let line = |outcome: &str, rule: Option<&str>, provoked: bool| {
+        serde_json::json!({"t_ms": 1000, "account": "111111111111", "node": "node0", "action": "CreateRoute",
+                           "mutating": true, "outcome": outcome, "rule": rule, "provoked": provoked, "test": "t"})
+        .to_string()
+    };
+    let run = |lines: &[String]| {
+        let p = dir.join("log");
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        let out = std::process::Command::new(&bin).arg(&p).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let ok = line("forwarded", None, false);
+    let provoked = line("refused:route-limit", Some("route-limit"), true);
+    let unprovoked = line("refused:route-limit:UNPROVOKED", Some("route-limit"), false);
+    let (pass, text) = run(&[ok.clone(), provoked.clone()]);
+    assert!(pass, "{text}");
+    assert!(text.contains("unprovoked refusals: 0") && text.contains("2 requests"), "{text}");
+    let (pass, text) = run(&[ok, provoked, unprovoked]);
+    assert!(!pass, "{text}");
+    assert!(text.contains("UNPROVOKED 111111111111 CreateRoute from node0 (t): refused by route-limit"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[tokio::test]

@@ -131,7 +131,7 @@ async fn a_vpc_route_to_an_instance_makes_its_cidr_reachable() {
     let a = world.add_node("m5.large").await.unwrap();
     let b = world.add_node("m5.large").await.unwrap();
     let (a_eni0, _) = primary_eni(&world, &a).await;
-    sh(&a, "ip addr add 10.0.200.5/32 dev lo");
+    sh(&a, "ip addr add 100.64.200.5/32 dev lo");
     set_source_dest_check(&world, &a_eni0, false).await;
 
     let fx = world.ec2();
@@ -144,21 +144,21 @@ async fn a_vpc_route_to_an_instance_makes_its_cidr_reachable() {
         .await
         .unwrap();
     let main = tables.route_tables()[0].route_table_id().unwrap().to_string();
-    assert!(!ping(&b, "10.0.200.5"), "no route yet");
+    assert!(!ping(&b, "100.64.200.5"), "no route yet");
     fx.client
         .create_route()
         .route_table_id(&main)
-        .destination_cidr_block("10.0.200.0/24")
+        .destination_cidr_block("100.64.200.0/24")
         .instance_id(&a.instance_id)
         .send()
         .await
         .unwrap();
     world.sync().await.unwrap();
-    assert!(ping(&b, "10.0.200.5"), "the route sends the CIDR to node A");
+    assert!(ping(&b, "100.64.200.5"), "the route sends the CIDR to node A");
 
-    fx.client.delete_route().route_table_id(&main).destination_cidr_block("10.0.200.0/24").send().await.unwrap();
+    fx.client.delete_route().route_table_id(&main).destination_cidr_block("100.64.200.0/24").send().await.unwrap();
     world.sync().await.unwrap();
-    assert!(!ping(&b, "10.0.200.5"), "deleting the route cuts it");
+    assert!(!ping(&b, "100.64.200.5"), "deleting the route cuts it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
