@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use ipnet::Ipv4Net;
 use underway_cloud::{
     AddressCount, Attachment, Cloud, CloudError, CreateEni, Eni as CloudEni, InstanceLimits, LimitKind, Subnet,
-    eni_tags,
+    TAG_CLUSTER, eni_tags,
 };
 use underway_routes::EniSpec;
 
@@ -125,9 +125,12 @@ impl<C: Cloud + 'static> EniMode<C> {
     }
 
     /// Offers an attached, set-up ENI's addresses to the pool.
-    fn offer(&self, state: &NodeState, eni: &CloudEni, device_index: u32) {
+    /// Makes an ENI's addresses free, except those a running pod's veth routes: those are marked
+    /// held in the same change, so no Add can take them in between.
+    async fn offer(&self, state: &NodeState, eni: &CloudEni, device_index: u32) -> Result<()> {
         let table = self.table_of(device_index);
-        let ((), _) = state.change(|b| {
+        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
+        let (recovered, _) = state.change(|b| {
             let r = b.pool.sync_eni(&eni.id, device_index, table, &eni.secondary_ips, &eni.prefixes);
             if !r.dropped_assigned.is_empty() {
                 let lost: Vec<String> =
@@ -143,8 +146,11 @@ impl<C: Cloud + 'static> EniMode<C> {
             if !r.dropped.is_empty() {
                 tracing::info!("{}: dropped {} addresses EC2 no longer has", eni.id, r.dropped.len());
             }
+            crate::host::mark_running(b, &running)
         });
+        crate::host::report_recovered(state, &recovered);
         state.freed.notify_waiters();
+        Ok(())
     }
 
     async fn finish_pending(&mut self, state: &NodeState) -> Result<()> {
@@ -152,7 +158,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
             self.setup_link(&eni, idx).await?;
             self.pending.remove(&id);
-            self.offer(state, &eni, idx);
+            self.offer(state, &eni, idx).await?;
             tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
         }
         Ok(())
@@ -204,12 +210,19 @@ impl<C: Cloud + 'static> EniMode<C> {
         let asked = n;
         let slots = self.limits.slots_per_eni();
         let prefix_mode = self.prefix_mode();
+        // Room on an ENI is what EC2 counts, not only what the pool uses: an address EC2 gave
+        // twice (quarantined, never in the pool) still fills a slot, and AWS refuses an assign
+        // past the type's limit (PrivateIpAddressLimitExceeded; found by the strict front).
         let rooms: Vec<(String, u32)> = state.read(|b| {
             b.pool
                 .enis()
                 .map(|e| {
-                    let used = if prefix_mode { e.prefixes.len() as u32 } else { e.slots.len() as u32 };
-                    (e.id.clone(), slots.saturating_sub(used))
+                    let in_pool = if prefix_mode { e.prefixes.len() } else { e.slots.len() };
+                    let in_ec2 = self
+                        .known
+                        .get(&e.id)
+                        .map_or(0, |k| if prefix_mode { k.prefixes.len() } else { k.secondary_ips.len() });
+                    (e.id.clone(), slots.saturating_sub(in_pool.max(in_ec2) as u32))
                 })
                 .filter(|(_, room)| *room > 0)
                 .collect()
@@ -314,19 +327,15 @@ impl<C: Cloud + 'static> EniMode<C> {
             }
             Err(e) => return Err(e.into()),
         };
-        let used: Vec<u32> = self
-            .known
-            .values()
-            .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
-            .chain(self.pending.values().copied())
-            .collect();
+        let used = self.device_indexes(state).await?;
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
         let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
             Err(e) => {
-                // Never leave it behind: delete now (GC by tag catches it if this fails too).
-                if let Err(d) = self.cloud.delete_eni(&eni.id).await {
-                    state.record_error(format!("{}: attach failed and delete failed ({d}); GC will retry", eni.id));
+                // The attach may have happened all the same (a lost reply, or the
+                // delete-on-termination step after it failed): never leave the ENI untracked.
+                if self.settle_failed_attach(state, &eni.id).await {
+                    return Ok(None);
                 }
                 return Err(e.into());
             }
@@ -342,6 +351,69 @@ impl<C: Cloud + 'static> EniMode<C> {
         self.pending.insert(eni.id.clone(), idx);
         self.known.insert(eni.id.clone(), eni);
         Ok(None)
+    }
+
+    /// Device indexes in use on this node: the ENIs ipamd knows or waits for, and every ENI EC2
+    /// has attached. An ENI of this cluster that EC2 has attached but ipamd lost track of (an
+    /// attach whose answer was lost) is adopted here: waiting for its link, then in the pool.
+    async fn device_indexes(&mut self, state: &NodeState) -> Result<Vec<u32>> {
+        let mut used: Vec<u32> = self
+            .known
+            .values()
+            .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
+            .chain(self.pending.values().copied())
+            .collect();
+        for e in self.cloud.enis_of_instance(&self.node.id).await? {
+            let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
+            used.push(idx);
+            if !self.known.contains_key(&e.id) && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster) {
+                state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
+                self.pending.insert(e.id.clone(), idx);
+                self.known.insert(e.id.clone(), e);
+            }
+        }
+        Ok(used)
+    }
+
+    /// After a failed attach: an ENI EC2 has attached to this node is adopted (true); one it has
+    /// not is deleted. EC2 is eventually consistent, so "not found" is asked again a few times;
+    /// what cannot be settled is left to the leak GC (the ENI is tagged) and recorded.
+    async fn settle_failed_attach(&mut self, state: &NodeState, eni_id: &str) -> bool {
+        for _ in 0..8 {
+            match self.cloud.eni(eni_id).await {
+                Ok(e) => match e.attachment.as_ref().map(|a| (a.instance_id.clone(), a.device_index)) {
+                    Some((i, idx)) if i == self.node.id => {
+                        state.record_error(format!(
+                            "{eni_id}: the attach failed, yet EC2 has it attached at device {idx}: adopted"
+                        ));
+                        self.pending.insert(eni_id.to_string(), idx);
+                        self.known.insert(eni_id.to_string(), e);
+                        return true;
+                    }
+                    Some(_) => {}
+                    None => match self.cloud.delete_eni(eni_id).await {
+                        // NotFound: a retried delete whose first answer was lost.
+                        Ok(()) | Err(CloudError::NotFound { .. }) => return false,
+                        Err(CloudError::InUse { .. }) => {}
+                        Err(d) => {
+                            state.record_error(format!(
+                                "{eni_id}: attach failed and delete failed ({d}); GC will retry"
+                            ));
+                            return false;
+                        }
+                    },
+                },
+                Err(CloudError::NotFound { .. }) => {}
+                Err(d) => {
+                    state
+                        .record_error(format!("{eni_id}: attach failed and its state is unknown ({d}); GC will retry"));
+                    return false;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        state.record_error(format!("{eni_id}: attach failed and it could not be settled; GC will retry"));
+        false
     }
 
     /// Gives `n` free slots back through the release handshake: picked addresses are never handed
@@ -421,7 +493,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
                 self.pending.insert(e.id.clone(), idx);
                 continue;
             }
-            self.offer(state, &e, idx);
+            self.offer(state, &e, idx).await?;
         }
         let (lost, g) = state.change(|b| {
             let gone: Vec<u32> = b.pool.enis().map(|e| e.device_index).filter(|i| !seen.contains(i)).collect();
