@@ -82,6 +82,8 @@ struct Shared {
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let cfg = Arc::new(cfg);
     let store = Store::open(&cfg.state_dir)?;
+    // Held until run returns: a second ipamd stops here, before the socket or the store.
+    let _lock = store.lock()?;
     let (book, from_store, note) = load(&cfg, &store)?;
     let assigned = book.pool.held().count();
     let status = Status { from_store, waiting_for: Some("the node's identity".into()), ..Status::default() };

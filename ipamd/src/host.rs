@@ -1,24 +1,53 @@
 //! The host's side of the truth: pods whose veths exist on the node. Both modes check the
-//! store's assignments against it at sync.
+//! store's assignments against it at sync, and every time addresses are offered: an address a
+//! running pod's veth routes is marked held (as *recovered*) in the same state change that makes
+//! it free, so no Add can take it in between (issue 14, item 1).
+
+use std::net::Ipv4Addr;
 
 use crate::error::Result;
 use crate::service::recovered_key;
-use crate::state::NodeState;
+use crate::state::{Book, NodeState};
+
+/// Pod veths on the host and the addresses each routes.
+pub type HostPods = Vec<(String, Vec<Ipv4Addr>)>;
+
+/// Reads the host's pod veths (`veth_prefix`).
+pub async fn host_pods(veth_prefix: &str) -> Result<HostPods> {
+    Ok(underway_routes::pod_veths(None, veth_prefix).await?)
+}
+
+/// Marks every address a host veth routes, that the pool has and nobody holds, as held by that
+/// veth's recovered key. Returns what it marked ("<addr> on <veth>").
+pub fn mark_running(b: &mut Book, pods: &HostPods) -> Vec<String> {
+    let mut recovered = Vec::new();
+    for (veth, addrs) in pods {
+        for a in addrs {
+            let held = b.pool.held().any(|(_, ip)| ip == a);
+            if !held && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
+                recovered.push(format!("{a} on {veth}"));
+            }
+        }
+    }
+    recovered
+}
+
+/// Reports pods on the host that the store did not know (they are held until their DEL or GC).
+pub fn report_recovered(state: &NodeState, recovered: &[String]) {
+    if !recovered.is_empty() {
+        state.record_error(format!(
+            "pods on the host that the store did not know, held until their DEL or GC: {}",
+            recovered.join(", ")
+        ));
+    }
+}
 
 /// Matches the store's assignments against the pods on the host.
 pub async fn sync_host(state: &NodeState, veth_prefix: &str) -> Result<()> {
-    let veths = underway_routes::pod_veths(None, veth_prefix).await?;
+    let veths = host_pods(veth_prefix).await?;
     let on_host: std::collections::BTreeSet<String> = veths.iter().map(|(v, _)| v.clone()).collect();
     let ((recovered, orphaned), g) = state.change(|b| {
-        let mut recovered = Vec::new();
-        for (veth, addrs) in &veths {
-            for a in addrs {
-                let held = b.pool.held().any(|(_, ip)| ip == a);
-                if !held && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
-                    recovered.push(format!("{a} on {veth}"));
-                }
-            }
-        }
+        let recovered = mark_running(b, &veths);
         let orphaned = b
             .pool
             .held()
@@ -29,12 +58,7 @@ pub async fn sync_host(state: &NodeState, veth_prefix: &str) -> Result<()> {
             .count();
         (recovered, orphaned)
     });
-    if !recovered.is_empty() {
-        state.record_error(format!(
-            "pods on the host that the store did not know, held until their DEL or GC: {}",
-            recovered.join(", ")
-        ));
-    }
+    report_recovered(state, &recovered);
     if orphaned > 0 {
         tracing::info!("{orphaned} assignments have no host veth; they wait for the runtime's DEL or GC");
     }

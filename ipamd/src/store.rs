@@ -57,6 +57,15 @@ pub enum Loaded {
     },
 }
 
+/// The lock file beside the state, held by the running ipamd.
+pub const LOCK_FILE: &str = "ipamd.lock";
+
+/// The state directory's lock; released when dropped (or when the process ends, however).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,
@@ -80,6 +89,42 @@ impl Store {
 
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE)
+    }
+
+    /// Takes the state directory's exclusive lock (`ipamd.lock`, flock) for as long as the
+    /// returned value lives, and writes this process's pid into it. A second ipamd on the node
+    /// gets an error naming the holder's pid, before it touches the socket or the store
+    /// (issue 14, item 2: it used to unlink the live socket and write the same temp file).
+    pub fn lock(&self) -> Result<DirLock> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.dir.join(LOCK_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| store_err(&path, e.to_string()))?;
+        match f.try_lock() {
+            Ok(()) => {
+                f.set_len(0).map_err(|e| store_err(&path, e.to_string()))?;
+                writeln!(f, "{}", std::process::id()).map_err(|e| store_err(&path, e.to_string()))?;
+                Ok(DirLock { _file: f })
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                Err(store_err(
+                    &path,
+                    format!(
+                        "another ipamd (pid {}) holds this state directory; stop it first",
+                        holder.trim().parse::<u32>().map_or("unknown".to_string(), |p| p.to_string())
+                    ),
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(store_err(&path, e.to_string())),
+        }
     }
 
     pub fn load(&self) -> Result<Loaded> {
@@ -152,6 +197,19 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
 mod tests {
     use super::*;
     use crate::pool::Pool;
+
+    #[test]
+    fn one_holder_of_the_state_directory_at_a_time() {
+        let d = std::env::temp_dir().join(format!("underway-lock-{}", std::process::id()));
+        let s = Store::open(&d).unwrap();
+        let held = s.lock().unwrap();
+        let e = s.lock().unwrap_err().to_string();
+        assert!(e.contains(&format!("another ipamd (pid {})", std::process::id())), "{e}");
+        drop(held);
+        let again = s.lock().expect("free once the holder is gone");
+        drop(again);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     fn snapshot() -> Snapshot {
         let mut p = Pool::new(1000);

@@ -202,11 +202,13 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
         Ok(blocker)
     }
 
-    /// Puts the CIDR's addresses in the pool (all hosts; the pods' gateway is link-local).
-    fn offer(&self, state: &NodeState) {
+    /// Puts the CIDR's addresses in the pool (all hosts; the pods' gateway is link-local), except
+    /// those a running pod's veth routes: marked held in the same change.
+    async fn offer(&self, state: &NodeState) -> Result<()> {
         let hosts: Vec<std::net::Ipv4Addr> = self.cidr.hosts().collect();
         let name = pool_name(&self.cidr);
-        state.change(|b| {
+        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
+        let (recovered, _) = state.change(|b| {
             let r = b.pool.sync_eni(&name, 0, None, &hosts, &[]);
             if !r.dropped_assigned.is_empty() {
                 state.record_error(format!(
@@ -215,8 +217,11 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
                     self.cidr
                 ));
             }
+            crate::host::mark_running(b, &running)
         });
+        crate::host::report_recovered(state, &recovered);
         state.freed.notify_waiters();
+        Ok(())
     }
 }
 
@@ -244,12 +249,12 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         match self.ensure_all().await? {
             None => {
                 self.routed = true;
-                self.offer(state);
+                self.offer(state).await?;
             }
             Some(b) => {
                 state.record_error(b.message().to_string());
                 if held > 0 {
-                    self.offer(state);
+                    self.offer(state).await?;
                 }
             }
         }
@@ -269,7 +274,7 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         let blocker = self.ensure_all().await?;
         if blocker.is_none() && !self.routed {
             self.routed = true;
-            self.offer(state);
+            self.offer(state).await?;
         }
         Ok(Step { blocker, again: false })
     }

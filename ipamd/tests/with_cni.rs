@@ -98,3 +98,61 @@ async fn thirty_pods_in_parallel_then_a_lost_store_then_all_deleted() {
     }
     assert_eq!(held, 3, "surplus addresses went back to EC2: {}", p.http_get(61679, "/v1/enis").unwrap());
 }
+
+/// Issue 14, item 1: after a lost store, Adds fired the moment the restarted ipamd listens (a
+/// kubelet retrying) must never get an address a running pod holds. Before the fix, `sync` offered
+/// every ENI address (waking the parked Adds) before the host check marked the running pods'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adds_racing_a_rebuild_never_get_a_running_pods_address() {
+    let (w, n) = world("m5.large").await;
+    let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 2\n"));
+    p.wait_ready(2, Duration::from_secs(60)).unwrap();
+    let c = conf(&p);
+    let pods: Vec<(String, TempNs)> =
+        (0..6).map(|i| (format!("r{i:02}{}", std::process::id()), TempNs::new(&format!("r{i}")).unwrap())).collect();
+    let adds = each(&pods, |id, ns| cni(&n.ns, "ADD", id, &ns.path().display().to_string(), &c));
+    let running: BTreeSet<Ipv4Addr> = adds
+        .iter()
+        .map(|(code, v)| {
+            assert_eq!(*code, 0, "{v}");
+            address(v)
+        })
+        .collect();
+    assert_eq!(running.len(), 6);
+    // Issue 14, item 2: a second ipamd on the same state directory stops at once, naming the
+    // holder, and leaves the live socket alone.
+    let second = p.run_cmd_within(Duration::from_secs(20), &["run"]).unwrap();
+    let text = String::from_utf8_lossy(&second.stderr).to_string();
+    assert_ne!(second.status.code(), Some(124), "a second ipamd kept running: {text}");
+    assert!(!second.status.success(), "{text}");
+    assert!(text.contains(&format!("another ipamd (pid {})", p.pid().unwrap())), "{text}");
+    assert!(matches!(p.call(&Request::Status), Ok(Response::Status(_))), "the first still serves its socket");
+
+    let mut collisions = Vec::new();
+    for round in 0..3 {
+        p.kill9();
+        std::fs::remove_file(p.dir.join("state/ipamd-state")).unwrap();
+        let _ = std::fs::remove_file(&p.socket);
+        p.spawn().unwrap();
+        let t = std::time::Instant::now();
+        // The first moment it accepts a connection (the file appears at bind, before listen).
+        while std::os::unix::net::UnixStream::connect(&p.socket).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(30), "the socket never appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for (name, r) in add_parallel(&p, &format!("race{round}"), 4) {
+            if let Response::Added(a) = r
+                && running.contains(&a.address)
+            {
+                collisions.push(format!("round {round}: {name} got {} of a running pod", a.address));
+            }
+        }
+        p.wait_ready(0, Duration::from_secs(60)).unwrap();
+        for i in 0..4 {
+            let _ = p.call(&Request::Del(key(&format!("race{round}-{i}"))));
+        }
+    }
+    assert!(collisions.is_empty(), "{collisions:?}");
+    let dels = each(&pods, |id, ns| cni(&n.ns, "DEL", id, &ns.path().display().to_string(), &c).0);
+    assert!(dels.iter().all(|code| *code == 0));
+}

@@ -158,6 +158,19 @@ impl IpamdProcess {
             .output()?)
     }
 
+    /// [`IpamdProcess::run_cmd`] killed after `limit` (`timeout`'s exit code 124 then): for a
+    /// command that must end by itself, such as a second `run` on a held state directory.
+    pub fn run_cmd_within(&self, limit: Duration, args: &[&str]) -> Result<std::process::Output, HarnessError> {
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &self.ns, "timeout", &limit.as_secs().max(1).to_string()])
+            .arg(&self.bin)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()?)
+    }
+
     /// Waits up to `limit` for the process to exit by itself; its status if it did.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let t = Instant::now();
