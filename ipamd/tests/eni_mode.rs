@@ -313,3 +313,31 @@ async fn the_cni_config_is_installed_only_once_ipamd_serves() {
     assert!(out.status.success() && !installed.exists(), "{}", String::from_utf8_lossy(&out.stdout));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 14, item 4: the attach succeeds but its delete-on-termination step fails (every
+/// ModifyNetworkInterfaceAttribute throttled). The ENI is attached yet the call failed: ipamd must
+/// adopt it rather than leave it untracked and make another for the same device index (which AWS
+/// refuses: the strict front found this in the fault test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eni_attached_despite_a_failed_call_is_adopted_not_duplicated() {
+    let (w, n) = world("m5.large").await;
+    w.account().front.configure(|c| {
+        c.faults.throttle = 1.0;
+        c.faults.actions = vec!["ModifyNetworkInterfaceAttribute".into()];
+    });
+    // 12 warm addresses: the primary ENI holds 9, so a second ENI is needed.
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 12\n"));
+    p.wait_ready(12, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", p.log_text()));
+    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    assert!(errors.contains("adopted"), "{errors}");
+    let in_ec2 = enis_in_ec2(&w, &n).await;
+    assert_eq!(in_ec2.len(), 2, "one ENI added, not one per retry: {in_ec2:?}");
+    let tracked = p.http_get(61679, "/v1/enis").unwrap();
+    for (id, _, _) in &in_ec2 {
+        assert!(tracked.contains(id.as_str()), "{id} is in the pool: {tracked}");
+    }
+    let records = w.account().front.records();
+    let created = records.iter().filter(|r| r.action == "CreateNetworkInterface").count();
+    assert_eq!(created, 1, "one CreateNetworkInterface");
+    assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
+}

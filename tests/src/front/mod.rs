@@ -66,6 +66,8 @@ pub struct Faults {
     pub reset_after: f64,
     /// Added to every request.
     pub latency: Duration,
+    /// When not empty, the faults above hit only these actions (e.g. "ModifyNetworkInterfaceAttribute").
+    pub actions: Vec<String>,
 }
 
 impl Default for Faults {
@@ -77,6 +79,7 @@ impl Default for Faults {
             reset_before: 0.0,
             reset_after: 0.0,
             latency: Duration::ZERO,
+            actions: Vec::new(),
         }
     }
 }
@@ -487,7 +490,8 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if !cfg.faults.latency.is_zero() {
         tokio::time::sleep(cfg.faults.latency).await;
     }
-    let plan = plan_faults(&mut shared.rng.lock().expect("rng"), &cfg.faults);
+    let targeted = cfg.faults.actions.is_empty() || cfg.faults.actions.iter().any(|a| *a == action);
+    let plan = plan_faults(&mut shared.rng.lock().expect("rng"), &cfg.faults).filter(|_| targeted);
     match plan {
         Some(Fault::ResetBefore) => {
             shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetBefore));
