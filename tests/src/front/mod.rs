@@ -490,7 +490,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if !cfg.faults.latency.is_zero() {
         tokio::time::sleep(cfg.faults.latency).await;
     }
-    let targeted = cfg.faults.actions.is_empty() || cfg.faults.actions.iter().any(|a| *a == action);
+    let targeted = cfg.faults.actions.is_empty() || cfg.faults.actions.contains(&action);
     let plan = plan_faults(&mut shared.rng.lock().expect("rng"), &cfg.faults).filter(|_| targeted);
     match plan {
         Some(Fault::ResetBefore) => {
