@@ -176,7 +176,8 @@ pub fn check_route(req: &RouteRequest, view: &TableView, capacity: usize) -> Res
 // ------------------------------------------------------------------------------------------------
 // ENIs and addresses
 
-/// What the attach rules need to know of EC2.
+/// What the attach rules need to know of EC2 (limits: the cloud crate's table, else the
+/// emulator's DescribeInstanceTypes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttachView {
     pub instance_type: String,
@@ -282,6 +283,28 @@ async fn instance_type(c: &Client, id: &str) -> Option<String> {
     i.instance_type().map(|t| t.as_str().to_string())
 }
 
+/// A type's limits: the cloud crate's table, else LocalStack's DescribeInstanceTypes (realistic
+/// network figures), so no type of a test goes unchecked.
+async fn limits_of(c: &Client, instance_type: &str) -> Option<InstanceLimits> {
+    if let Some(l) = static_limits(instance_type) {
+        return Some(l);
+    }
+    let out = c
+        .describe_instance_types()
+        .instance_types(aws_sdk_ec2::types::InstanceType::from(instance_type))
+        .send()
+        .await
+        .ok()?;
+    let t = out.instance_types().first()?;
+    let n = t.network_info()?;
+    Some(InstanceLimits {
+        enis: u32::try_from(n.maximum_network_interfaces()?).ok()?,
+        ipv4_per_eni: u32::try_from(n.ipv4_addresses_per_interface()?).ok()?,
+        ipv6_per_eni: u32::try_from(n.ipv6_addresses_per_interface().unwrap_or(0)).unwrap_or(0),
+        vcpus: t.v_cpu_info().and_then(|v| v.default_v_cpus()).and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
+    })
+}
+
 async fn enis_of_instance(c: &Client, id: &str) -> Vec<aws_sdk_ec2::types::NetworkInterface> {
     c.describe_network_interfaces()
         .filters(filter("attachment.instance-id", id))
@@ -367,7 +390,7 @@ pub async fn evaluate(c: &Client, p: &Params, route_capacity: usize) -> Option<R
             let attached = enis_of_instance(c, instance).await;
             let target = eni(c, p.get("NetworkInterfaceId")?).await?;
             let view = AttachView {
-                limits: static_limits(&itype),
+                limits: limits_of(c, &itype).await,
                 instance_type: itype,
                 devices: attached
                     .iter()
@@ -388,7 +411,7 @@ pub async fn evaluate(c: &Client, p: &Params, route_capacity: usize) -> Option<R
             let per_eni = match target.attachment().and_then(|a| a.instance_id()) {
                 Some(i) => {
                     let t = instance_type(c, i).await?;
-                    static_limits(&t).map(|l| (t, l.ipv4_per_eni))
+                    limits_of(c, &t).await.map(|l| (t, l.ipv4_per_eni))
                 }
                 None => None,
             };
