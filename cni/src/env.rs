@@ -94,14 +94,44 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
     }
     env.args = cni_args(&get("CNI_ARGS").unwrap_or_default())?;
     env.netns = get("CNI_NETNS").unwrap_or_default();
-    match command {
+    if command != Command::Del && env.netns.is_empty() {
         // DEL must succeed with an empty or vanished netns (containerd's second DEL).
-        Command::Del => {}
-        _ if env.netns.is_empty() => return Err(CniError::env("CNI_NETNS", "is empty")),
-        _ if !std::path::Path::new(&env.netns).exists() => {
-            return Err(CniError::env("CNI_NETNS", format!("{} does not exist", env.netns)));
-        }
-        _ => {}
+        return Err(CniError::env("CNI_NETNS", "is empty"));
     }
     Ok(env)
+}
+
+/// Linux's magic number of the nsfs filesystem (`NSFS_MAGIC`, linux/magic.h).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Checks CNI_NETNS for ADD and CHECK, after the config (the reference plugins' order: version,
+/// decoding, config, then the environment's namespace). It must be a network namespace file
+/// (nsfs, type net) other than the one the plugin runs in: a FIFO would hang the plugin on open,
+/// and the host's own namespace would get a pod's interface and default route.
+pub fn check_netns(env: &Env) -> Result<(), CniError> {
+    if !matches!(env.command, Command::Add | Command::Check) {
+        return Ok(());
+    }
+    let path = std::path::Path::new(&env.netns);
+    let bad = |why: String| CniError::env("CNI_NETNS", format!("{}: {why}", env.netns));
+    // statfs never opens the file, so a FIFO cannot block here.
+    let fs = nix::sys::statfs::statfs(path).map_err(|e| bad(e.desc().to_string()))?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(bad("is not a namespace file (nsfs)".into()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))
+        .map_err(|e| bad(e.to_string()))?;
+    let target = target.to_string_lossy().to_string();
+    if !target.starts_with("net:[") {
+        return Err(bad(format!(
+            "is a {} namespace, not a network namespace",
+            target.split(':').next().unwrap_or("?")
+        )));
+    }
+    let own = std::fs::read_link("/proc/self/ns/net").map_err(|e| bad(e.to_string()))?;
+    if own.to_string_lossy() == target {
+        return Err(bad("is the network namespace the plugin runs in (the host's), not a pod's".into()));
+    }
+    Ok(())
 }

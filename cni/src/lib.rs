@@ -46,6 +46,9 @@ pub fn run(get: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Output {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
+    if let Err(e) = env::check_netns(&env) {
+        return Output { stdout: e.to_json(&conf.cni_version), status: 1 };
+    }
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return fail(CniError::new(code::IO, "cannot start the runtime", e.to_string())),

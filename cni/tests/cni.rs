@@ -229,6 +229,12 @@ fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
     };
     let netns = "/proc/self/ns/net";
     let long_id = "a".repeat(300);
+    let fifo_dir = std::env::temp_dir().join(format!("underway-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&fifo_dir).unwrap();
+    let fifo_path = fifo_dir.join("netns");
+    let _ = std::fs::remove_file(&fifo_path);
+    nix::unistd::mkfifo(&fifo_path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo = fifo_path.display().to_string();
     let g = good.to_string();
     let unset = "";
     // (env overrides, stdin, expected code, text the message must contain)
@@ -245,6 +251,18 @@ fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
         (vec![("CNI_NETNS", "")], g.clone(), 4, "CNI_NETNS"),
         (vec![("CNI_PATH", unset)], g.clone(), 4, "CNI_PATH"),
         (vec![("CNI_NETNS", "/var/run/netns/does-not-exist")], g.clone(), 4, "CNI_NETNS"),
+        // Issue 14 item 8: a FIFO (hung the plugin on open), a file that is no namespace, a mount
+        // namespace, and the namespace the plugin runs in (the host's got a pod's default route).
+        (vec![("CNI_NETNS", &fifo)], g.clone(), 4, "not a namespace file"),
+        (vec![("CNI_NETNS", "/etc/hostname")], g.clone(), 4, "not a namespace file"),
+        (vec![("CNI_NETNS", "/proc/self/ns/mnt")], g.clone(), 4, "not a network namespace"),
+        (vec![("CNI_NETNS", "/proc/self/ns/net")], g.clone(), 4, "the plugin runs in"),
+        (vec![("CNI_COMMAND", "CHECK"), ("CNI_NETNS", "/proc/self/ns/net")], g.clone(), 4, "the plugin runs in"),
+        // The host's (pid 1's): refused, whether as the plugin's own or as unreadable.
+        (vec![("CNI_NETNS", "/proc/1/ns/net")], g.clone(), 4, "CNI_NETNS"),
+        // The config before the namespace, as the reference plugins: an unknown version with a
+        // missing netns is a version error (code 1), not an environment one.
+        (vec![("CNI_NETNS", "/var/run/netns/does-not-exist")], with("cniVersion", json!("9.9.9")), 1, "cniVersion"),
         (vec![("CNI_ARGS", "K8S_POD_NAME")], g.clone(), 4, "CNI_ARGS"),
         (vec![("CNI_ARGS", "=x")], g.clone(), 4, "CNI_ARGS"),
         (vec![], "not json".into(), 6, "decode"),
