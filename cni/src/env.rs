@@ -103,6 +103,10 @@ pub fn parse(get: impl Fn(&str) -> Option<String>) -> Result<Env, CniError> {
 
 /// Linux's magic number of the nsfs filesystem (`NSFS_MAGIC`, linux/magic.h).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// A network namespace's type as NS_GET_NSTYPE answers it (`CLONE_NEWNET`, linux/sched.h).
+const CLONE_NEWNET: i32 = 0x4000_0000;
+// NS_GET_NSTYPE: _IO(0xb7, 0x3), linux/nsfs.h.
+nix::ioctl_none!(ns_get_nstype, 0xb7, 0x3);
 
 /// Checks CNI_NETNS for ADD and CHECK, after the config (the reference plugins' order: version,
 /// decoding, config, then the environment's namespace). It must be a network namespace file
@@ -120,17 +124,19 @@ pub fn check_netns(env: &Env) -> Result<(), CniError> {
         return Err(bad("is not a namespace file (nsfs)".into()));
     }
     let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
-    let target = std::fs::read_link(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)))
-        .map_err(|e| bad(e.to_string()))?;
-    let target = target.to_string_lossy().to_string();
-    if !target.starts_with("net:[") {
-        return Err(bad(format!(
-            "is a {} namespace, not a network namespace",
-            target.split(':').next().unwrap_or("?")
-        )));
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the open nsfs file descriptor.
+    let kind =
+        unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&file)) }.map_err(|e| bad(e.desc().to_string()))?;
+    if kind != CLONE_NEWNET {
+        return Err(bad(format!("is a namespace of another type ({kind:#x}), not a network namespace")));
     }
-    let own = std::fs::read_link("/proc/self/ns/net").map_err(|e| bad(e.to_string()))?;
-    if own.to_string_lossy() == target {
+    // A namespace is one nsfs inode: the same (device, inode) as our own is our own.
+    use std::os::unix::fs::MetadataExt;
+    let (theirs, own) = (
+        file.metadata().map_err(|e| bad(e.to_string()))?,
+        std::fs::metadata("/proc/self/ns/net").map_err(|e| bad(e.to_string()))?,
+    );
+    if (theirs.dev(), theirs.ino()) == (own.dev(), own.ino()) {
         return Err(bad("is the network namespace the plugin runs in (the host's), not a pod's".into()));
     }
     Ok(())

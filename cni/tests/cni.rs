@@ -256,6 +256,7 @@ fn malformed_input_is_refused_with_the_code_and_the_name_at_fault() {
         (vec![("CNI_NETNS", &fifo)], g.clone(), 4, "not a namespace file"),
         (vec![("CNI_NETNS", "/etc/hostname")], g.clone(), 4, "not a namespace file"),
         (vec![("CNI_NETNS", "/proc/self/ns/mnt")], g.clone(), 4, "not a network namespace"),
+        (vec![("CNI_NETNS", "/proc/self/ns/uts")], g.clone(), 4, "not a network namespace"),
         (vec![("CNI_NETNS", "/proc/self/ns/net")], g.clone(), 4, "the plugin runs in"),
         (vec![("CNI_COMMAND", "CHECK"), ("CNI_NETNS", "/proc/self/ns/net")], g.clone(), 4, "the plugin runs in"),
         // The host's (pid 1's): refused, whether as the plugin's own or as unreadable.

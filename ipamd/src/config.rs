@@ -228,9 +228,14 @@ pub struct Config {
     pub cluster: String,
     pub identity: IdentityConfig,
     pub cloud: Ec2Config,
-    /// The RPC socket for the CNI binary (created 0600, in a 0700 directory).
+    /// The RPC socket for the CNI binary (0600, in a 0700 directory; a directory group or others
+    /// can write is refused).
     pub socket: PathBuf,
-    /// Where the durable store lives.
+    /// Users besides root and ipamd's own that may call the socket (peer credentials).
+    pub rpc_allowed_uids: Vec<u32>,
+    /// A connection's request must arrive within this.
+    pub rpc_read_timeout_ms: u64,
+    /// Where the durable store lives (0700; the state file 0600).
     pub state_dir: PathBuf,
     pub targets: Targets,
     pub eni: EniConfig,
@@ -266,6 +271,8 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             cloud: Ec2Config::default(),
             socket: PathBuf::from(underway_api::DEFAULT_SOCKET),
+            rpc_allowed_uids: Vec::new(),
+            rpc_read_timeout_ms: 10_000,
             state_dir: PathBuf::from("/var/lib/underway"),
             targets: Targets::default(),
             eni: EniConfig::default(),
@@ -382,6 +389,9 @@ impl Config {
         })?;
         if !self.socket.is_absolute() {
             return Err(invalid("socket", format!("{} must be an absolute path", self.socket.display())));
+        }
+        if self.rpc_read_timeout_ms == 0 {
+            return Err(invalid("rpc_read_timeout_ms", "must be at least 1"));
         }
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", format!("{} must be an absolute path", self.state_dir.display())));

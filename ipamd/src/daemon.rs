@@ -110,7 +110,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         veth_prefix: cfg.veth_prefix.clone(),
         events: events_tx,
     });
-    let rpc = tokio::spawn(server::serve(listener, service.clone()));
+    let guard = server::Guard {
+        read_timeout: Duration::from_millis(cfg.rpc_read_timeout_ms),
+        allowed_uids: cfg.rpc_allowed_uids.clone(),
+    };
+    let rpc = tokio::spawn(server::serve(listener, service.clone(), guard));
     let node: Arc<OnceLock<Instance>> = Arc::default();
     let effective: Arc<OnceLock<Arc<Config>>> = Arc::default();
     http::start(Http {

@@ -1,9 +1,12 @@
 //! The RPC server: the wire API over a unix socket that only root can reach (socket 0600 in a
-//! 0700 directory). One request and one answer per connection.
+//! 0700 directory, both enforced at start; a directory others can write is refused). One request
+//! and one answer per connection, read within a deadline; at most `MAX_CONNECTIONS` at once; the
+//! peer's credentials checked (root, this process's user, or `rpc_allowed_uids`).
 
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -15,14 +18,29 @@ use crate::service::Service;
 /// Longest request line accepted (a GC with thousands of attachments fits well within).
 const MAX_LINE: u64 = 4 << 20;
 
+/// Connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Who may call and how long a request may take to arrive.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// A request line must arrive within this (a client that connects and says nothing is cut off).
+    pub read_timeout: Duration,
+    /// Users besides root and ipamd's own that may call.
+    pub allowed_uids: Vec<u32>,
+}
+
+impl Guard {
+    fn allows(&self, uid: u32) -> bool {
+        let own = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+        uid == 0 || Some(uid) == own || self.allowed_uids.contains(&uid)
+    }
+}
+
 /// Binds the socket (replacing a stale one left by a previous run).
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(IpamdError::io(format!("create socket directory {}", dir.display())))?;
+        crate::store::private_dir(dir).map_err(|reason| IpamdError::Config { field: "socket".into(), reason })?;
     }
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -37,13 +55,17 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves connections until the task is dropped.
-pub async fn serve(listener: UnixListener, service: Arc<Service>) {
+pub async fn serve(listener: UnixListener, service: Arc<Service>, guard: Guard) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let guard = Arc::new(guard);
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         match listener.accept().await {
             Ok((stream, _)) => {
-                let svc = service.clone();
+                let (svc, guard) = (service.clone(), guard.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &svc).await {
+                    let _slot = slot;
+                    if let Err(e) = connection(stream, &svc, &guard).await {
                         tracing::debug!("rpc connection: {e}");
                     }
                 });
@@ -56,10 +78,27 @@ pub async fn serve(listener: UnixListener, service: Arc<Service>) {
     }
 }
 
-async fn connection(stream: UnixStream, service: &Service) -> std::io::Result<()> {
+async fn connection(stream: UnixStream, service: &Service, guard: &Guard) -> std::io::Result<()> {
+    let uid = stream.peer_cred()?.uid();
     let (r, mut w) = stream.into_split();
+    if !guard.allows(uid) {
+        let resp = Response::Error(ApiError {
+            kind: ErrorKind::BadRequest,
+            message: format!("uid {uid} may not call ipamd (root, ipamd's own user or rpc_allowed_uids)"),
+        });
+        w.write_all(encode(&resp).as_bytes()).await?;
+        return w.shutdown().await;
+    }
     let mut line = String::new();
-    tokio::io::AsyncReadExt::take(BufReader::new(r), MAX_LINE).read_line(&mut line).await?;
+    let mut reader = tokio::io::AsyncReadExt::take(BufReader::new(r), MAX_LINE);
+    match tokio::time::timeout(guard.read_timeout, reader.read_line(&mut line)).await {
+        Ok(read) => {
+            read?;
+        }
+        Err(_) => {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within the read deadline"));
+        }
+    }
     let resp = match decode::<Request>(&line) {
         Ok(req) => service.handle(req).await,
         Err(WireError::Version { got }) => Response::Error(ApiError {

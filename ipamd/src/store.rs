@@ -57,6 +57,26 @@ pub enum Loaded {
     },
 }
 
+/// Makes `dir` a directory only its owner can use: created 0700, or tightened to 0700; refused
+/// (with why) when group or others may write it, since anyone who can write there can replace the
+/// socket or the state under ipamd.
+pub fn private_dir(dir: &Path) -> std::result::Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("cannot create: {e}"))?;
+    let mode = std::fs::metadata(dir).map_err(|e| e.to_string())?.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(format!(
+            "{} is writable by group or others (mode {mode:04o}): refusing to keep the socket or state there; make it 0700",
+            dir.display()
+        ));
+    }
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make it 0700: {e}"))?;
+    }
+    Ok(())
+}
+
 /// The lock file beside the state, held by the running ipamd.
 pub const LOCK_FILE: &str = "ipamd.lock";
 
@@ -76,14 +96,10 @@ fn store_err(path: &Path, reason: impl Into<String>) -> IpamdError {
 }
 
 impl Store {
-    /// A store in `dir` (created 0700 when missing).
+    /// A store in `dir`: created 0700 when missing, tightened to 0700 when it is not, refused
+    /// when others may write it (a host path the DaemonSet mounts is created by the kubelet).
     pub fn open(dir: &Path) -> Result<Store> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| store_err(dir, format!("cannot create: {e}")))?;
+        private_dir(dir).map_err(|e| store_err(dir, e))?;
         Ok(Store { dir: dir.to_path_buf() })
     }
 
@@ -151,7 +167,9 @@ impl Store {
         let tmp = self.dir.join(format!("{FILE}.tmp"));
         let bytes = encode(snap);
         let write = || -> std::io::Result<()> {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // 0600: the pods' names and addresses are root's business.
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -197,6 +215,23 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
 mod tests {
     use super::*;
     use crate::pool::Pool;
+
+    #[test]
+    fn directories_are_private_or_refused_and_the_state_file_is_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = std::env::temp_dir().join(format!("underway-perm-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Store::open(&d).unwrap();
+        assert_eq!(mode(&d), 0o700, "tightened");
+        s.save(&Snapshot::default()).unwrap();
+        assert_eq!(mode(&s.path()), 0o600);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Store::open(&d).unwrap_err().to_string();
+        assert!(e.contains("writable by group or others (mode 0777)"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 
     #[test]
     fn one_holder_of_the_state_directory_at_a_time() {

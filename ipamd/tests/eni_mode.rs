@@ -341,3 +341,48 @@ async fn an_eni_attached_despite_a_failed_call_is_adopted_not_duplicated() {
     assert_eq!(created, 1, "one CreateNetworkInterface");
     assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
 }
+
+/// Issue 14, item 9: the socket directory, socket and state file are as private as claimed (the
+/// DaemonSet's host paths are created by the kubelet, 0755), a client that sends nothing is cut
+/// off at the read deadline, and a caller that is not root (nor allowed) is refused by its
+/// peer credentials even when someone loosened the socket's permissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_socket_and_state_are_private_and_callers_are_checked() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let (w, n) = world("m5.large").await;
+    let p = start(&w, &n, &format!("rpc_read_timeout_ms = 500\n{FAST}"));
+    p.wait_ready(1, Duration::from_secs(60)).unwrap();
+    let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+    let sock_dir = p.socket.parent().unwrap().to_path_buf();
+    assert_eq!(mode(&sock_dir), 0o700);
+    assert_eq!(mode(&p.socket), 0o600);
+    assert_eq!(mode(&p.dir.join("state")), 0o700);
+    assert_eq!(mode(&p.dir.join("state/ipamd-state")), 0o600);
+
+    // Silent client: closed at the deadline, not held forever.
+    let mut silent = std::os::unix::net::UnixStream::connect(&p.socket).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let _ = silent.read_to_end(&mut buf);
+    assert!(t.elapsed() < Duration::from_secs(8), "cut off at the deadline, took {:?}", t.elapsed());
+
+    // Someone loosened the permissions: uid 65534 can connect, and is refused by ipamd itself.
+    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&p.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let client = format!(
+        "import socket; s = socket.socket(socket.AF_UNIX); s.connect({:?}); s.sendall(b'{{\"version\":1,\"op\":\"status\"}}\\n'); print(s.makefile().readline())",
+        p.socket.display().to_string()
+    );
+    let out = std::process::Command::new("setpriv")
+        // Debian's python3: a toolchain shim in root's home is out of reach of uid 65534.
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", &client])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("uid 65534 may not call ipamd"), "{text}");
+    std::fs::set_permissions(&p.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(matches!(p.call(&Request::Status), Ok(Response::Status(_))), "root still served");
+}
