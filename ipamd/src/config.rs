@@ -235,6 +235,9 @@ pub struct Config {
     pub rpc_allowed_uids: Vec<u32>,
     /// A connection's request must arrive within this.
     pub rpc_read_timeout_ms: u64,
+    /// `/healthz` (and `underway-ipamd health`, the liveness probe) fails once the reconciler has
+    /// finished no sync attempt or step for this long.
+    pub health_stall_ms: u64,
     /// Where the durable store lives (0700; the state file 0600).
     pub state_dir: PathBuf,
     pub targets: Targets,
@@ -273,6 +276,7 @@ impl Default for Config {
             socket: PathBuf::from(underway_api::DEFAULT_SOCKET),
             rpc_allowed_uids: Vec::new(),
             rpc_read_timeout_ms: 10_000,
+            health_stall_ms: 600_000,
             state_dir: PathBuf::from("/var/lib/underway"),
             targets: Targets::default(),
             eni: EniConfig::default(),
@@ -389,6 +393,9 @@ impl Config {
         })?;
         if !self.socket.is_absolute() {
             return Err(invalid("socket", format!("{} must be an absolute path", self.socket.display())));
+        }
+        if self.health_stall_ms < 10_000 {
+            return Err(invalid("health_stall_ms", "at least 10000 (a step may wait on EC2 for a while)"));
         }
         if self.rpc_read_timeout_ms == 0 {
             return Err(invalid("rpc_read_timeout_ms", "must be at least 1"));

@@ -112,6 +112,14 @@ async fn config(State(h): State<Http>) -> Json<Config> {
     Json((**h.effective.get().unwrap_or(&h.config)).clone())
 }
 
+/// Liveness: 200 while the reconciler makes progress within `health_stall_ms`, else 503 with why.
+async fn healthz(State(h): State<Http>) -> (axum::http::StatusCode, String) {
+    match crate::state::healthy(h.state.progress_ms(), crate::clock::unix_ms(), h.config.health_stall_ms) {
+        Ok(()) => (axum::http::StatusCode::OK, "ok\n".into()),
+        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
 async fn errors(State(h): State<Http>) -> Json<Vec<ErrorEntry>> {
     Json(h.state.errors())
 }
@@ -126,6 +134,7 @@ pub async fn start(h: Http) -> Result<()> {
         .route("/v1/assignments", get(assignments))
         .route("/v1/config", get(config))
         .route("/v1/errors", get(errors))
+        .route("/healthz", get(healthz))
         .with_state(h.clone());
     for (addr, app) in [(h.config.metrics_listen, metrics_app), (h.config.introspection_listen, intro_app)] {
         if let Some(addr) = addr {
@@ -142,4 +151,27 @@ pub async fn start(h: Http) -> Result<()> {
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(IpamdError::io(format!("listen on {addr}")))
+}
+
+/// `underway-ipamd health`: one plain GET of `/healthz` on `introspection_listen` (blocking, 5 s);
+/// without an introspection listener, the socket answering a status request is the test.
+pub fn health(cfg: &Config) -> std::result::Result<String, String> {
+    use std::io::{Read, Write};
+    let Some(addr) = cfg.introspection_listen else {
+        return underway_api::client::call(
+            &cfg.socket,
+            &underway_api::Request::Status,
+            std::time::Duration::from_secs(5),
+        )
+        .map(|_| "ok (the socket answers; introspection is off)".to_string())
+        .map_err(|e| e.to_string());
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    write!(s, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_string();
+    if text.starts_with("HTTP/1.1 200") { Ok(body) } else { Err(body) }
 }

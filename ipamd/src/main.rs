@@ -26,6 +26,9 @@ enum Cmd {
     CheckConfig,
     /// Ask the running daemon for its status line.
     Status,
+    /// Liveness: exits non-zero when the daemon's reconciler is stalled or dead (its `/healthz`
+    /// on `introspection_listen`), or the daemon does not answer. The DaemonSet's liveness probe.
+    Health,
     /// Print the UnderwayPool CustomResourceDefinition (YAML), as committed in deploy/k8s/crd.yaml.
     Crd,
     /// Run the cluster-wide GC once (ENIs and VPC routes of nodes that are gone), as the
@@ -84,6 +87,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Health => match underway_ipamd::http::health(&cfg) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("underway-ipamd: unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Cmd::Uninstall => {
             match underway_ipamd::install::uninstall(&cfg.cni) {
                 Ok(Some(p)) => println!("removed {}", p.display()),

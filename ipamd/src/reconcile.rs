@@ -83,8 +83,11 @@ pub async fn run<S: Source>(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut delays = backoff();
+    state.touch();
     loop {
-        match src.sync(&state).await {
+        let synced = src.sync(&state).await;
+        state.touch();
+        match synced {
             Ok(()) => break,
             Err(e) => {
                 state.record_error(format!("sync with the cloud: {e}"));
@@ -121,7 +124,9 @@ pub async fn run<S: Source>(
             tokio::time::sleep(window).await;
         }
         first = false;
-        match src.step(&state).await {
+        let stepped = src.step(&state).await;
+        state.touch();
+        match stepped {
             Ok(step) => {
                 metrics.reconcile_run("ok");
                 delays = backoff();

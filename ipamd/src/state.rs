@@ -147,6 +147,22 @@ pub struct NodeState {
     pub freed: Notify,
     /// Signalled when the pool may need the reconciler.
     pub wake: Notify,
+    /// When the reconciler last finished a sync attempt or a step (unix ms); 0 until it runs.
+    progress: AtomicU64,
+}
+
+/// Whether the reconciler is alive: never started (start-up still waits, which readiness
+/// reports), or it finished something within `bound_ms`.
+pub fn healthy(progress_ms: u64, now_ms: u64, bound_ms: u64) -> Result<(), String> {
+    if progress_ms == 0 || now_ms.saturating_sub(progress_ms) <= bound_ms {
+        Ok(())
+    } else {
+        Err(format!(
+            "the reconciler has not finished a step for {} s (bound {} s): stalled or dead",
+            (now_ms - progress_ms) / 1000,
+            bound_ms / 1000
+        ))
+    }
 }
 
 impl std::fmt::Debug for NodeState {
@@ -167,7 +183,18 @@ impl NodeState {
             errors: Mutex::new(VecDeque::new()),
             freed: Notify::new(),
             wake: Notify::new(),
+            progress: AtomicU64::new(0),
         }
+    }
+
+    /// The reconciler finished a sync attempt or a step.
+    pub fn touch(&self) {
+        self.progress.store(crate::clock::unix_ms().max(1), Ordering::Relaxed);
+    }
+
+    /// When the reconciler last made progress (unix ms; 0 before it ran).
+    pub fn progress_ms(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
     }
 
     /// Reads the book.
@@ -261,5 +288,25 @@ mod tests {
         let mut b = book(Mode::Eni, false);
         assert!(b.adopt(Mode::VpcRoute, 0).unwrap().unwrap().contains("starting afresh"));
         assert_eq!((b.mode, b.pool.enis().count()), (Mode::VpcRoute, 0), "no pods: the other mode's pool is dropped");
+    }
+}
+
+#[cfg(test)]
+mod health_tests {
+    use super::healthy;
+
+    #[test]
+    fn health_is_progress_within_the_bound() {
+        let cases = [
+            (0, 1_000_000, 60_000, true),
+            (1_000_000, 1_030_000, 60_000, true),
+            (1_000_000, 1_060_000, 60_000, true),
+            (1_000_000, 1_060_001, 60_000, false),
+            (1_000_000, 900_000, 60_000, true),
+        ];
+        for (progress, now, bound, ok) in cases {
+            assert_eq!(healthy(progress, now, bound).is_ok(), ok, "{progress} {now} {bound}");
+        }
+        assert!(healthy(1_000, 601_000, 300_000).unwrap_err().contains("600 s"));
     }
 }

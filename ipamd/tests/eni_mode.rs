@@ -386,3 +386,29 @@ async fn the_socket_and_state_are_private_and_callers_are_checked() {
     std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
     assert!(matches!(p.call(&Request::Status), Ok(Response::Status(_))), "root still served");
 }
+
+/// Issue 14, item 7: liveness follows the reconciler, not the process. With every EC2 request
+/// taking 25 s, no step finishes within `health_stall_ms`, and `underway-ipamd health` (the
+/// DaemonSet's liveness probe) fails saying so; once EC2 answers again, it passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn liveness_fails_while_the_reconciler_is_stalled_and_recovers() {
+    let (w, n) = world("m5.large").await;
+    let p = start(&w, &n, &format!("health_stall_ms = 10000\n{FAST}[targets]\nwarm_ip_target = 2\n"));
+    p.wait_ready(2, Duration::from_secs(60)).unwrap();
+    let health = || {
+        let out = p.run_cmd(&["health"]).unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = health();
+    assert!(ok, "{text}");
+    w.account().front.configure(|c| c.faults.latency = Duration::from_secs(25));
+    // Two Adds take the warm addresses: the reconciler grows, and its EC2 call waits 25 s, past
+    // the bound (10 s).
+    added(add(&p, "h1"));
+    added(add(&p, "h2"));
+    eventually(Duration::from_secs(40), "liveness to fail", || !health().0);
+    let (_, text) = health();
+    assert!(text.contains("has not finished a step"), "{text}");
+    w.account().front.configure(|c| c.faults.latency = Duration::ZERO);
+    eventually(Duration::from_secs(60), "liveness to recover", || health().0);
+}
