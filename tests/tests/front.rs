@@ -352,3 +352,54 @@ async fn faults_throttle_fail_and_reset_as_configured() {
         && r.action == "CreateNetworkInterface"
         && r.node == "test"));
 }
+
+/// EC2 never gives one address to two interfaces; LocalStack picks at random without looking
+/// (a suite run once saw a duplicate; across nodes it sends one pod's traffic to another node).
+/// The front asks LocalStack for free addresses by name instead of a count.
+#[tokio::test]
+async fn no_address_is_given_to_two_interfaces() {
+    let (account, fx, c) = setup().await;
+    let direct = Client::new(&account.direct_sdk_config());
+    let small = c
+        .create_subnet()
+        .vpc_id(&fx.vpc_id)
+        .cidr_block("10.0.201.0/26")
+        .availability_zone("us-east-1a")
+        .send()
+        .await
+        .unwrap();
+    let subnet = small.subnet().and_then(|s| s.subnet_id()).unwrap().to_string();
+    let mut enis = Vec::new();
+    for _ in 0..5 {
+        let e =
+            c.create_network_interface().subnet_id(&subnet).secondary_private_ip_address_count(5).send().await.unwrap();
+        enis.push(e.network_interface().and_then(|n| n.network_interface_id()).unwrap().to_string());
+    }
+    for e in &enis {
+        c.assign_private_ip_addresses()
+            .network_interface_id(e)
+            .secondary_private_ip_address_count(4)
+            .send()
+            .await
+            .unwrap();
+    }
+    // 5 × (1 + 5 + 4) = 50 of the /26's 59 usable addresses.
+    let out = direct
+        .describe_network_interfaces()
+        .filters(Filter::builder().name("subnet-id").values(&subnet).build())
+        .send()
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeMap::new();
+    for ni in out.network_interfaces() {
+        for a in ni.private_ip_addresses() {
+            let ip = a.private_ip_address().unwrap().to_string();
+            if let Some(other) = seen.insert(ip.clone(), ni.network_interface_id().unwrap().to_string()) {
+                panic!("{ip} on {other} and {:?}", ni.network_interface_id());
+            }
+        }
+    }
+    assert_eq!(seen.len(), 50, "{seen:?}");
+    let net: ipnet::Ipv4Net = "10.0.201.0/26".parse().unwrap();
+    assert!(seen.keys().all(|a| net.contains(&a.parse::<std::net::Ipv4Addr>().unwrap())));
+}

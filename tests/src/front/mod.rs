@@ -8,7 +8,8 @@
 //! 2. takes a token from the account's bucket for the action's class (over budget: HTTP 503
 //!    `RequestLimitExceeded`);
 //! 3. checks AWS's rules ([`rules`]) against LocalStack's state, read directly (uncounted);
-//! 4. forwards the request; replays the first answer for a repeated `ClientToken` (EC2's
+//! 4. picks free addresses for a request that asks for a count (LocalStack picks at random and
+//!    can hand one address to two ENIs; EC2 never does) and forwards it; replays the first answer for a repeated `ClientToken` (EC2's
 //!    idempotency, which LocalStack lacks); hides ENIs created within the eventual-consistency
 //!    window from DescribeNetworkInterfaces; and may reset the connection *after* LocalStack acted
 //!    (the reply lost, the change made).
@@ -17,6 +18,7 @@
 //! `UNDERWAY_FRONT_LOG` names a file — appended to it as one JSON line, so `tests/run` can report
 //! the whole run and fail on any refusal a test did not ask to provoke ([`Front::provoke`]).
 
+pub mod addresses;
 pub mod rules;
 pub mod wire;
 
@@ -198,6 +200,8 @@ struct Shared {
     /// (action, ClientToken) → the first successful answer.
     idempotent: Mutex<HashMap<(String, String), (u16, Bytes)>>,
     provoked: Mutex<BTreeSet<Rule>>,
+    /// Requests that pick addresses go one at a time (two must not pick the same free ones).
+    alloc: tokio::sync::Mutex<()>,
     records: Mutex<Vec<Record>>,
     log: Option<Mutex<std::fs::File>>,
 }
@@ -257,6 +261,7 @@ impl Front {
             created: Mutex::default(),
             idempotent: Mutex::default(),
             provoked: Mutex::default(),
+            alloc: tokio::sync::Mutex::new(()),
             records: Mutex::default(),
             log,
         });
@@ -573,7 +578,18 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
         ));
     }
 
-    // 6. Forward.
+    // 6. EC2 never gives an address another interface of the subnet holds; LocalStack picks at
+    // random without looking. A count becomes explicit free addresses, one such request at a time.
+    let _picking = match action.as_str() {
+        "AssignPrivateIpAddresses" | "CreateNetworkInterface" => Some(shared.alloc.lock().await),
+        _ => None,
+    };
+    let body = match &_picking {
+        Some(_) => addresses::explicit(&shared.direct, &params).await.map_or(body, |p| Bytes::from(p.encode())),
+        None => body,
+    };
+
+    // 7. Forward.
     let (status, headers, bytes) = match forward(&shared.upstream, &parts, body).await {
         Ok(x) => x,
         Err(e) => {
@@ -627,7 +643,8 @@ async fn forward(
     let mut b =
         Request::builder().method(parts.method.clone()).uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
     for (k, v) in parts.headers.iter() {
-        if k.as_str() != "connection" {
+        // The body may have been rewritten: hyper sets its length.
+        if !matches!(k.as_str(), "connection" | "content-length") {
             b = b.header(k, v);
         }
     }

@@ -17,6 +17,11 @@ impl Params {
         Params(m)
     }
 
+    /// The form body again (after a rewrite).
+    pub fn encode(&self) -> String {
+        form_urlencoded::Serializer::new(String::new()).extend_pairs(self.0.iter()).finish()
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0.get(key).map(String::as_str)
     }
@@ -155,6 +160,7 @@ mod tests {
         assert_eq!(p.action(), "AssignPrivateIpAddresses");
         assert_eq!(p.list("PrivateIpAddress"), vec!["10.0.0.5", "10.0.0.6"]);
         assert_eq!(p.number("NetworkInterfaceId"), None);
+        assert_eq!(Params::parse(p.encode().as_bytes(), None), p, "encode round-trips");
     }
 
     #[test]
