@@ -24,7 +24,7 @@ enum Cmd {
     Run,
     /// Validate the configuration and print the effective one.
     CheckConfig,
-    /// Ask the running daemon for its status line.
+    /// Ask the running daemon for its status line; exits non-zero when it is not ready.
     Status,
     /// Liveness: exits non-zero when the daemon's reconciler is stalled or dead (its `/healthz`
     /// on `introspection_listen`), or the daemon does not answer. The DaemonSet's liveness probe.
@@ -79,7 +79,11 @@ fn main() -> ExitCode {
             match underway_api::client::call(&cfg.socket, &underway_api::Request::Status, Duration::from_secs(5)) {
                 Ok(r) => {
                     println!("{}", serde_json::to_string(&r).expect("serialises"));
-                    ExitCode::SUCCESS
+                    // Scripts and readiness checks read the exit code: not ready is a failure.
+                    match r {
+                        underway_api::Response::Status(s) if s.ready => ExitCode::SUCCESS,
+                        _ => ExitCode::FAILURE,
+                    }
                 }
                 Err(e) => {
                     eprintln!("underway-ipamd: {e}");

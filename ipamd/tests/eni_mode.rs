@@ -401,6 +401,7 @@ async fn liveness_fails_while_the_reconciler_is_stalled_and_recovers() {
     };
     let (ok, text) = health();
     assert!(ok, "{text}");
+    assert!(p.run_cmd(&["status"]).unwrap().status.success(), "status exits 0 when ready");
     w.account().front.configure(|c| c.faults.latency = Duration::from_secs(25));
     // Two Adds take the warm addresses: the reconciler grows, and its EC2 call waits 25 s, past
     // the bound (10 s).

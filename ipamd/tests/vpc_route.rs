@@ -170,6 +170,8 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_tags_and_seve
     });
     let m = p.http_get(61678, "/metrics").unwrap();
     assert!(!m.contains("operation=\"CreateRoute\""), "no route call:\n{m}");
+    let status = p.run_cmd(&["status"]).unwrap();
+    assert!(!status.status.success(), "status exits non-zero while not ready");
     assert!(p.stop());
 
     // An untagged table is refused by name before any change.
