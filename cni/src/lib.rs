@@ -138,6 +138,7 @@ fn unexpected(what: &str, r: Response) -> CniError {
 
 fn spec_for(env: &Env, conf: &NetConf, alloc: &underway_api::Allocation) -> PodSpec {
     PodSpec {
+        network: conf.name.clone(),
         host_veth: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
         ifname: env.ifname.clone(),
         address: alloc.address,
@@ -232,7 +233,7 @@ fn gc(rt: &tokio::runtime::Runtime, conf: &NetConf, log: &Log) -> Result<(), Cni
         other => return Err(unexpected(WHAT, other)),
     }
     let removed = rt
-        .block_on(gc_host_veths(None, &conf.veth_prefix, &keep))
+        .block_on(gc_host_veths(None, &conf.veth_prefix, &conf.name, &keep))
         .map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))?;
     log.write("debug", &format!("GC removed host veths {removed:?}"));
     Ok(())

@@ -197,12 +197,28 @@ fn version_status_and_gc() {
     let (p1, p2) = (TempNs::new("pod").unwrap(), TempNs::new("pod").unwrap());
     assert_eq!(cni(Some(&node), &env("ADD", "keep01", &p1.path().display().to_string()), &c).status, 0);
     assert_eq!(cni(Some(&node), &env("ADD", "stale01", &p2.path().display().to_string()), &c).status, 0);
+    // Issue 14 item 6: another network's pod (same prefix) and a link someone named alike are
+    // not this network's to collect.
+    let p3 = TempNs::new("pod").unwrap();
+    let mut other: Value = serde_json::from_str(&c).unwrap();
+    other["name"] = json!("othernet");
+    assert_eq!(
+        cni(Some(&node), &env("ADD", "other01", &p3.path().display().to_string()), &other.to_string()).status,
+        0
+    );
+    assert!(node.sh("ip link add uwlookalike0001 type veth peer name lookalikepeer").0);
     let mut gc: Value = serde_json::from_str(&c).unwrap();
     gc["cni.dev/valid-attachments"] = json!([{ "containerID": "keep01", "ifname": "eth0" }]);
     let r = cni(Some(&node), &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")], &gc.to_string());
     assert_eq!(r.status, 0, "{}", r.raw);
-    assert_eq!(ipamd.assigned(), 1, "the stale attachment's address is released");
-    assert_eq!(host_veths(&node), 1, "and its veth removed");
+    assert_eq!(ipamd.assigned(), 2, "the stale attachment's address is released (othernet's is not)");
+    assert_eq!(host_veths(&node), 3, "its veth removed; othernet's veth and the look-alike kept");
+    assert!(p3.sh("ping -c1 -W2 10.99.1.1").0, "the other network's pod still works");
+    assert!(node.sh("ip link del uwlookalike0001").0);
+    assert_eq!(
+        cni(Some(&node), &env("DEL", "other01", &p3.path().display().to_string()), &other.to_string()).status,
+        0
+    );
     assert!(p1.sh("ping -c1 -W2 10.99.1.1").0, "the kept pod still works");
 
     ipamd.stop();

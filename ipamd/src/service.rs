@@ -220,11 +220,17 @@ impl Service {
 
     async fn gc(&self, req: GcRequest) -> Response {
         let now = unix_ms();
-        let valid_veths: std::collections::BTreeSet<String> = req
+        let mut valid_veths: std::collections::BTreeSet<String> = req
             .valid
             .iter()
             .map(|k| underway_routes::host_veth_name(&self.veth_prefix, &k.container_id, &k.ifname))
             .collect();
+        // A recovered entry (a pod the store had forgotten) may belong to any network: it is
+        // released only once its veth is gone from the host, never on one network's list alone.
+        match crate::host::host_pods(&self.veth_prefix).await {
+            Ok(pods) => valid_veths.extend(pods.into_iter().map(|(v, _)| v)),
+            Err(e) => return error(ErrorKind::Internal, format!("GC cannot read the host's pod veths: {e}")),
+        }
         let (released, g) = self.state.change(|b| {
             let mut out: Vec<Ipv4Addr> = b.pool.gc(&req.network, &req.valid, now);
             let stale: Vec<AttachmentKey> = b

@@ -34,6 +34,9 @@ const EEXIST: i32 = 17;
 /// What to build for one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
+    /// The CNI network the pod belongs to: written into the host veth's alias
+    /// (`underway/<network>`), so a GC of one network never touches another's veths.
+    pub network: String,
     pub host_veth: String,
     pub ifname: String,
     pub address: Ipv4Addr,
@@ -162,11 +165,9 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
     )?;
 
     let (hidx, host_mac) = need_link(h, &spec.host_veth, "host").await?;
-    h.link()
-        .set(LinkUnspec::new_with_index(hidx).up().build())
-        .execute()
-        .await
-        .map_err(RoutesError::netlink("host veth up"))?;
+    let mut up = LinkUnspec::new_with_index(hidx).up().build();
+    up.attributes.push(LinkAttribute::IfAlias(veth_alias(&spec.network)));
+    h.link().set(up).execute().await.map_err(RoutesError::netlink("host veth up"))?;
 
     let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(spec.gateway, 32)
@@ -323,24 +324,37 @@ pub async fn check_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
 pub async fn gc_host_veths(
     host: Option<&Path>,
     prefix: &str,
+    network: &str,
     keep: &std::collections::BTreeSet<String>,
 ) -> Result<Vec<String>> {
     let host = handle_in(host)?;
     let h = &host.handle;
     let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
+    let mine = veth_alias(network);
     let mut removed = Vec::new();
     for l in links {
-        let Some(name) =
-            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
-        else {
-            continue;
-        };
-        if name.len() == 15 && name.starts_with(prefix) && !keep.contains(&name) {
+        let name =
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
+        let alias =
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(n) = a { Some(n.clone()) } else { None });
+        let Some(name) = name else { continue };
+        // Only this network's veths: the prefix alone would reach other networks' and any link
+        // someone named alike.
+        if name.len() == 15
+            && name.starts_with(prefix)
+            && alias.as_deref() == Some(mine.as_str())
+            && !keep.contains(&name)
+        {
             remove_veth(h, &name, None).await?;
             removed.push(name);
         }
     }
     Ok(removed)
+}
+
+/// The alias a host veth of `network` carries.
+pub fn veth_alias(network: &str) -> String {
+    format!("underway/{network}")
 }
 
 /// Host veths named `prefix…` (as [`host_veth_name`] makes them) with the pod addresses routed

@@ -11,6 +11,7 @@ type Netns = TempNs;
 
 fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
     PodSpec {
+        network: "underway".into(),
         host_veth: host_veth_name("uw", &format!("container-{addr:?}"), "eth0"),
         ifname: "eth0".into(),
         address: Ipv4Addr::from(addr),
@@ -130,14 +131,18 @@ async fn check_names_the_missing_piece_and_gc_and_veth_teardown_clean_up() {
     assert!(!rules.contains("10.99.0.8"), "{rules}");
     assert!(check_pod(Some(&node.path()), &pod.path(), &s).await.is_err());
 
-    // GC removes the prefix's veths that are not kept, and only those.
+    // GC removes this network's veths that are not kept, and only those (the alias says whose).
     let keep = spec([10, 99, 0, 9], None);
     let drop_ = spec([10, 99, 0, 10], Some(103));
     let pod2 = Netns::new("pod").unwrap();
     setup_pod(Some(&node.path()), &pod.path(), &keep).await.unwrap();
     setup_pod(Some(&node.path()), &pod2.path(), &drop_).await.unwrap();
     let kept = std::collections::BTreeSet::from([keep.host_veth.clone()]);
-    let removed = gc_host_veths(Some(&node.path()), "uw", &kept).await.unwrap();
+    assert!(
+        gc_host_veths(Some(&node.path()), "uw", "another", &kept).await.unwrap().is_empty(),
+        "not another network's"
+    );
+    let removed = gc_host_veths(Some(&node.path()), "uw", "underway", &kept).await.unwrap();
     assert_eq!(removed, vec![drop_.host_veth.clone()]);
     check_pod(Some(&node.path()), &pod.path(), &keep).await.unwrap();
     let (_, rules) = node.sh("ip rule");
