@@ -146,6 +146,9 @@ pub struct EniConfig {
     pub leak_grace_ms: u64,
     /// How often the leaked-ENI GC runs.
     pub gc_interval_ms: u64,
+    /// How often the pool is compared with EC2 again (one DescribeNetworkInterfaces, through the
+    /// rate budget) and repaired both ways.
+    pub recheck_interval_ms: u64,
     /// MTU of ENI links and pod veths.
     pub mtu: u32,
 }
@@ -161,6 +164,7 @@ impl Default for EniConfig {
             subnet_pause_ms: 600_000,
             leak_grace_ms: 300_000,
             gc_interval_ms: 60_000,
+            recheck_interval_ms: 300_000,
             mtu: 9001,
         }
     }
@@ -431,6 +435,9 @@ impl Config {
         }
         if self.reconcile_interval_ms == 0 || self.reconcile_min_interval_ms > self.reconcile_interval_ms {
             return Err(invalid("reconcile_interval_ms", "must be > 0 and at least reconcile_min_interval_ms"));
+        }
+        if self.eni.recheck_interval_ms < 1_000 {
+            return Err(invalid("eni.recheck_interval_ms", "at least 1000 (each re-check is a describe call)"));
         }
         if self.eni.gc_interval_ms == 0 {
             return Err(invalid("eni.gc_interval_ms", "must be > 0"));

@@ -40,6 +40,7 @@ pub struct EniMode<C> {
     /// Attached ENIs whose link is not set up yet: id → device index.
     pending: BTreeMap<String, u32>,
     last_gc: Option<Instant>,
+    last_recheck: Option<Instant>,
 }
 
 fn slot_count(prefix_mode: bool, n: u32) -> AddressCount {
@@ -67,6 +68,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             paused: BTreeMap::new(),
             pending: BTreeMap::new(),
             last_gc: None,
+            last_recheck: None,
         }
     }
 
@@ -441,10 +443,33 @@ impl<C: Cloud + 'static> EniMode<C> {
             } else {
                 self.cloud.unassign_prefixes(&eni, &prefixes).await
             };
-            if let Err(e) = r {
-                state.change(|b| b.pool.abort_release(&ips));
-                return Err(e.into());
-            }
+            let (gone_ips, gone_prefixes) = match r {
+                Ok(()) => (ips.clone(), prefixes.clone()),
+                Err(e) => {
+                    // The reply may be lost after EC2 acted: ask EC2 what the ENI still has before
+                    // anything is offered again (issue 14, item 3). What it no longer has is gone;
+                    // the rest goes back to free. Unknown (EC2 unreachable): keep them out of use.
+                    let Ok(now) = self.cloud.eni(&eni).await else {
+                        state.record_error(format!("{eni}: unassign failed ({e}) and EC2 cannot say what it did; the addresses stay out of use until the next check"));
+                        return Err(e.into());
+                    };
+                    let gone_ips: Vec<Ipv4Addr> =
+                        ips.iter().copied().filter(|a| !now.secondary_ips.contains(a)).collect();
+                    let gone_prefixes: Vec<Ipv4Net> =
+                        prefixes.iter().copied().filter(|p| !now.prefixes.contains(p)).collect();
+                    let kept: Vec<Ipv4Addr> = ips.iter().copied().filter(|a| !gone_ips.contains(a)).collect();
+                    state.change(|b| b.pool.abort_release(&kept));
+                    if gone_ips.is_empty() && gone_prefixes.is_empty() {
+                        return Err(e.into());
+                    }
+                    state.record_error(format!(
+                        "{eni}: unassign reported {e}, yet EC2 released {} addresses: not offered again",
+                        gone_ips.len()
+                    ));
+                    (gone_ips, gone_prefixes)
+                }
+            };
+            let (ips, prefixes) = (gone_ips, gone_prefixes);
             let (_, g) = state.change(|b| {
                 b.pool.finish_release(&ips);
                 b.pool.finish_release_prefixes(&prefixes);
@@ -454,6 +479,27 @@ impl<C: Cloud + 'static> EniMode<C> {
                 k.prefixes.retain(|p| !prefixes.contains(p));
             }
             state.commit(g).await?;
+        }
+        Ok(())
+    }
+
+    /// The periodic re-check against EC2 (issue 14, item 3): one DescribeNetworkInterfaces of the
+    /// instance (through the rate budget), and each set-up ENI's pool made to match it again —
+    /// addresses EC2 no longer has are dropped (assigned ones reported), addresses it has that the
+    /// pool lacks are added (a running pod's marked held). What changed is recorded.
+    async fn recheck(&mut self, state: &NodeState) -> Result<()> {
+        let before = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
+        for e in self.cloud.enis_of_instance(&self.node.id).await? {
+            let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
+            if self.pending.contains_key(&e.id) || !before.contains_key(&e.id) {
+                continue; // not offered yet: finish_pending (or device_indexes) takes it
+            }
+            self.known.insert(e.id.clone(), e.clone());
+            self.offer(state, &e, idx).await?;
+        }
+        let after = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
+        if after != before {
+            state.record_error(format!("re-check against EC2 repaired the pool: {before:?} → {after:?}"));
         }
         Ok(())
     }
@@ -502,6 +548,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         if !lost.is_empty() {
             state.record_error(format!("ENIs detached while ipamd was away took {} assigned addresses", lost.len()));
         }
+        self.last_recheck = Some(Instant::now());
         state.commit(g).await?;
         crate::host::sync_host(state, &self.cfg.veth_prefix).await
     }
@@ -547,6 +594,10 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         if self.last_gc.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.gc_interval_ms)) {
             self.last_gc = Some(Instant::now());
             self.gc_leaked(state).await?;
+        }
+        if self.last_recheck.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.recheck_interval_ms)) {
+            self.last_recheck = Some(Instant::now());
+            self.recheck(state).await?;
         }
         Ok(Step { blocker, again: acted && d.limited.is_none() })
     }

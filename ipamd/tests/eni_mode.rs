@@ -415,3 +415,59 @@ async fn liveness_fails_while_the_reconciler_is_stalled_and_recovers() {
     w.account().front.configure(|c| c.faults.latency = Duration::ZERO);
     eventually(Duration::from_secs(60), "liveness to recover", || health().0);
 }
+
+/// Issue 14, item 3: drift with EC2 after start. (a) An Unassign whose replies were lost after EC2
+/// acted: before, the release was aborted and the addresses offered again though EC2 no longer
+/// had them (and every later release picked them again). Now EC2 is asked, and what it released
+/// is gone. (b) An address removed behind ipamd's back is dropped by the periodic re-check, and
+/// the pool grows back to its target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pool_follows_ec2_after_lost_unassign_replies_and_outside_changes() {
+    let (w, n) = world("m5.large").await;
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 2\n[eni]\nrecheck_interval_ms = 2000\n"));
+    p.wait_ready(2, Duration::from_secs(60)).unwrap();
+    let names: Vec<String> = (0..5).map(|i| format!("drift{i}")).collect();
+    for name in &names {
+        added(add(&p, name));
+    }
+    eventually(Duration::from_secs(30), "the pool grown for 5 + 2", || status(&p).free == 2);
+    let front = &w.account().front;
+    // Every Unassign reply is lost after EC2 acted; ipamd's retry then asks EC2 to unassign what
+    // it no longer has, which AWS refuses (provoked here, by the lost replies).
+    front.provoke(underway_tests::front::Rule::AddressNotAssigned);
+    front.configure(|c| {
+        c.faults.reset_after = 1.0;
+        c.faults.actions = vec!["UnassignPrivateIpAddresses".into()];
+    });
+    for name in &names {
+        assert_eq!(p.call(&Request::Del(key(name))).unwrap(), Response::Released { found: true });
+    }
+    eventually(Duration::from_secs(60), "ipamd to ask EC2 what it released", || {
+        p.http_get(61679, "/v1/errors").unwrap().contains("yet EC2 released")
+    });
+    front.configure(|c| c.faults = Default::default());
+    eventually(Duration::from_secs(30), "the pool agrees with EC2", || {
+        let s = status(&p);
+        s.free == 2 && s.assigned == 0
+    });
+    let in_ec2 = enis_in_ec2(&w, &n).await.iter().map(|e| e.2.len()).sum::<usize>();
+    assert_eq!(in_ec2, 2, "{}", p.http_get(61679, "/v1/enis").unwrap());
+
+    // (b) Someone unassigns a free address behind ipamd's back.
+    let enis = enis_in_ec2(&w, &n).await;
+    let (eni, _, ips) = enis.iter().find(|e| !e.2.is_empty()).unwrap().clone();
+    w.ec2()
+        .client
+        .unassign_private_ip_addresses()
+        .network_interface_id(&eni)
+        .private_ip_addresses(ips[0].to_string())
+        .send()
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the re-check repaired the pool", || {
+        p.http_get(61679, "/v1/errors").unwrap().contains("re-check against EC2 repaired")
+    });
+    eventually(Duration::from_secs(30), "back to the target", || status(&p).free == 2);
+    let held = enis_in_ec2(&w, &n).await.iter().map(|e| e.2.len()).sum::<usize>();
+    assert_eq!(held, 2, "EC2 and the pool agree: {}", p.http_get(61679, "/v1/enis").unwrap());
+}

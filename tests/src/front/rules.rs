@@ -28,12 +28,14 @@ pub enum Rule {
     AddressLimit,
     /// More addresses than the subnet has free.
     SubnetCapacity,
+    /// Unassigning an address the ENI does not have (a retry after a lost reply does this).
+    AddressNotAssigned,
     /// Over the account's request rate.
     RequestRate,
 }
 
 impl Rule {
-    pub const ALL: [Rule; 9] = [
+    pub const ALL: [Rule; 10] = [
         Rule::RouteInsideVpc,
         Rule::RouteInstanceTarget,
         Rule::RouteLimit,
@@ -42,6 +44,7 @@ impl Rule {
         Rule::DeviceIndexInUse,
         Rule::AddressLimit,
         Rule::SubnetCapacity,
+        Rule::AddressNotAssigned,
         Rule::RequestRate,
     ];
 
@@ -55,6 +58,7 @@ impl Rule {
             Rule::DeviceIndexInUse => "device-index-in-use",
             Rule::AddressLimit => "address-limit",
             Rule::SubnetCapacity => "subnet-capacity",
+            Rule::AddressNotAssigned => "address-not-assigned",
             Rule::RequestRate => "request-rate",
         }
     }
@@ -424,6 +428,24 @@ pub async fn evaluate(c: &Client, p: &Params, route_capacity: usize) -> Option<R
                 },
             };
             check_assign(requested, &view).err()
+        }
+        "UnassignPrivateIpAddresses" => {
+            // EC2 API reference, UnassignPrivateIpAddresses: the addresses must be secondary
+            // addresses of the interface; others are refused (LocalStack ignores them).
+            let target = eni(c, p.get("NetworkInterfaceId")?).await?;
+            let has: Vec<&str> = target.private_ip_addresses().iter().filter_map(|a| a.private_ip_address()).collect();
+            let missing: Vec<&str> = p.list("PrivateIpAddress").into_iter().filter(|a| !has.contains(a)).collect();
+            (!missing.is_empty()).then(|| {
+                refuse(
+                    Rule::AddressNotAssigned,
+                    "InvalidParameterValue",
+                    format!(
+                        "Some of the specified addresses are not assigned to interface {}: {}",
+                        target.network_interface_id().unwrap_or_default(),
+                        missing.join(", ")
+                    ),
+                )
+            })
         }
         "CreateNetworkInterface" => {
             // The ENI's addresses: its primary (named or not), the listed ones, and a count.
