@@ -235,8 +235,6 @@ pub struct Config {
     /// The RPC socket for the CNI binary (0600, in a 0700 directory; a directory group or others
     /// can write is refused).
     pub socket: PathBuf,
-    /// Users besides root and ipamd's own that may call the socket (peer credentials).
-    pub rpc_allowed_uids: Vec<u32>,
     /// A connection's request must arrive within this.
     pub rpc_read_timeout_ms: u64,
     /// `/healthz` (and `underway-ipamd health`, the liveness probe) fails once the reconciler has
@@ -278,7 +276,6 @@ impl Default for Config {
             identity: IdentityConfig::default(),
             cloud: Ec2Config::default(),
             socket: PathBuf::from(underway_api::DEFAULT_SOCKET),
-            rpc_allowed_uids: Vec::new(),
             rpc_read_timeout_ms: 10_000,
             health_stall_ms: 600_000,
             state_dir: PathBuf::from("/var/lib/underway"),

@@ -110,10 +110,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
         veth_prefix: cfg.veth_prefix.clone(),
         events: events_tx,
     });
-    let guard = server::Guard {
-        read_timeout: Duration::from_millis(cfg.rpc_read_timeout_ms),
-        allowed_uids: cfg.rpc_allowed_uids.clone(),
-    };
+    let guard = server::Guard { read_timeout: Duration::from_millis(cfg.rpc_read_timeout_ms) };
     let rpc = tokio::spawn(server::serve(listener, service.clone(), guard));
     let node: Arc<OnceLock<Instance>> = Arc::default();
     let effective: Arc<OnceLock<Arc<Config>>> = Arc::default();
@@ -243,6 +240,17 @@ async fn background(
 /// its tables (the configured ones, else its subnet's). Who the node is comes from IMDS (or the
 /// static identity), as at start-up, without retrying.
 pub async fn remove_node_routes(cfg: &Config) -> Result<Vec<String>> {
+    use crate::vpc_route::PodRoutes;
+    let which = match (cfg.vpc_route.pod_cidr, cfg.vpc_route.cluster_cidr) {
+        (Some(c), _) => PodRoutes::Exactly(c),
+        (None, Some(c)) => PodRoutes::Within(c),
+        (None, None) => {
+            return Err(IpamdError::Config {
+                field: "vpc_route.cluster_cidr".into(),
+                reason: "uninstall needs vpc_route.pod_cidr or vpc_route.cluster_cidr to know which routes are the node's pod routes".into(),
+            });
+        }
+    };
     let (instance_id, region, _) = identity::instance_id(&cfg.identity).await?;
     let mut ec2 = cfg.cloud.clone();
     if ec2.region.is_none() {
@@ -255,7 +263,7 @@ pub async fn remove_node_routes(cfg: &Config) -> Result<Vec<String>> {
     } else {
         cfg.vpc_route.route_tables.clone()
     };
-    crate::vpc_route::remove_node_routes(&cloud, &cfg.cluster, &node, &tables).await
+    crate::vpc_route::remove_node_routes(&cloud, &cfg.cluster, &node, &tables, &which).await
 }
 
 /// With Kubernetes: the effective config from the Node and its pool, the stored pool's mode

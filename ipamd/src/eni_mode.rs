@@ -159,8 +159,8 @@ impl<C: Cloud + 'static> EniMode<C> {
         for (id, idx) in self.pending.clone() {
             let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
             self.setup_link(&eni, idx).await?;
-            self.pending.remove(&id);
             self.offer(state, &eni, idx).await?;
+            self.pending.remove(&id);
             tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
         }
         Ok(())
@@ -318,6 +318,8 @@ impl<C: Cloud + 'static> EniMode<C> {
             tags: eni_tags(&self.cfg.cluster, &self.node.id, unix_ms() / 1000),
             initial: slot_count(self.prefix_mode(), count),
         };
+        // Before creating: a failed describe must not leave a new ENI behind, detached.
+        let used = self.device_indexes(state).await?;
         let mut eni = match self.cloud.create_eni(&req).await {
             Ok(e) => e,
             Err(CloudError::LimitReached { limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, .. }) => {
@@ -329,7 +331,6 @@ impl<C: Cloud + 'static> EniMode<C> {
             }
             Err(e) => return Err(e.into()),
         };
-        let used = self.device_indexes(state).await?;
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
         let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
@@ -453,10 +454,15 @@ impl<C: Cloud + 'static> EniMode<C> {
                         state.record_error(format!("{eni}: unassign failed ({e}) and EC2 cannot say what it did; the addresses stay out of use until the next check"));
                         return Err(e.into());
                     };
-                    let gone_ips: Vec<Ipv4Addr> =
-                        ips.iter().copied().filter(|a| !now.secondary_ips.contains(a)).collect();
                     let gone_prefixes: Vec<Ipv4Net> =
                         prefixes.iter().copied().filter(|p| !now.prefixes.contains(p)).collect();
+                    // Prefix mode: an address is gone with its prefix (EC2 lists prefixes, not
+                    // their addresses); otherwise one by one.
+                    let gone_ips: Vec<Ipv4Addr> = if prefixes.is_empty() {
+                        ips.iter().copied().filter(|a| !now.secondary_ips.contains(a)).collect()
+                    } else {
+                        gone_prefixes.iter().flat_map(|p| crate::pool::prefix_addresses(*p)).collect()
+                    };
                     let kept: Vec<Ipv4Addr> = ips.iter().copied().filter(|a| !gone_ips.contains(a)).collect();
                     state.change(|b| b.pool.abort_release(&kept));
                     if gone_ips.is_empty() && gone_prefixes.is_empty() {
@@ -595,7 +601,11 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
             self.last_gc = Some(Instant::now());
             self.gc_leaked(state).await?;
         }
-        if self.last_recheck.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.recheck_interval_ms)) {
+        // Not in a step that changed EC2: a describe right after a change may not show it yet.
+        if !acted
+            && d.release == 0
+            && self.last_recheck.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.recheck_interval_ms))
+        {
             self.last_recheck = Some(Instant::now());
             self.recheck(state).await?;
         }

@@ -17,14 +17,14 @@ pub async fn host_pods(veth_prefix: &str) -> Result<HostPods> {
     Ok(underway_routes::pod_veths(None, veth_prefix).await?)
 }
 
-/// Marks every address a host veth routes, that the pool has and nobody holds, as held by that
-/// veth's recovered key. Returns what it marked ("<addr> on <veth>").
+/// Marks every address a host veth routes that is free in the pool as held by that veth's
+/// recovered key. Returns what it marked ("<addr> on <veth>").
 pub fn mark_running(b: &mut Book, pods: &HostPods) -> Vec<String> {
     let mut recovered = Vec::new();
     for (veth, addrs) in pods {
         for a in addrs {
-            let held = b.pool.held().any(|(_, ip)| ip == a);
-            if !held && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
+            // Only a free address: a cooling one was just released (its veth about to go).
+            if b.pool.is_free(*a) && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
                 recovered.push(format!("{a} on {veth}"));
             }
         }

@@ -211,6 +211,11 @@ impl Pool {
         self.enis.values_mut().find(|e| e.id == id).ok_or_else(|| PoolError::UnknownEni(id.to_string()))
     }
 
+    /// The address is in the pool and free (not held, cooling or being released).
+    pub fn is_free(&self, ip: Ipv4Addr) -> bool {
+        self.enis.values().any(|e| e.slots.get(&ip) == Some(&Slot::Free))
+    }
+
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         self.enis.values().any(|e| e.slots.contains_key(&ip))
     }

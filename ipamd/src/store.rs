@@ -63,7 +63,13 @@ pub enum Loaded {
 pub fn private_dir(dir: &Path) -> std::result::Result<(), String> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| format!("cannot create: {e}"))?;
-    let mode = std::fs::metadata(dir).map_err(|e| e.to_string())?.permissions().mode() & 0o7777;
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(dir).map_err(|e| e.to_string())?;
+    let own = std::fs::metadata("/proc/self").map_err(|e| e.to_string())?.uid();
+    if md.uid() != own {
+        return Err(format!("{} belongs to uid {}, not to ipamd's user ({own}): refusing", dir.display(), md.uid()));
+    }
+    let mode = md.permissions().mode() & 0o7777;
     if mode & 0o022 != 0 {
         return Err(format!(
             "{} is writable by group or others (mode {mode:04o}): refusing to keep the socket or state there; make it 0700",

@@ -57,12 +57,10 @@ pub(crate) async fn gone<C: Cloud>(cloud: &C, instance_id: &str) -> Result<bool>
     }
 }
 
-/// A route whose target no longer exists: a blackhole, an instance that is gone, or an ENI that is
-/// deleted, detached, or attached to an instance that is gone.
+/// A route whose target no longer exists: an instance that is gone, or an ENI that is deleted,
+/// detached, or attached to an instance that is gone.
 pub(crate) async fn target_gone<C: Cloud>(cloud: &C, r: &Route) -> Result<bool> {
-    if r.state == "blackhole" {
-        return Ok(true);
-    }
+    // A blackhole alone is no proof: a stopped instance's routes are blackholes too.
     match &r.target {
         RouteTarget::Instance(i) => gone(cloud, i).await,
         RouteTarget::Eni(e) => match cloud.eni(e).await {
@@ -304,20 +302,42 @@ pub async fn gc_routes<C: Cloud>(
     Ok(out)
 }
 
-/// `uninstall` in VPC-route mode: deletes this node's own routes (to its primary ENI, or to the
-/// instance) in each table tagged for `cluster`. Returns what was deleted, as lines.
+/// Which destinations `uninstall` may delete: the node's pod CIDR, or any inside the cluster CIDR
+/// (never a default route or another route that happens to point at the node).
+#[derive(Debug, Clone, Copy)]
+pub enum PodRoutes {
+    Exactly(Ipv4Net),
+    Within(Ipv4Net),
+}
+
+impl PodRoutes {
+    fn contains(&self, d: &Ipv4Net) -> bool {
+        match self {
+            PodRoutes::Exactly(c) => c == d,
+            PodRoutes::Within(c) => c.contains(d),
+        }
+    }
+}
+
+/// `uninstall` in VPC-route mode: deletes this node's own pod routes (to its primary ENI, or to
+/// the instance) in each table tagged for `cluster`. Returns what was deleted, as lines.
 pub async fn remove_node_routes<C: Cloud>(
     cloud: &C,
     cluster: &str,
     node: &Instance,
     tables: &[String],
+    pod_routes: &PodRoutes,
 ) -> Result<Vec<String>> {
     let mine = [RouteTarget::Eni(node.primary_eni.clone()), RouteTarget::Instance(node.id.clone())];
     let mut out = Vec::new();
     for t in tables {
         let rt = cloud.route_table(t).await?;
         tagged_for(&rt, cluster)?;
-        for r in rt.routes.iter().filter(|r| mine.contains(&r.target)) {
+        let ours = |r: &&Route| {
+            (mine.contains(&r.target) || r.via_eni.as_deref() == Some(node.primary_eni.as_str()))
+                && pod_routes.contains(&r.destination)
+        };
+        for r in rt.routes.iter().filter(ours) {
             cloud.delete_route(t, r.destination).await?;
             out.push(format!("{t}: deleted {} → {:?} (this node)", r.destination, r.target));
         }
