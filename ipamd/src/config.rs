@@ -142,7 +142,8 @@ pub struct EniConfig {
     pub link_wait_ms: u64,
     /// How long a subnet that reported no free addresses is skipped.
     pub subnet_pause_ms: u64,
-    /// An ENI this cluster made for this node that has been detached this long is deleted.
+    /// An ENI this cluster made for this node is deleted once it is detached and was created
+    /// (its `underway.io/created-at` tag) at least this long ago.
     pub leak_grace_ms: u64,
     /// How often the leaked-ENI GC runs.
     pub gc_interval_ms: u64,
