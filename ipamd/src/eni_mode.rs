@@ -19,6 +19,7 @@ use underway_routes::EniSpec;
 use crate::clock::unix_ms;
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
+use crate::host::{HostPods, host_pods};
 use crate::identity::Macs;
 use crate::metrics::Metrics;
 use crate::reconcile::{Source, Step};
@@ -129,9 +130,9 @@ impl<C: Cloud + 'static> EniMode<C> {
     /// Offers an attached, set-up ENI's addresses to the pool.
     /// Makes an ENI's addresses free, except those a running pod's veth routes: those are marked
     /// held in the same change, so no Add can take them in between.
-    async fn offer(&self, state: &NodeState, eni: &CloudEni, device_index: u32) -> Result<()> {
+    /// `running` is the host's pod veths, read by the caller just before (once per batch).
+    fn offer(&self, state: &NodeState, eni: &CloudEni, device_index: u32, running: &HostPods) {
         let table = self.table_of(device_index);
-        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
         let (recovered, _) = state.change(|b| {
             let r = b.pool.sync_eni(&eni.id, device_index, table, &eni.secondary_ips, &eni.prefixes);
             if !r.dropped_assigned.is_empty() {
@@ -148,18 +149,21 @@ impl<C: Cloud + 'static> EniMode<C> {
             if !r.dropped.is_empty() {
                 tracing::info!("{}: dropped {} addresses EC2 no longer has", eni.id, r.dropped.len());
             }
-            crate::host::mark_running(b, &running)
+            crate::host::mark_running(b, running)
         });
         crate::host::report_recovered(state, &recovered);
         state.freed.notify_waiters();
-        Ok(())
     }
 
     async fn finish_pending(&mut self, state: &NodeState) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let running = host_pods(&self.cfg.veth_prefix).await?;
         for (id, idx) in self.pending.clone() {
             let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
             self.setup_link(&eni, idx).await?;
-            self.offer(state, &eni, idx).await?;
+            self.offer(state, &eni, idx, &running);
             self.pending.remove(&id);
             tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
         }
@@ -495,13 +499,15 @@ impl<C: Cloud + 'static> EniMode<C> {
     /// pool lacks are added (a running pod's marked held). What changed is recorded.
     async fn recheck(&mut self, state: &NodeState) -> Result<()> {
         let before = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
-        for e in self.cloud.enis_of_instance(&self.node.id).await? {
+        let enis = self.cloud.enis_of_instance(&self.node.id).await?;
+        let running = host_pods(&self.cfg.veth_prefix).await?;
+        for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
             if self.pending.contains_key(&e.id) || !before.contains_key(&e.id) {
                 continue; // not offered yet: finish_pending (or device_indexes) takes it
             }
             self.known.insert(e.id.clone(), e.clone());
-            self.offer(state, &e, idx).await?;
+            self.offer(state, &e, idx, &running);
         }
         let after = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
         if after != before {
@@ -532,6 +538,8 @@ impl<C: Cloud + 'static> EniMode<C> {
 impl<C: Cloud + 'static> Source for EniMode<C> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
+        // One look at the host for the whole sync: each offer marks the running pods' addresses.
+        let running = host_pods(&self.cfg.veth_prefix).await?;
         let mut seen = Vec::new();
         self.known.clear();
         for e in enis {
@@ -545,7 +553,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
                 self.pending.insert(e.id.clone(), idx);
                 continue;
             }
-            self.offer(state, &e, idx).await?;
+            self.offer(state, &e, idx, &running);
         }
         let (lost, g) = state.change(|b| {
             let gone: Vec<u32> = b.pool.enis().map(|e| e.device_index).filter(|i| !seen.contains(i)).collect();
@@ -556,7 +564,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         }
         self.last_recheck = Some(Instant::now());
         state.commit(g).await?;
-        crate::host::sync_host(state, &self.cfg.veth_prefix).await
+        crate::host::sync_host(state, &self.cfg.veth_prefix, &running).await
     }
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {

@@ -42,12 +42,11 @@ pub fn report_recovered(state: &NodeState, recovered: &[String]) {
     }
 }
 
-/// Matches the store's assignments against the pods on the host.
-pub async fn sync_host(state: &NodeState, veth_prefix: &str) -> Result<()> {
-    let veths = host_pods(veth_prefix).await?;
+/// Matches the store's assignments against the pods on the host (`veths`, as the sync read them).
+pub async fn sync_host(state: &NodeState, veth_prefix: &str, veths: &HostPods) -> Result<()> {
     let on_host: std::collections::BTreeSet<String> = veths.iter().map(|(v, _)| v.clone()).collect();
     let ((recovered, orphaned), g) = state.change(|b| {
-        let recovered = mark_running(b, &veths);
+        let recovered = mark_running(b, veths);
         let orphaned = b
             .pool
             .held()

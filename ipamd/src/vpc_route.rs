@@ -202,10 +202,10 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
 
     /// Puts the CIDR's addresses in the pool (all hosts; the pods' gateway is link-local), except
     /// those a running pod's veth routes: marked held in the same change.
-    async fn offer(&self, state: &NodeState) -> Result<()> {
+    /// `running` is the host's pod veths, read by the caller just before.
+    fn offer(&self, state: &NodeState, running: &crate::host::HostPods) {
         let hosts: Vec<std::net::Ipv4Addr> = self.cidr.hosts().collect();
         let name = pool_name(&self.cidr);
-        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
         let (recovered, _) = state.change(|b| {
             let r = b.pool.sync_eni(&name, 0, None, &hosts, &[]);
             if !r.dropped_assigned.is_empty() {
@@ -215,11 +215,10 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
                     self.cidr
                 ));
             }
-            crate::host::mark_running(b, &running)
+            crate::host::mark_running(b, running)
         });
         crate::host::report_recovered(state, &recovered);
         state.freed.notify_waiters();
-        Ok(())
     }
 }
 
@@ -244,20 +243,21 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         }
         // Assignments in the store stay whatever the routes say; new ones wait for the routes.
         let held = state.read(|b| b.pool.enis().count());
+        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
         match self.ensure_all().await? {
             None => {
                 self.routed = true;
-                self.offer(state).await?;
+                self.offer(state, &running);
             }
             Some(b) => {
                 state.record_error(b.message().to_string());
                 if held > 0 {
-                    self.offer(state).await?;
+                    self.offer(state, &running);
                 }
             }
         }
         state.flush().await?;
-        crate::host::sync_host(state, &self.cfg.veth_prefix).await
+        crate::host::sync_host(state, &self.cfg.veth_prefix, &running).await
     }
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
@@ -272,7 +272,7 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         let blocker = self.ensure_all().await?;
         if blocker.is_none() && !self.routed {
             self.routed = true;
-            self.offer(state).await?;
+            self.offer(state, &crate::host::host_pods(&self.cfg.veth_prefix).await?);
         }
         Ok(Step { blocker, again: false })
     }

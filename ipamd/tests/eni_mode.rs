@@ -173,16 +173,7 @@ async fn an_exhausted_subnet_fails_add_with_that_reason() {
     let fx = w.ec2();
     // A /28 for new ENIs, filled to the last address by someone else (a full subnet hangs
     // LocalStack, so ipamd must not ask it for more than DescribeSubnets says is there).
-    let small = fx
-        .client
-        .create_subnet()
-        .vpc_id(&fx.vpc_id)
-        .cidr_block("10.0.200.0/28")
-        .availability_zone("us-east-1a")
-        .send()
-        .await
-        .unwrap();
-    let small = small.subnet().unwrap().subnet_id().unwrap().to_string();
+    let (small, _) = fx.subnet("10.0.200.0/28").await;
     let free = |s: &str| {
         let (c, s) = (fx.client.clone(), s.to_string());
         async move {

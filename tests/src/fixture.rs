@@ -54,6 +54,22 @@ impl Ec2Fixture {
         }
     }
 
+    /// Adds a subnet of `cidr` to the VPC (in the fixture's AZ) and returns its id and the free
+    /// address count EC2 reports for it.
+    pub async fn subnet(&self, cidr: &str) -> (String, i32) {
+        let out = self
+            .client
+            .create_subnet()
+            .vpc_id(&self.vpc_id)
+            .cidr_block(cidr)
+            .availability_zone("us-east-1a")
+            .send()
+            .await
+            .expect("CreateSubnet");
+        let s = out.subnet().expect("subnet");
+        (s.subnet_id().expect("subnet id").to_string(), s.available_ip_address_count().unwrap_or_default())
+    }
+
     /// Runs one instance of `instance_type` in the subnet and returns its id.
     pub async fn run_instance(&self, instance_type: &str) -> String {
         let out = self

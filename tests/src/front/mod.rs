@@ -435,10 +435,13 @@ fn request_id() -> String {
 }
 
 impl Shared {
-    fn record(&self, action: &str, node: &str, mutating: bool, outcome: Outcome) {
-        let at_ms = self.started.elapsed().as_millis() as u64;
+    /// Records a request at the time it arrived (`at`), so windows count arrivals, not the
+    /// moments LocalStack happened to answer.
+    fn record(&self, at: Instant, action: &str, node: &str, mutating: bool, outcome: Outcome) {
+        let at_ms = at.saturating_duration_since(self.started).as_millis() as u64;
         if let Some(log) = &self.log {
-            let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            let wall =
+                (SystemTime::now() - at.elapsed()).duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
             let (rule, provoked) = match &outcome {
                 Outcome::Refused { rule, provoked, .. } => (Some(rule.name()), *provoked),
                 _ => (None, false),
@@ -467,7 +470,7 @@ impl Shared {
         });
     }
 
-    fn refusal(&self, action: &str, node: &str, mutating: bool, r: Refusal) -> Response<Full<Bytes>> {
+    fn refusal(&self, at: Instant, action: &str, node: &str, mutating: bool, r: Refusal) -> Response<Full<Bytes>> {
         let provoked = self.provoked.lock().expect("provoked").contains(&r.rule);
         if !provoked {
             eprintln!(
@@ -478,12 +481,13 @@ impl Shared {
                 r.message
             );
         }
-        self.record(action, node, mutating, Outcome::Refused { rule: r.rule, code: r.code.to_string(), provoked });
+        self.record(at, action, node, mutating, Outcome::Refused { rule: r.rule, code: r.code.to_string(), provoked });
         xml_response(r.status, wire::error_xml(r.code, &r.message, &request_id()))
     }
 }
 
 async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Reset> {
+    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(|_| Reset)?.to_bytes();
     let params = Params::parse(&body, parts.uri.query());
@@ -499,18 +503,18 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     let plan = plan_faults(&mut shared.rng.lock().expect("rng"), &cfg.faults).filter(|_| targeted);
     match plan {
         Some(Fault::ResetBefore) => {
-            shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetBefore));
+            shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::ResetBefore));
             return Err(Reset);
         }
         Some(Fault::Throttle) => {
-            shared.record(&action, &node, mutating, Outcome::Fault(Fault::Throttle));
+            shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::Throttle));
             return Ok(xml_response(
                 503,
                 wire::error_xml("RequestLimitExceeded", "Request limit exceeded.", &request_id()),
             ));
         }
         Some(f @ (Fault::ServerError | Fault::Unavailable)) => {
-            shared.record(&action, &node, mutating, Outcome::Fault(Fault::ServerError));
+            shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::ServerError));
             let (status, code) = if f == Fault::ServerError { (500, "InternalError") } else { (503, "Unavailable") };
             return Ok(xml_response(
                 status,
@@ -525,6 +529,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if !bucket.lock().expect("bucket").take(Instant::now()) {
         let b = if mutating { cfg.mutating } else { cfg.non_mutating };
         return Ok(shared.refusal(
+            arrived,
             &action,
             &node,
             mutating,
@@ -547,7 +552,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if let Some(key) = &token
         && let Some((status, bytes)) = shared.idempotent.lock().expect("idem").get(key).cloned()
     {
-        shared.record(&action, &node, mutating, Outcome::Replayed);
+        shared.record(arrived, &action, &node, mutating, Outcome::Replayed);
         return Ok(Response::builder()
             .status(status)
             .header("content-type", "text/xml;charset=UTF-8")
@@ -557,7 +562,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
 
     // 4. AWS's rules.
     if let Some(r) = rules::evaluate(&shared.direct, &params, cfg.route_table_capacity).await {
-        return Ok(shared.refusal(&action, &node, mutating, r));
+        return Ok(shared.refusal(arrived, &action, &node, mutating, r));
     }
 
     // 5. Eventual consistency for a describe naming an ENI still invisible.
@@ -567,7 +572,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     if action == "DescribeNetworkInterfaces"
         && let Some(id) = params.list("NetworkInterfaceId").into_iter().find(|id| invisible(id))
     {
-        shared.record(&action, &node, mutating, Outcome::Fault(Fault::Invisible));
+        shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::Invisible));
         return Ok(xml_response(
             400,
             wire::error_xml(
@@ -593,7 +598,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
     let (status, headers, bytes) = match forward(&shared.upstream, &parts, body).await {
         Ok(x) => x,
         Err(e) => {
-            shared.record(&action, &node, mutating, Outcome::UpstreamError(e.clone()));
+            shared.record(arrived, &action, &node, mutating, Outcome::UpstreamError(e.clone()));
             return Ok(xml_response(503, wire::error_xml("Unavailable", &format!("upstream: {e}"), &request_id())));
         }
     };
@@ -616,10 +621,10 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
         }
     }
     if plan == Some(Fault::ResetAfter) {
-        shared.record(&action, &node, mutating, Outcome::Fault(Fault::ResetAfter));
+        shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::ResetAfter));
         return Err(Reset);
     }
-    shared.record(&action, &node, mutating, Outcome::Forwarded(status));
+    shared.record(arrived, &action, &node, mutating, Outcome::Forwarded(status));
     let mut resp = Response::builder().status(status);
     for (k, v) in headers.iter() {
         if !matches!(k.as_str(), "content-length" | "transfer-encoding" | "connection") {
