@@ -102,6 +102,7 @@ async fn assignments(State(h): State<Http>) -> Json<Vec<AssignmentView>> {
                     namespace: None,
                     name: None,
                     assigned_at: 0,
+                    netns: None,
                 }),
             })
             .collect()

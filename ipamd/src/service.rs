@@ -120,6 +120,7 @@ impl Service {
                             namespace: req.pod_namespace.clone(),
                             name: req.pod_name.clone(),
                             assigned_at: unix_ms(),
+                            netns: Some(req.netns.clone()),
                         },
                     );
                 }

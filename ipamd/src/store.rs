@@ -6,6 +6,11 @@
 //! by the JSON body. A torn, truncated or bit-flipped file fails the length or checksum test and
 //! is reported as corrupt (and kept aside for a post-mortem); ipamd then rebuilds from the cloud
 //! and the host instead of crashing.
+//!
+//! Formats: an older one is read and migrated (one `migrate_from_N` per change, each tested on a
+//! file that format's ipamd wrote, `src/testdata/ipamd-state.vN`); a newer one stops start-up
+//! (a downgrade must not drop what the newer ipamd recorded). Format history:
+//! 1. the first; 2. each pod's network namespace path (for the orphan sweep, issue 14 item 5).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -18,8 +23,8 @@ use crate::error::{IpamdError, Result};
 use crate::pool::Eni;
 
 const MAGIC: &str = "underway-ipamd-state";
-/// Bumped on any incompatible change of [`Snapshot`].
-pub const FORMAT: u32 = 1;
+/// Bumped on any change of [`Snapshot`]'s shape; each bump gets a migration from the one before.
+pub const FORMAT: u32 = 2;
 const FILE: &str = "ipamd-state";
 
 /// Who a pod is (recorded with its assignment when the runtime says).
@@ -30,6 +35,10 @@ pub struct PodRecord {
     pub name: Option<String>,
     /// Unix milliseconds.
     pub assigned_at: u64,
+    /// The pod's network namespace as the runtime gave it (CNI_NETNS); `None` for pods recorded
+    /// before format 2. The orphan sweep reclaims an assignment only once this and the veth are gone.
+    #[serde(default)]
+    pub netns: Option<String>,
 }
 
 /// Everything ipamd must not forget.
@@ -55,6 +64,69 @@ pub enum Loaded {
         reason: String,
         kept: PathBuf,
     },
+}
+
+/// Why a file could not be decoded.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Damaged or not ours: rebuilt from the cloud and the host.
+    Corrupt(String),
+    /// Written by a newer ipamd: start-up stops (nothing is moved or rewritten).
+    Newer(u32),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Corrupt(r) => f.write_str(r),
+            DecodeError::Newer(n) => write!(f, "format {n}, newer than this ipamd's {FORMAT}"),
+        }
+    }
+}
+
+impl From<String> for DecodeError {
+    fn from(s: String) -> Self {
+        DecodeError::Corrupt(s)
+    }
+}
+
+impl From<&str> for DecodeError {
+    fn from(s: &str) -> Self {
+        DecodeError::Corrupt(s.to_string())
+    }
+}
+
+/// Format 1's shapes, kept only to read such files.
+mod v1 {
+    use serde::Deserialize;
+    use underway_api::AttachmentKey;
+
+    #[derive(Deserialize)]
+    pub struct PodRecord {
+        pub key: AttachmentKey,
+        pub namespace: Option<String>,
+        pub name: Option<String>,
+        pub assigned_at: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Snapshot {
+        #[serde(default)]
+        pub mode: Option<crate::config::Mode>,
+        pub enis: Vec<crate::pool::Eni>,
+        pub pods: Vec<PodRecord>,
+    }
+}
+
+/// Format 1 → 2: pods gain their netns, unknown for those already recorded.
+fn migrate_from_1(body: &[u8]) -> std::result::Result<Snapshot, String> {
+    let old: v1::Snapshot = serde_json::from_slice(body).map_err(|e| format!("format 1 body: {e}"))?;
+    let pods = old
+        .pods
+        .into_iter()
+        .map(|p| PodRecord { key: p.key, namespace: p.namespace, name: p.name, assigned_at: p.assigned_at, netns: None })
+        .collect();
+    Ok(Snapshot { mode: old.mode, enis: old.enis, pods })
 }
 
 /// Makes `dir` a directory only its owner can use: created 0700, or tightened to 0700; refused
@@ -158,7 +230,15 @@ impl Store {
         };
         match decode(&bytes) {
             Ok(s) => Ok(Loaded::Ok(s)),
-            Err(reason) => {
+            Err(DecodeError::Newer(n)) => Err(store_err(
+                &path,
+                format!(
+                    "written by a newer ipamd (state format {n}; this one reads formats 1 to {FORMAT}): refusing to \
+                     start rather than drop what it recorded; run the newer ipamd, or move the file aside to rebuild \
+                     from EC2 and the host"
+                ),
+            )),
+            Err(DecodeError::Corrupt(reason)) => {
                 let kept = self.dir.join(format!("{FILE}.corrupt-{}", crate::clock::unix_ms()));
                 std::fs::rename(&path, &kept)
                     .map_err(|e| store_err(&path, format!("{reason}; and cannot move it aside: {e}")))?;
@@ -194,27 +274,31 @@ pub fn encode(snap: &Snapshot) -> Vec<u8> {
 }
 
 /// A snapshot back from the file's bytes, or why not.
-pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, String> {
+pub fn decode(bytes: &[u8]) -> std::result::Result<Snapshot, DecodeError> {
     let nl = bytes.iter().position(|b| *b == b'\n').ok_or("no header line (truncated?)")?;
     let header = std::str::from_utf8(&bytes[..nl]).map_err(|_| "header is not text")?;
     let body = &bytes[nl + 1..];
     let f: Vec<&str> = header.split(' ').collect();
     if f.len() != 4 || f[0] != MAGIC {
-        return Err(format!("not an underway state file (header {header:?})"));
+        return Err(format!("not an underway state file (header {header:?})").into());
     }
     let format: u32 = f[1].parse().map_err(|_| format!("bad format field {:?}", f[1]))?;
-    if format != FORMAT {
-        return Err(format!("format {format}, this ipamd reads {FORMAT}"));
+    if format > FORMAT {
+        return Err(DecodeError::Newer(format));
     }
     let len: usize = f[3].parse().map_err(|_| format!("bad length field {:?}", f[3]))?;
     if body.len() != len {
-        return Err(format!("body is {} bytes, header says {len} (torn write?)", body.len()));
+        return Err(format!("body is {} bytes, header says {len} (torn write?)", body.len()).into());
     }
     let crc = format!("{:08x}", crc32fast::hash(body));
     if crc != f[2] {
-        return Err(format!("checksum {crc}, header says {}", f[2]));
+        return Err(format!("checksum {crc}, header says {}", f[2]).into());
     }
-    serde_json::from_slice(body).map_err(|e| format!("body: {e}"))
+    match format {
+        1 => Ok(migrate_from_1(body)?),
+        FORMAT => Ok(serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?),
+        n => Err(format!("format {n} is older than any this ipamd reads").into()),
+    }
 }
 
 #[cfg(test)]
@@ -258,7 +342,13 @@ mod tests {
         p.add_addresses("eni-0", &["10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap()]).unwrap();
         let key = AttachmentKey { network: "n".into(), container_id: "c1".into(), ifname: "eth0".into() };
         p.assign(&key, 0).unwrap();
-        let pods = vec![PodRecord { key, namespace: Some("default".into()), name: Some("web".into()), assigned_at: 7 }];
+        let pods = vec![PodRecord {
+            key,
+            namespace: Some("default".into()),
+            name: Some("web".into()),
+            assigned_at: 7,
+            netns: Some("/var/run/netns/cni-1".into()),
+        }];
         Snapshot { mode: Some(crate::config::Mode::Eni), enis: p.enis().cloned().collect(), pods }
     }
 
@@ -298,13 +388,55 @@ mod tests {
             ("torn in the body", good[..good.len() - 10].to_vec(), "torn"),
             ("bit flip", flipped, "checksum"),
             ("garbage", b"{\"enis\": []}\n".to_vec(), "not an underway state file"),
-            ("newer format", other_format, "format 9"),
         ];
         for (name, bytes, want) in cases {
-            let e = decode(&bytes).expect_err(name);
-            assert!(e.contains(want), "{name}: {e}");
+            match decode(&bytes).expect_err(name) {
+                DecodeError::Corrupt(e) => assert!(e.contains(want), "{name}: {e}"),
+                other => panic!("{name}: {other:?}"),
+            }
         }
+        assert_eq!(decode(&other_format).unwrap_err(), DecodeError::Newer(9));
         assert_eq!(decode(&good).unwrap(), snapshot());
+    }
+
+    /// A file format 1's ipamd wrote (kept in testdata, never regenerated) reads as the same pool
+    /// and pods, with the netns that format did not record left unknown.
+    #[test]
+    fn a_format_1_store_is_migrated() {
+        let bytes = include_bytes!("testdata/ipamd-state.v1");
+        assert!(bytes.starts_with(b"underway-ipamd-state 1 "));
+        let s = decode(bytes).expect("format 1 is read");
+        assert_eq!(s.mode, Some(crate::config::Mode::Eni));
+        let pool = Pool::from_enis(1000, s.enis.clone());
+        let key = AttachmentKey { network: "underway".into(), container_id: "c1".into(), ifname: "eth0".into() };
+        assert_eq!(pool.lease_of(&key).map(|l| l.address), Some("10.0.0.5".parse().unwrap()));
+        assert!(pool.is_free("10.0.0.6".parse().unwrap()) && pool.is_free("10.0.1.7".parse().unwrap()));
+        assert_eq!(pool.enis().find(|e| e.id == "eni-1").and_then(|e| e.route_table), Some(2));
+        assert_eq!(
+            s.pods,
+            vec![PodRecord {
+                key,
+                namespace: Some("default".into()),
+                name: Some("web".into()),
+                assigned_at: 7,
+                netns: None
+            }]
+        );
+        // Saved again, it is the current format.
+        assert!(encode(&s).starts_with(format!("underway-ipamd-state {FORMAT} ").as_bytes()));
+    }
+
+    #[test]
+    fn a_newer_store_stops_start_up_and_is_left_in_place() {
+        let d = dir("newer");
+        let s = Store::open(&d).unwrap();
+        let mut bytes = encode(&snapshot());
+        bytes[MAGIC.len() + 1] = b'7';
+        std::fs::write(s.path(), &bytes).unwrap();
+        let e = s.load().unwrap_err().to_string();
+        assert!(e.contains("newer ipamd (state format 7; this one reads formats 1 to 2)"), "{e}");
+        assert_eq!(std::fs::read(s.path()).unwrap(), bytes, "nothing moved or rewritten");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
