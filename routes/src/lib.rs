@@ -24,6 +24,11 @@ pub enum RoutesError {
     Missing(String),
     #[error("invalid {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// The pod's address is already routed to another live link: another pod holds it.
+    #[error(
+        "address {address} is already routed to {holder}, another pod's veth: refusing to take its traffic (the address was handed out twice?)"
+    )]
+    InUse { address: std::net::Ipv4Addr, holder: String },
 }
 
 impl RoutesError {

@@ -118,10 +118,55 @@ pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
     let host = handle_in(host)?;
     let pod = handle_in(Some(pod_netns))?;
     let res = build(&host, &pod, spec).await;
-    if res.is_err() {
-        let _ = remove(&host.handle, spec).await;
+    match &res {
+        // The address's rules belong to the pod that holds it: only our veth goes.
+        Err(RoutesError::InUse { .. }) => {
+            let _ = remove_veth(&host.handle, &spec.host_veth, None).await;
+        }
+        Err(_) => {
+            let _ = remove(&host.handle, spec).await;
+        }
+        Ok(_) => {}
     }
     res
+}
+
+/// The link another pod's host route for `address` goes through, if there is one (a route through
+/// a link lives only as long as the link is up, so the holder is live).
+async fn route_holder(h: &Handle, address: Ipv4Addr, own: &str) -> Result<Option<String>> {
+    let routes: Vec<RouteMessage> =
+        h.route().get(route_dump()).execute().try_collect().await.map_err(RoutesError::netlink("list routes"))?;
+    let oifs = routes.iter().filter(|r| {
+        r.header.destination_prefix_length == 32
+            && r.header.table == MAIN_TABLE as u8
+            && r.attributes.contains(&RouteAttribute::Destination(RouteAddress::Inet(address)))
+    });
+    for r in oifs {
+        let Some(idx) = r.attributes.iter().find_map(|a| if let RouteAttribute::Oif(i) = a { Some(*i) } else { None })
+        else {
+            continue;
+        };
+        let mut s = h.link().get().match_index(idx).execute();
+        let name = match s.try_next().await {
+            Ok(Some(m)) => m
+                .attributes
+                .iter()
+                .find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None })
+                .unwrap_or_else(|| format!("link {idx}")),
+            _ => continue,
+        };
+        if name != own {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+async fn refuse_if_held(h: &Handle, spec: &PodSpec) -> Result<()> {
+    match route_holder(h, spec.address, &spec.host_veth).await? {
+        Some(holder) => Err(RoutesError::InUse { address: spec.address, holder }),
+        None => Ok(()),
+    }
 }
 
 async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
@@ -130,6 +175,9 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
     if let Some((idx, _)) = link(h, &spec.host_veth).await? {
         h.link().del(idx).execute().await.map_err(RoutesError::netlink("delete stale host veth"))?;
     }
+    // The host route is this pod's alone: if the address already leads to another pod's veth,
+    // fail before anything is made rather than take that pod's traffic (issue 14, item 1).
+    refuse_if_held(h, spec).await?;
     // Both ends are made by one RTM_NEWLINK, the pod's directly in the pod netns under its final
     // name: moving a link between namespaces afterwards costs the kernel a synchronize_net
     // (about 18 ms here, most of an ADD).
@@ -191,7 +239,13 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
         .output_interface(hidx)
         .scope(RouteScope::Link)
         .build();
-    h.route().add(host_route).replace().execute().await.map_err(RoutesError::netlink("host route to the pod"))?;
+    // Created exclusively: another ADD racing for the same address fails here, naming the holder.
+    if let Err(e) = h.route().add(host_route).execute().await.map_err(RoutesError::netlink("host route to the pod")) {
+        if e.errno() == Some(EEXIST) {
+            refuse_if_held(h, spec).await?;
+        }
+        return Err(e);
+    }
 
     // Every pod: traffic *to* it is delivered locally even when the sender's own `from` rule
     // would send it out through a secondary ENI (a secondary-ENI pod answering a primary one).

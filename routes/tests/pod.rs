@@ -148,3 +148,34 @@ async fn check_names_the_missing_piece_and_gc_and_veth_teardown_clean_up() {
     let (_, rules) = node.sh("ip rule");
     assert!(!rules.contains("10.99.0.10"), "{rules}");
 }
+
+/// Issue 14, item 1: an address handed out twice must not move a running pod's traffic to the
+/// second pod (the host route was `replace`d onto the new veth). The second ADD fails, naming the
+/// first pod's veth, and leaves the first pod's route and rules as they were.
+#[tokio::test]
+async fn an_address_routed_to_a_running_pod_is_refused_to_another() {
+    let node = Netns::new("node").unwrap();
+    let first = Netns::new("pod").unwrap();
+    let second = Netns::new("pod").unwrap();
+    assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo").0);
+    let a = spec([10, 99, 0, 9], Some(102));
+    setup_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
+    let mut b = a.clone();
+    b.host_veth = host_veth_name("uw", "another-container", "eth0");
+    let e = setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap_err();
+    assert!(matches!(e, underway_routes::RoutesError::InUse { .. }), "{e}");
+    assert!(e.to_string().contains(&a.host_veth), "names the holder: {e}");
+    let (_, links) = node.sh("ip -br link");
+    assert!(!links.contains(&b.host_veth), "no half-made veth: {links}");
+    let (_, route) = node.sh("ip route get 10.99.0.9");
+    assert!(route.contains(&a.host_veth), "the first pod keeps its traffic: {route}");
+    let (_, rules) = node.sh("ip rule");
+    assert!(rules.contains("512:\tfrom all to 10.99.0.9 lookup main"), "{rules}");
+    assert!(rules.contains("1536:\tfrom 10.99.0.9 lookup 102"), "the first pod's rules stay: {rules}");
+    assert!(node.sh("ping -c1 -W2 10.99.0.9").0, "node → first pod");
+    // Once the first pod is gone, the address can be set up for the second.
+    teardown_pod(Some(&node.path()), &a).await.unwrap();
+    setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap();
+    let (_, route) = node.sh("ip route get 10.99.0.9");
+    assert!(route.contains(&b.host_veth), "{route}");
+}
