@@ -243,6 +243,11 @@ pub struct Config {
     pub health_stall_ms: u64,
     /// Where the durable store lives (0700; the state file 0600).
     pub state_dir: PathBuf,
+    /// An assignment whose pod's host veth and network namespace are both gone is reclaimed once
+    /// it is this old (the runtime's DEL never came: containerd 1.6/1.7 send no CNI GC). 0 turns
+    /// the sweep off; otherwise at least 1000 (below a minute only for tests: an ADD in flight
+    /// has its netns but not yet its veth).
+    pub orphan_grace_ms: u64,
     pub targets: Targets,
     pub eni: EniConfig,
     pub vpc_route: VpcRouteConfig,
@@ -280,6 +285,7 @@ impl Default for Config {
             rpc_read_timeout_ms: 10_000,
             health_stall_ms: 600_000,
             state_dir: PathBuf::from("/var/lib/underway"),
+            orphan_grace_ms: 600_000,
             targets: Targets::default(),
             eni: EniConfig::default(),
             vpc_route: VpcRouteConfig::default(),
@@ -398,6 +404,9 @@ impl Config {
         }
         if self.health_stall_ms < 10_000 {
             return Err(invalid("health_stall_ms", "at least 10000 (a step may wait on EC2 for a while)"));
+        }
+        if self.orphan_grace_ms != 0 && self.orphan_grace_ms < 1_000 {
+            return Err(invalid("orphan_grace_ms", "0 (off) or at least 1000"));
         }
         if self.rpc_read_timeout_ms == 0 {
             return Err(invalid("rpc_read_timeout_ms", "must be at least 1"));

@@ -112,6 +112,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     });
     let guard = server::Guard { read_timeout: Duration::from_millis(cfg.rpc_read_timeout_ms) };
     let rpc = tokio::spawn(server::serve(listener, service.clone(), guard));
+    let sweep = (cfg.orphan_grace_ms > 0).then(|| {
+        let m = metrics.clone();
+        tokio::spawn(crate::orphans::run(state.clone(), cfg.veth_prefix.clone(), cfg.orphan_grace_ms, move |n| {
+            m.orphans_reclaimed(n)
+        }))
+    });
     let node: Arc<OnceLock<Instance>> = Arc::default();
     let effective: Arc<OnceLock<Arc<Config>>> = Arc::default();
     http::start(Http {
@@ -133,6 +139,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     shutdown.await;
     tracing::info!("shutting down");
     rpc.abort();
+    if let Some(s) = sweep {
+        s.abort();
+    }
     let _ = stop_tx.send(true);
     // The source undoes what must not outlive it (VPC routes, the Lease); start-up still
     // retrying just ends.

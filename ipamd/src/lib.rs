@@ -5,7 +5,8 @@
 //! - [`store`]: the durable snapshot; [`state`]: the shared book with group commit;
 //! - [`service`] + [`server`]: the RPC the CNI binary calls;
 //! - [`reconcile`] + [`eni_mode`] / [`vpc_route`]: the pool's two address sources, through the
-//!   cloud seam; [`host`]: the pods the node itself shows;
+//!   cloud seam; [`host`]: the pods the node itself shows; [`orphans`]: assignments whose pod is
+//!   gone without a DEL;
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
 //! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
 //! - [`daemon`]: start-up and shutdown.
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod install;
 pub mod k8s;
 pub mod metrics;
+pub mod orphans;
 pub mod pool;
 pub mod reconcile;
 pub mod server;

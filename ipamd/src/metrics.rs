@@ -29,6 +29,8 @@ pub struct Metrics {
     route_table_capacity: Gauge,
     lease_held: Gauge,
     cluster_gc_deleted: Family<Labels, Counter>,
+    orphans_reclaimed: Counter,
+    adds_undone: Counter,
 }
 
 /// What the collector reads at scrape time.
@@ -73,6 +75,18 @@ impl Metrics {
             "ENIs and VPC routes of gone nodes deleted by the cluster-wide GC, by kind",
             cluster_gc_deleted.clone(),
         );
+        let orphans_reclaimed = Counter::default();
+        registry.register(
+            "orphans_reclaimed",
+            "Assignments reclaimed because their pod's veth and netns were gone past orphan_grace_ms",
+            orphans_reclaimed.clone(),
+        );
+        let adds_undone = Counter::default();
+        registry.register(
+            "adds_undone",
+            "Adds given back because the CNI binary went away before the answer reached it",
+            adds_undone.clone(),
+        );
         registry.register_collector(Box::new(Live { state, calls, max_enis }));
         Metrics {
             registry,
@@ -83,7 +97,17 @@ impl Metrics {
             route_table_capacity,
             lease_held,
             cluster_gc_deleted,
+            orphans_reclaimed,
+            adds_undone,
         }
+    }
+
+    pub fn orphans_reclaimed(&self, n: usize) {
+        self.orphans_reclaimed.inc_by(n as u64);
+    }
+
+    pub fn add_undone(&self) {
+        self.adds_undone.inc();
     }
 
     pub fn observe_add(&self, took: Duration, ok: bool) {

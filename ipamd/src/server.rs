@@ -98,8 +98,33 @@ async fn connection(stream: UnixStream, service: &Service, guard: &Guard) -> std
             return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no request within the read deadline"));
         }
     }
+    // The client sends one line and then only waits: its end of the socket closing (EOF) means
+    // it went away (killed, or its own deadline passed).
+    let gone = async {
+        let mut buf = [0u8; 64];
+        loop {
+            match tokio::io::AsyncReadExt::read(&mut reader, &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
     let resp = match decode::<Request>(&line) {
-        Ok(req) => service.handle(req).await,
+        Ok(req) => {
+            let (resp, created) = service.handle_from(req, gone).await;
+            if let Some(key) = created {
+                // An answer the client cannot get: give the new assignment back.
+                let sent = async {
+                    w.write_all(encode(&resp).as_bytes()).await?;
+                    w.shutdown().await
+                };
+                if sent.await.is_err() {
+                    service.undo_add(&key).await;
+                }
+                return Ok(());
+            }
+            resp
+        }
         Err(WireError::Version { got }) => Response::Error(ApiError {
             kind: ErrorKind::VersionMismatch,
             message: format!("the CNI binary speaks API version {got}, ipamd {}", underway_api::API_VERSION),

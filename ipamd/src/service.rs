@@ -60,24 +60,58 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 
 impl Service {
     pub async fn handle(&self, req: Request) -> Response {
+        self.handle_from(req, std::future::pending()).await.0
+    }
+
+    /// Answers `req` for a client that may go away: `gone` resolves when it hung up, and an Add
+    /// still waiting for an address then stops. Also returns, for an Add that made a new
+    /// assignment, its key: the caller gives it back ([`Service::undo_add`]) when the answer
+    /// cannot be delivered (issue 14, item 5).
+    pub async fn handle_from(
+        &self,
+        req: Request,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> (Response, Option<AttachmentKey>) {
         match req {
             Request::Add(a) => {
                 let t = Instant::now();
                 // The pod's names are copied only when an Event could use them.
                 let pod = self.events.as_ref().and_then(|_| a.pod_namespace.clone().zip(a.pod_name.clone()));
-                let r = self.add(a).await;
+                let (r, created) = self.add(a, gone).await;
                 if let (Response::Error(e), Some((namespace, name)), Some(tx)) = (&r, pod, &self.events) {
                     // Full channel: the Event is dropped, never the answer delayed.
                     let _ = tx.try_send(FailedAdd { namespace, name, kind: e.kind, message: e.message.clone() });
                 }
                 self.metrics.observe_add(t.elapsed(), matches!(r, Response::Added(_)));
-                r
+                (r, created)
             }
-            Request::Del(k) => self.del(k).await,
-            Request::Check(k) => self.check(&k),
-            Request::Status => self.status(),
-            Request::Gc(g) => self.gc(g).await,
+            Request::Del(k) => (self.del(k).await, None),
+            Request::Check(k) => (self.check(&k), None),
+            Request::Status => (self.status(), None),
+            Request::Gc(g) => (self.gc(g).await, None),
         }
+    }
+
+    /// Gives back an assignment an Add made whose answer never reached its client (so no pod can
+    /// be using it): free again at once, no cooldown.
+    pub async fn undo_add(&self, key: &AttachmentKey) {
+        let (undone, g) = self.state.change(|b| {
+            b.pods.remove(key);
+            let a = b.pool.release(key, 0);
+            // Its cooldown ended long ago: free now.
+            b.pool.expire(unix_ms());
+            a
+        });
+        let Some(address) = undone else { return };
+        self.metrics.add_undone();
+        if let Err(e) = self.state.commit(g).await {
+            tracing::warn!("undo of an unanswered add: {e}");
+        }
+        self.state.wake.notify_one();
+        self.state.record_error(format!(
+            "add of container {} ({address}) undone: the CNI binary went away before the answer reached it",
+            key.container_id
+        ));
     }
 
     /// The key this attachment is held under: its own, or the recovered one of its host veth.
@@ -101,17 +135,24 @@ impl Service {
         }
     }
 
-    async fn add(&self, req: AddRequest) -> Response {
+    async fn add(
+        &self,
+        req: AddRequest,
+        gone: impl std::future::Future<Output = ()>,
+    ) -> (Response, Option<AttachmentKey>) {
         let deadline = Instant::now() + self.add_wait;
         let mut waiting: Option<Waiting<'_>> = None;
+        tokio::pin!(gone);
         loop {
             // Arm the wake-up before looking, so a free address that appears in between is not missed.
             let freed = self.state.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let (r, generation) = self.state.change(|b| {
+            let ((r, created), generation) = self.state.change(|b| {
                 let key = self.resolve(b, &req.key).unwrap_or_else(|| req.key.clone());
+                let existed = b.pool.lease_of(&key).is_some();
                 let r = b.pool.assign(&key, unix_ms());
+                let created = (r.is_ok() && !existed).then(|| key.clone());
                 if r.is_ok() && !b.pods.contains_key(&key) {
                     b.pods.insert(
                         key.clone(),
@@ -124,7 +165,7 @@ impl Service {
                         },
                     );
                 }
-                r
+                (r, created)
             });
             match r {
                 Ok(lease) => {
@@ -140,15 +181,16 @@ impl Service {
                         });
                         let _ = self.state.commit(g).await;
                         self.state.record_error(format!("add {}: {e}", req.key.container_id));
-                        return error(ErrorKind::Internal, format!("cannot record the assignment durably: {e}"));
+                        let r = error(ErrorKind::Internal, format!("cannot record the assignment durably: {e}"));
+                        return (r, None);
                     }
-                    return Response::Added(self.allocation(&lease));
+                    return (Response::Added(self.allocation(&lease)), created);
                 }
                 Err(PoolError::Empty { free_later, releasing }) => {
                     let now = Instant::now();
                     if now >= deadline {
                         drop(waiting.take());
-                        return self.empty_error(free_later, releasing);
+                        return (self.empty_error(free_later, releasing), None);
                     }
                     if waiting.is_none() {
                         waiting = Some(Waiting::new(&self.state));
@@ -159,9 +201,13 @@ impl Service {
                     tokio::select! {
                         _ = freed.as_mut() => {}
                         _ = tokio::time::sleep(nap) => {}
+                        _ = gone.as_mut() => {
+                            // Nobody to answer: stop waiting (and stop counting as demand).
+                            return (error(ErrorKind::Internal, "the CNI binary went away while waiting"), None);
+                        }
                     }
                 }
-                Err(e) => return error(ErrorKind::Internal, e.to_string()),
+                Err(e) => return (error(ErrorKind::Internal, e.to_string()), None),
             }
         }
     }
@@ -311,6 +357,65 @@ mod tests {
         let r = svc.handle(add(Some(("shop", "cart-3")))).await;
         assert!(matches!(r, Response::Error(_)));
         assert_eq!(rx.try_recv().unwrap().name, "cart-2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn held(svc: &Service) -> usize {
+        svc.state.read(|b| b.pool.held().count())
+    }
+
+    /// Issue 14, item 5: a CNI binary that dies (or gives up) while its Add waits for an address
+    /// must not leave an assignment no pod will ever use or release.
+    #[tokio::test]
+    async fn an_add_whose_client_hung_up_while_waiting_takes_nothing() {
+        use std::io::Write;
+        let dir = std::env::temp_dir().join(format!("underway-service-gone-{}", std::process::id()));
+        let (mut svc, _rx) = service(&dir);
+        svc.add_wait = Duration::from_secs(20);
+        svc.state.set_status(|s| s.blocker = None);
+        let svc = Arc::new(svc);
+        let sock = dir.join("ipamd.sock");
+        let listener = crate::server::bind(&sock).unwrap();
+        let guard = crate::server::Guard { read_timeout: Duration::from_secs(5) };
+        let server = tokio::spawn(crate::server::serve(listener, svc.clone(), guard));
+        let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        client.write_all(underway_api::encode(&add(None)).as_bytes()).unwrap();
+        // The Add is waiting (the pool is empty) when its client goes away.
+        while svc.state.read(|b| b.waiting) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        svc.state.change(|b| {
+            b.pool.add_eni("eni-0", 0, None);
+            b.pool.add_addresses("eni-0", &["10.0.0.5".parse().unwrap()]).unwrap();
+        });
+        svc.state.freed.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(held(&svc), 0, "nothing assigned for a client that is gone");
+        assert_eq!(svc.state.read(|b| b.waiting), 0, "no longer counted as demand");
+        server.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An answer that could not be delivered is undone, but only for an assignment that Add made:
+    /// a repeated Add of a pod that already holds its address returns nothing to undo.
+    #[tokio::test]
+    async fn only_a_new_assignment_is_offered_for_undoing() {
+        let dir = std::env::temp_dir().join(format!("underway-service-undo-{}", std::process::id()));
+        let (svc, _rx) = service(&dir);
+        svc.state.change(|b| {
+            b.pool.add_eni("eni-0", 0, None);
+            b.pool.add_addresses("eni-0", &["10.0.0.5".parse().unwrap()]).unwrap();
+        });
+        let (r, created) = svc.handle_from(add(None), std::future::pending()).await;
+        assert!(matches!(r, Response::Added(_)), "{r:?}");
+        let key = created.expect("a new assignment");
+        let (r, again) = svc.handle_from(add(None), std::future::pending()).await;
+        assert!(matches!(r, Response::Added(_)) && again.is_none(), "the same pod again: nothing to undo");
+        svc.undo_add(&key).await;
+        assert_eq!(held(&svc), 0);
+        assert!(svc.state.read(|b| b.pool.is_free("10.0.0.5".parse().unwrap()) && b.pods.is_empty()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -124,7 +124,13 @@ fn migrate_from_1(body: &[u8]) -> std::result::Result<Snapshot, String> {
     let pods = old
         .pods
         .into_iter()
-        .map(|p| PodRecord { key: p.key, namespace: p.namespace, name: p.name, assigned_at: p.assigned_at, netns: None })
+        .map(|p| PodRecord {
+            key: p.key,
+            namespace: p.namespace,
+            name: p.name,
+            assigned_at: p.assigned_at,
+            netns: None,
+        })
         .collect();
     Ok(Snapshot { mode: old.mode, enis: old.enis, pods })
 }

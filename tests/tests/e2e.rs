@@ -262,3 +262,41 @@ async fn ipamd_killed_during_twenty_parallel_adds() {
     let veths = n.exec(&["sh", "-c", "ip -br link | grep -c '^uw' || true"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&veths.stdout).trim(), ok.len().to_string(), "no half-made veth left");
 }
+
+/// Issue 14, item 5: the runtime's DEL never comes (a reboot, containerd 1.6/1.7 without CNI GC).
+/// Once the pod's netns and veth are gone for longer than the grace, its address is reclaimed; a
+/// running pod is not touched; the late DEL still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_assignment_whose_pod_vanished_without_del_is_reclaimed() {
+    let w = World::create().await.unwrap();
+    let n = w.add_node("m5.large").await.unwrap();
+    w.start_sync_loop(Duration::from_millis(200));
+    let d = ipamd(&w, &n, &routed_cfg("100.64.5.0/28", "orphan_grace_ms = 2000\n"));
+    d.wait_ready(14, Duration::from_secs(60)).unwrap();
+    let gone = add_pod(&n, &d, 0, "gone");
+    let kept = add_pod(&n, &d, 0, "kept");
+    let netns = gone.ns.path().display().to_string();
+    let gone_addr = gone.addr;
+    drop(gone); // its namespace, and with it the veth pair, is deleted: no DEL is sent
+    let holders = || -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&d.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+        v.as_array().unwrap().iter().map(|a| a["address"].as_str().unwrap().to_string()).collect()
+    };
+    let t = Instant::now();
+    while holders().contains(&gone_addr.to_string()) {
+        assert!(t.elapsed() < Duration::from_secs(30), "still held after 30 s: {:?}", holders());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(holders(), vec![kept.addr.to_string()], "the running pod keeps its address");
+    assert!(reach(&kept.ns.0, "10.0.0.1".parse().unwrap()), "and its network");
+    let errors = d.http_get(61679, "/v1/errors").unwrap();
+    assert!(
+        errors.contains("reclaimed 1 assignments whose pod is gone") && errors.contains(&gone_addr.to_string()),
+        "{errors}"
+    );
+    let metrics = d.http_get(61678, "/metrics").unwrap();
+    assert!(metrics.contains("underway_orphans_reclaimed_total 1"), "{metrics}");
+    // The runtime's DEL, late: nothing to release, still a success.
+    let (code, v) = cni(&n.ns, "DEL", "gone", &netns, &conf(&d));
+    assert_eq!(code, 0, "{v}");
+}
