@@ -138,8 +138,12 @@ pub struct EniConfig {
     pub security_groups: Vec<String>,
     /// A secondary ENI at device index N gets policy route table `route_table_base + N`.
     pub route_table_base: u32,
-    /// How long to wait for an attached ENI's link to appear on the node.
+    /// How long one step waits for an attached ENI's link to appear on the node.
     pub link_wait_ms: u64,
+    /// An attached ENI whose link has not appeared for this long (since it was attached or
+    /// adopted) is given up: detached, deleted (or left detached for the leaked-ENI GC) and
+    /// recorded. At least `link_wait_ms`.
+    pub pending_give_up_ms: u64,
     /// How long a subnet that reported no free addresses is skipped.
     pub subnet_pause_ms: u64,
     /// An ENI this cluster made for this node is deleted once it is detached and was created
@@ -162,6 +166,7 @@ impl Default for EniConfig {
             security_groups: Vec::new(),
             route_table_base: 100,
             link_wait_ms: 60_000,
+            pending_give_up_ms: 600_000,
             subnet_pause_ms: 600_000,
             leak_grace_ms: 300_000,
             gc_interval_ms: 60_000,
@@ -442,6 +447,9 @@ impl Config {
         }
         if self.reconcile_interval_ms == 0 || self.reconcile_min_interval_ms > self.reconcile_interval_ms {
             return Err(invalid("reconcile_interval_ms", "must be > 0 and at least reconcile_min_interval_ms"));
+        }
+        if self.eni.pending_give_up_ms < self.eni.link_wait_ms {
+            return Err(invalid("eni.pending_give_up_ms", "at least eni.link_wait_ms"));
         }
         if self.eni.recheck_interval_ms < 1_000 {
             return Err(invalid("eni.recheck_interval_ms", "at least 1000 (each re-check is a describe call)"));

@@ -38,10 +38,23 @@ pub struct EniMode<C> {
     subnets: BTreeMap<String, Subnet>,
     /// Subnets that reported no free addresses, skipped until the time (Unix ms).
     paused: BTreeMap<String, u64>,
-    /// Attached ENIs whose link is not set up yet: id → device index.
-    pending: BTreeMap<String, u32>,
+    /// Attached ENIs whose link is not set up yet: id → device index and since when.
+    pending: BTreeMap<String, Pending>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
+}
+
+/// An attached ENI waiting for its link.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    device_index: u32,
+    since: Instant,
+}
+
+impl Pending {
+    fn new(device_index: u32) -> Self {
+        Pending { device_index, since: Instant::now() }
+    }
 }
 
 fn slot_count(prefix_mode: bool, n: u32) -> AddressCount {
@@ -160,13 +173,75 @@ impl<C: Cloud + 'static> EniMode<C> {
             return Ok(());
         }
         let running = host_pods(&self.cfg.veth_prefix).await?;
-        for (id, idx) in self.pending.clone() {
+        for (id, p) in self.pending.clone() {
+            let idx = p.device_index;
             let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
-            self.setup_link(&eni, idx).await?;
-            self.offer(state, &eni, idx, &running);
-            self.pending.remove(&id);
-            tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
+            match self.setup_link(&eni, idx).await {
+                Ok(_) => {
+                    self.offer(state, &eni, idx, &running);
+                    self.pending.remove(&id);
+                    tracing::info!("{id} at device {idx} is set up; its {} addresses serve", eni.secondary_ips.len());
+                }
+                // A link that never comes must not hold the node forever (issue 14, item 7).
+                Err(e) if p.since.elapsed() >= Duration::from_millis(self.cfg.eni.pending_give_up_ms) => {
+                    self.give_up(state, &eni, &running, &e).await?;
+                }
+                // Still within the bound: the other pending ENIs and the rest of the step go on.
+                Err(e) => state.record_error(format!("{id} at device {idx}: {e}; waiting")),
+            }
         }
+        Ok(())
+    }
+
+    /// Detaches and deletes a pending ENI whose link never appeared, unless a pod on the host
+    /// routes one of its addresses (then its link existed: it is kept and reported).
+    async fn give_up(&mut self, state: &NodeState, eni: &CloudEni, running: &HostPods, why: &IpamdError) -> Result<()> {
+        let bound = self.cfg.eni.pending_give_up_ms;
+        let used: Vec<String> = running
+            .iter()
+            .filter(|(_, addrs)| addrs.iter().any(|a| eni.secondary_ips.contains(a)))
+            .map(|(v, _)| v.clone())
+            .collect();
+        if !used.is_empty() {
+            state.record_error(format!(
+                "{}: no link after {bound} ms ({why}), but pods on {} use its addresses: kept",
+                eni.id,
+                used.join(", ")
+            ));
+            return Ok(());
+        }
+        if let Some(a) = &eni.attachment {
+            match self.cloud.detach_eni(&a.id, false).await {
+                Ok(()) | Err(CloudError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.pending.remove(&eni.id);
+        self.known.remove(&eni.id);
+        // Detaching takes EC2 a moment; the delete is retried briefly, then left to the
+        // leaked-ENI GC (the ENI is detached, tagged for this node, older than its grace).
+        let mut deleted = false;
+        for _ in 0..10 {
+            match self.cloud.delete_eni(&eni.id).await {
+                Ok(()) | Err(CloudError::NotFound { .. }) => {
+                    deleted = true;
+                    break;
+                }
+                Err(CloudError::InUse { .. }) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(e) => {
+                    tracing::warn!("{}: delete after giving up: {e}", eni.id);
+                    break;
+                }
+            }
+        }
+        if deleted {
+            self.metrics.eni_deleted();
+        }
+        state.record_error(format!(
+            "gave up on {}: its link did not appear within {bound} ms ({why}); detached and {}",
+            eni.id,
+            if deleted { "deleted" } else { "left for the leaked-ENI GC to delete" }
+        ));
         Ok(())
     }
 
@@ -355,7 +430,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             delete_on_termination: true,
         });
         tracing::info!("created {} in {} with {count} slots, attached at device {idx}", eni.id, subnet.id);
-        self.pending.insert(eni.id.clone(), idx);
+        self.pending.insert(eni.id.clone(), Pending::new(idx));
         self.known.insert(eni.id.clone(), eni);
         Ok(None)
     }
@@ -368,14 +443,14 @@ impl<C: Cloud + 'static> EniMode<C> {
             .known
             .values()
             .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
-            .chain(self.pending.values().copied())
+            .chain(self.pending.values().map(|p| p.device_index))
             .collect();
         for e in self.cloud.enis_of_instance(&self.node.id).await? {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
             used.push(idx);
             if !self.known.contains_key(&e.id) && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster) {
                 state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
-                self.pending.insert(e.id.clone(), idx);
+                self.pending.insert(e.id.clone(), Pending::new(idx));
                 self.known.insert(e.id.clone(), e);
             }
         }
@@ -393,7 +468,7 @@ impl<C: Cloud + 'static> EniMode<C> {
                         state.record_error(format!(
                             "{eni_id}: the attach failed, yet EC2 has it attached at device {idx}: adopted"
                         ));
-                        self.pending.insert(eni_id.to_string(), idx);
+                        self.pending.insert(eni_id.to_string(), Pending::new(idx));
                         self.known.insert(eni_id.to_string(), e);
                         return true;
                     }
@@ -550,7 +625,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
                 && let Err(err) = self.setup_link(&e, idx).await
             {
                 state.record_error(format!("{} at device {idx}: {err}; its addresses wait", e.id));
-                self.pending.insert(e.id.clone(), idx);
+                self.pending.entry(e.id.clone()).or_insert_with(|| Pending::new(idx));
                 continue;
             }
             self.offer(state, &e, idx, &running);

@@ -462,3 +462,42 @@ async fn the_pool_follows_ec2_after_lost_unassign_replies_and_outside_changes() 
     let held = enis_in_ec2(&w, &n).await.iter().map(|e| e.2.len()).sum::<usize>();
     assert_eq!(held, 2, "EC2 and the pool agree: {}", p.http_get(61679, "/v1/enis").unwrap());
 }
+
+/// Issue 14, item 7: an attached ENI whose link never appears on the node (here: the world does
+/// not sync, so no link and no IMDS entry ever comes) is given up after `pending_give_up_ms`:
+/// detached and deleted, and recorded; the node keeps serving from its other ENIs meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_eni_whose_link_never_appears_is_given_up() {
+    let w = underway_tests::world::World::create().await.unwrap();
+    let n = w.add_node("m5.large").await.unwrap();
+    w.sync().await.unwrap(); // the primary ENI once; nothing later
+    let p = start(
+        &w,
+        &n,
+        &format!("{FAST}[targets]\nwarm_ip_target = 12\n[eni]\nlink_wait_ms = 1000\npending_give_up_ms = 4000\n"),
+    );
+    let t = std::time::Instant::now();
+    let errors = loop {
+        let e = p.http_get(61679, "/v1/errors").unwrap_or_default();
+        if e.contains("gave up on") {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "never gave up: {e}\n{}", p.log_text());
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(errors.contains("its link did not appear within 4000 ms"), "{errors}");
+    assert!(errors.contains("detached and deleted"), "{errors}");
+    let given_up = errors.split("gave up on ").nth(1).unwrap().split(':').next().unwrap().to_string();
+    let records = w.account().front.records();
+    let ok = |action: &str| {
+        records.iter().any(|r| r.action == action && r.outcome == underway_tests::front::Outcome::Forwarded(200))
+    };
+    assert!(ok("DetachNetworkInterface") && ok("DeleteNetworkInterface"), "{records:?}");
+    let ec2 = aws_sdk_ec2::Client::new(&w.account().direct_sdk_config());
+    let left = ec2.describe_network_interfaces().network_interface_ids(&given_up).send().await;
+    let still = left.ok().map(|o| o.network_interfaces().len()).unwrap_or(0);
+    assert_eq!(still, 0, "{given_up} is deleted from EC2");
+    // Meanwhile the primary ENI's addresses served.
+    assert!(matches!(add(&p, "still-serving"), Response::Added(_)));
+    assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
+}

@@ -110,7 +110,7 @@ fn the_seam_map_covers_exactly_what_aws_rs_calls() {
 fn the_policies_grant_what_ipamd_calls_and_nothing_else() {
     let called = called();
     assert!(called.len() >= 14, "the scan found ipamd's calls: {called:?}");
-    assert!(!called.contains("DetachNetworkInterface"), "ipamd never detaches: {called:?}");
+    assert!(called.contains("DetachNetworkInterface"), "a pending ENI given up is detached: {called:?}");
     let node: BTreeSet<String> = policy("node.json").into_keys().collect();
     let routes: BTreeSet<String> = policy("vpc-route.json").into_keys().collect();
     let want_routes: BTreeSet<String> =
@@ -133,8 +133,8 @@ fn the_policies_grant_what_ipamd_calls_and_nothing_else() {
 fn changes_to_enis_and_routes_are_conditioned_on_the_clusters_own_tag_value() {
     let by_value = |c: &serde_json::Value, key: &str| c["StringEquals"][key] == "CLUSTER_NAME";
     let node = policy("node.json");
-    for a in ["DeleteNetworkInterface", "AttachNetworkInterface"] {
-        // Attach also names the instance (an unconditioned statement on instance/*): the ENI side
+    for a in ["DeleteNetworkInterface", "AttachNetworkInterface", "DetachNetworkInterface"] {
+        // Attach and detach also name the instance (an unconditioned statement on instance/*): the ENI side
         // is the one that must carry the cluster's tag.
         assert!(node[a].iter().any(|c| by_value(c, "aws:ResourceTag/underway.io/cluster")), "{a}: {:?}", node[a]);
     }
