@@ -244,3 +244,74 @@ mod tests {
         assert!(decode::<Request>("not json").is_err());
     }
 }
+
+/// Property tests of the wire decoder: whatever arrives on the socket, no panic; a line is either
+/// refused (malformed, or another version) or decodes to a value that encodes back to itself.
+/// `UNDERWAY_FUZZ_CASES` sets the case count (tests/torture runs many more).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cases() -> u32 {
+        std::env::var("UNDERWAY_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(256)
+    }
+
+    fn key() -> impl Strategy<Value = AttachmentKey> {
+        ("\\PC{0,20}", "\\PC{0,70}", "\\PC{0,16}")
+            .prop_map(|(network, container_id, ifname)| AttachmentKey { network, container_id, ifname })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            (key(), "\\PC{0,40}", proptest::option::of("\\PC{0,10}"), proptest::option::of("\\PC{0,10}")).prop_map(
+                |(key, netns, pod_namespace, pod_name)| Request::Add(AddRequest { key, netns, pod_namespace, pod_name })
+            ),
+            key().prop_map(Request::Del),
+            key().prop_map(Request::Check),
+            Just(Request::Status),
+            ("\\PC{0,10}", proptest::collection::vec(key(), 0..4))
+                .prop_map(|(network, valid)| Request::Gc(GcRequest { network, valid })),
+        ]
+    }
+
+    /// Valid lines cut, spliced and bit-flipped, and plain garbage.
+    fn line() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (request(), any::<prop::sample::Index>(), any::<prop::sample::Index>(), any::<u8>()).prop_map(
+                |(r, cut, at, b)| {
+                    let mut bytes = encode(&r).into_bytes();
+                    let n = bytes.len();
+                    bytes[at.index(n)] ^= b;
+                    bytes.truncate(cut.index(n + 1).max(1));
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+            ),
+            request().prop_map(|r| encode(&r).replace("\"version\":1", "\"version\":2")),
+            any::<String>(),
+            "\\{\"version\":1,\"op\":\"[a-z]{0,6}\"(,\"[a-z_]{1,12}\":(null|1|\"x\"|\\[\\]|\\{\\})){0,4}\\}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_line_is_refused_or_round_trips(l in line()) {
+            match decode::<Request>(&l) {
+                Ok(r) => prop_assert_eq!(decode::<Request>(&encode(&r)).unwrap(), r),
+                Err(WireError::Version { got }) => prop_assert_ne!(got, API_VERSION),
+                Err(WireError::Malformed(_)) => {}
+            }
+            // The CNI side reads answers with the same decoder.
+            if let Ok(r) = decode::<Response>(&l) {
+                prop_assert_eq!(decode::<Response>(&encode(&r)).unwrap(), r);
+            }
+        }
+
+        #[test]
+        fn every_request_round_trips(r in request()) {
+            prop_assert_eq!(decode::<Request>(&encode(&r)).unwrap(), r);
+        }
+    }
+}
