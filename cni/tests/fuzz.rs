@@ -104,8 +104,7 @@ fn environment() -> impl Strategy<Value = Vec<(String, String)>> {
 }
 
 fn names_a_variable(e: &CniError) -> bool {
-    e.code == code::INVALID_ENV
-        && VARS.iter().any(|v| e.msg == format!("invalid environment variable {v}"))
+    e.code == code::INVALID_ENV && VARS.iter().any(|v| e.msg == format!("invalid environment variable {v}"))
 }
 
 fn names_a_field(e: &CniError) -> bool {

@@ -593,9 +593,14 @@ impl<C: Cloud + 'static> EniMode<C> {
 
     /// Deletes ENIs this cluster made for this node that have stayed detached past the grace.
     async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
+        self.gc_detached(state, self.cfg.eni.leak_grace_ms).await
+    }
+
+    /// Deletes this node's detached ENIs created at least `grace_ms` ago.
+    async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64) -> Result<()> {
         let now = unix_ms();
         for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
-            if !crate::cluster_gc::detached_past_grace(&e, now, self.cfg.eni.leak_grace_ms) {
+            if !crate::cluster_gc::detached_past_grace(&e, now, grace_ms) {
                 continue;
             }
             match self.cloud.delete_eni(&e.id).await {
@@ -612,6 +617,10 @@ impl<C: Cloud + 'static> EniMode<C> {
 
 impl<C: Cloud + 'static> Source for EniMode<C> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
+        // This process has created no ENI yet: a detached one tagged for this node is an earlier
+        // run's, cut off between create and attach (a crash), and is deleted now rather than
+        // after leak_grace_ms (an attach of it still in flight makes the delete fail: adopted below).
+        self.gc_detached(state, 0).await?;
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         // One look at the host for the whole sync: each offer marks the running pods' addresses.
         let running = host_pods(&self.cfg.veth_prefix).await?;

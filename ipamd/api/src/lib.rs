@@ -258,14 +258,22 @@ mod fuzz {
     }
 
     fn key() -> impl Strategy<Value = AttachmentKey> {
-        ("\\PC{0,20}", "\\PC{0,70}", "\\PC{0,16}")
-            .prop_map(|(network, container_id, ifname)| AttachmentKey { network, container_id, ifname })
+        ("\\PC{0,20}", "\\PC{0,70}", "\\PC{0,16}").prop_map(|(network, container_id, ifname)| AttachmentKey {
+            network,
+            container_id,
+            ifname,
+        })
     }
 
     fn request() -> impl Strategy<Value = Request> {
         prop_oneof![
             (key(), "\\PC{0,40}", proptest::option::of("\\PC{0,10}"), proptest::option::of("\\PC{0,10}")).prop_map(
-                |(key, netns, pod_namespace, pod_name)| Request::Add(AddRequest { key, netns, pod_namespace, pod_name })
+                |(key, netns, pod_namespace, pod_name)| Request::Add(AddRequest {
+                    key,
+                    netns,
+                    pod_namespace,
+                    pod_name
+                })
             ),
             key().prop_map(Request::Del),
             key().prop_map(Request::Check),
