@@ -32,13 +32,23 @@ use underway_cloud::Instance;
 /// Standalone, the configured mode is adopted at once (a refused switch stops start-up); with
 /// Kubernetes the mode is the pool's, known only later, so the stored mode stands until then.
 fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
-    let empty = Book { mode: cfg.mode, pool: Pool::new(cfg.cooldown_ms), pods: Default::default(), waiting: 0 };
+    let empty = Book {
+        mode: cfg.mode,
+        pool: Pool::new(cfg.cooldown_ms),
+        pods: Default::default(),
+        waiting: 0,
+        deleted_veths: Default::default(),
+    };
     let (mut book, from_store, note) = match store.load()? {
         Loaded::Fresh => (empty, false, None),
         Loaded::Ok(s) => {
             let pool = Pool::from_enis(cfg.cooldown_ms, s.enis);
             let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
-            (Book { mode: s.mode.unwrap_or(Mode::Eni), pool, pods, waiting: 0 }, true, None)
+            (
+                Book { mode: s.mode.unwrap_or(Mode::Eni), pool, pods, waiting: 0, deleted_veths: Default::default() },
+                true,
+                None,
+            )
         }
         Loaded::Corrupt { reason, kept } => (
             empty,
@@ -441,7 +451,7 @@ mod tests {
             let key = AttachmentKey { network: "n".into(), container_id: "old".into(), ifname: "eth0".into() };
             pool.assign(&key, 0).unwrap();
         }
-        let book = Book { mode, pool, pods: Default::default(), waiting: 0 };
+        let book = Book { mode, pool, pods: Default::default(), waiting: 0, deleted_veths: Default::default() };
         let status = Status { from_store: true, ..Status::default() };
         let state = Arc::new(NodeState::new(Store::open(&dir).unwrap(), book, status));
         let metrics = Arc::new(Metrics::new(state.clone(), Default::default(), Default::default()));

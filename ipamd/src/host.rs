@@ -21,7 +21,8 @@ pub async fn host_pods(veth_prefix: &str) -> Result<HostPods> {
 /// recovered key. Returns what it marked ("<addr> on <veth>").
 pub fn mark_running(b: &mut Book, pods: &HostPods) -> Vec<String> {
     let mut recovered = Vec::new();
-    for (veth, addrs) in pods {
+    // A veth whose pod's DEL was answered after the host was read is gone already.
+    for (veth, addrs) in pods.iter().filter(|(v, _)| !b.deleted_veths.contains(v)) {
         for a in addrs {
             // Only a free address: a cooling one was just released (its veth about to go).
             if b.pool.is_free(*a) && b.pool.assign_address(&recovered_key(veth), *a).is_ok() {
@@ -62,4 +63,32 @@ pub async fn sync_host(state: &NodeState, veth_prefix: &str, veths: &HostPods) -
         tracing::info!("{orphaned} assignments have no host veth; they wait for the runtime's DEL or GC");
     }
     state.commit(g).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Mode;
+    use crate::pool::Pool;
+
+    /// Found by the kill storm: a restarted ipamd read the host (the pod's veth still there), the
+    /// pod's DEL then removed the veth and was answered "not found" (the store was lost), and the
+    /// offer marked the address held for the gone veth: held until the next GC or orphan sweep.
+    #[test]
+    fn a_veth_deleted_after_the_host_was_read_is_not_recovered() {
+        let mut b = Book {
+            mode: Mode::Eni,
+            pool: Pool::new(0),
+            pods: Default::default(),
+            waiting: 0,
+            deleted_veths: Default::default(),
+        };
+        b.pool.add_eni("eni-0", 0, None);
+        let (a, c): (Ipv4Addr, Ipv4Addr) = ("10.0.0.5".parse().unwrap(), "10.0.0.6".parse().unwrap());
+        b.pool.add_addresses("eni-0", &[a, c]).unwrap();
+        let read: HostPods = vec![("uwgone".into(), vec![a]), ("uwlive".into(), vec![c])];
+        b.deleted_veths.insert("uwgone".into()); // the DEL, answered in between
+        assert_eq!(mark_running(&mut b, &read), vec!["10.0.0.6 on uwlive".to_string()]);
+        assert!(b.pool.is_free(a), "the deleted pod's address stays free");
+    }
 }

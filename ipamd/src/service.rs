@@ -175,7 +175,9 @@ impl Service {
                         // Not durable: give it back rather than answer with an address a restart would forget.
                         let (_, g) = self.state.change(|b| {
                             if let Some(k) = self.resolve(b, &req.key) {
+                                // Never used by a pod: free at once (its cooldown ended long ago).
                                 b.pool.release(&k, 0);
+                                b.pool.expire(unix_ms());
                                 b.pods.remove(&k);
                             }
                         });
@@ -229,7 +231,11 @@ impl Service {
     }
 
     async fn del(&self, key: AttachmentKey) -> Response {
+        // The CNI binary removed the veth before calling: remember it, so that a host check
+        // reading the host before that cannot bring the pod back as "recovered".
+        let veth = underway_routes::host_veth_name(&self.veth_prefix, &key.container_id, &key.ifname);
         let (found, g) = self.state.change(|b| {
+            b.deleted_veths.insert(veth);
             let Some(k) = self.resolve(b, &key) else { return false };
             b.pods.remove(&k);
             b.pool.release(&k, unix_ms()).is_some()
@@ -310,7 +316,13 @@ mod tests {
 
     /// A service over an empty pool whose growth a full subnet blocks, in a temp store.
     fn service(dir: &std::path::Path) -> (Service, mpsc::Receiver<FailedAdd>) {
-        let book = Book { mode: Mode::Eni, pool: Pool::new(0), pods: Default::default(), waiting: 0 };
+        let book = Book {
+            mode: Mode::Eni,
+            pool: Pool::new(0),
+            pods: Default::default(),
+            waiting: 0,
+            deleted_veths: Default::default(),
+        };
         let status = Status {
             synced: true,
             blocker: Some(Blocker::SubnetExhausted("subnet subnet-1 has no free addresses".into())),
@@ -417,5 +429,63 @@ mod tests {
         assert_eq!(held(&svc), 0);
         assert!(svc.state.read(|b| b.pool.is_free("10.0.0.5".parse().unwrap()) && b.pods.is_empty()));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 14, torture: the state directory's disk is full. Add fails with a clear error and
+    /// leaves nothing behind (the address is free again, no pod recorded); once space is freed,
+    /// the next Add succeeds without a restart. A real tmpfs of 64 KiB (needs root).
+    #[tokio::test]
+    async fn a_full_disk_fails_add_cleanly_and_recovers_when_space_returns() {
+        let dir = std::env::temp_dir().join(format!("underway-diskfull-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "mount a tmpfs (root needed)");
+        struct Unmount(std::path::PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _u = Unmount(dir.clone());
+        let state_dir = dir.join("state");
+        let (svc, _rx) = service(&state_dir);
+        svc.state.set_status(|s| s.blocker = None);
+        svc.state.change(|b| {
+            b.pool.add_eni("eni-0", 0, None);
+            b.pool.add_addresses("eni-0", &["10.0.0.5".parse().unwrap()]).unwrap();
+        });
+        // Fill the disk.
+        let filler = dir.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 4096]).is_ok() {}
+            let _ = f.sync_all();
+        }
+        let r = svc.handle(add(None)).await;
+        let Response::Error(e) = r else { panic!("{r:?}") };
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(
+            e.message.contains("cannot record the assignment durably") && e.message.contains("No space left"),
+            "{}",
+            e.message
+        );
+        assert_eq!(held(&svc), 0, "no assignment kept");
+        assert!(svc.state.read(|b| b.pods.is_empty() && b.pool.is_free("10.0.0.5".parse().unwrap())));
+        let names: Vec<_> = std::fs::read_dir(&state_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")), "no partial file left: {names:?}");
+        // Space again: the same Add succeeds, durably.
+        std::fs::remove_file(&filler).unwrap();
+        let r = svc.handle(add(None)).await;
+        assert!(matches!(r, Response::Added(_)), "{r:?}");
+        match crate::store::Store::open(&state_dir).unwrap().load().unwrap() {
+            crate::store::Loaded::Ok(s) => assert_eq!(s.pods.len(), 1),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -23,6 +23,36 @@ pub struct Book {
     pub pods: BTreeMap<AttachmentKey, PodRecord>,
     /// Adds waiting for an address right now (the reconciler counts them as demand).
     pub waiting: u32,
+    /// Host veths of pods whose DEL was answered: a host check that read the host before the DEL
+    /// must not mark their addresses held again (issue 14: found by the kill storm).
+    pub deleted_veths: Tombstones,
+}
+
+/// The last [`Tombstones::KEEP`] host veth names whose pod was deleted (names are unique per
+/// container, so a name once deleted never belongs to a new pod).
+#[derive(Debug, Default)]
+pub struct Tombstones {
+    order: std::collections::VecDeque<String>,
+    set: std::collections::BTreeSet<String>,
+}
+
+impl Tombstones {
+    pub const KEEP: usize = 4096;
+
+    pub fn insert(&mut self, veth: String) {
+        if self.set.insert(veth.clone()) {
+            self.order.push_back(veth);
+            if self.order.len() > Self::KEEP
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    pub fn contains(&self, veth: &str) -> bool {
+        self.set.contains(veth)
+    }
 }
 
 impl Book {
@@ -42,8 +72,13 @@ impl Book {
             ));
         }
         let was = self.mode;
-        *self =
-            Book { mode, pool: crate::pool::Pool::new(cooldown_ms), pods: Default::default(), waiting: self.waiting };
+        *self = Book {
+            mode,
+            pool: crate::pool::Pool::new(cooldown_ms),
+            pods: Default::default(),
+            waiting: self.waiting,
+            deleted_veths: Default::default(),
+        };
         Ok(Some(format!("the store was in {was:?} mode with no pods; starting afresh")))
     }
 
@@ -274,7 +309,7 @@ mod tests {
             let key = AttachmentKey { network: "n".into(), container_id: "c".into(), ifname: "eth0".into() };
             pool.assign(&key, 0).unwrap();
         }
-        Book { mode, pool, pods: Default::default(), waiting: 0 }
+        Book { mode, pool, pods: Default::default(), waiting: 0, deleted_veths: Default::default() }
     }
 
     #[test]

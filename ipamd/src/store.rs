@@ -267,7 +267,11 @@ impl Store {
             std::fs::rename(&tmp, &path)?;
             File::open(&self.dir)?.sync_all()
         };
-        write().map_err(|e| store_err(&path, format!("cannot save: {e}")))
+        write().map_err(|e| {
+            // A partial temporary file would only hold on to the space that ran out.
+            let _ = std::fs::remove_file(&tmp);
+            store_err(&path, format!("cannot save: {e}"))
+        })
     }
 }
 

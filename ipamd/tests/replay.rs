@@ -96,7 +96,13 @@ fn source(
     cfg.validate().unwrap();
     let state = Arc::new(NodeState::new(
         Store::open(&dir).unwrap(),
-        Book { mode: Config::default().mode, pool: Pool::new(0), pods: Default::default(), waiting: 0 },
+        Book {
+            mode: Config::default().mode,
+            pool: Pool::new(0),
+            pods: Default::default(),
+            waiting: 0,
+            deleted_veths: Default::default(),
+        },
         Status::default(),
     ));
     let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
