@@ -149,7 +149,7 @@ async fn kill_storm() {
     let w = World::create().await.unwrap();
     // Bursts of restarts are throttled as EC2 would; ipamd retries within its budget.
     w.account().front.provoke(underway_tests::front::Rule::RequestRate);
-    let nodes = vec![w.add_node("m5.xlarge").await.unwrap(), w.add_node("m5.xlarge").await.unwrap()];
+    let nodes = [w.add_node("m5.xlarge").await.unwrap(), w.add_node("m5.xlarge").await.unwrap()];
     w.start_sync_loop(Duration::from_millis(200));
     let cfg = "cooldown_ms = 500\nadd_wait_ms = 8000\nreconcile_interval_ms = 500\n[targets]\nwarm_ip_target = 4\n";
     let bin = bin_path("underway-ipamd").unwrap();
