@@ -124,7 +124,8 @@ fn source(
 #[tokio::test]
 async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
     let events = vec![
-        // sync: the node's ENIs (a fresh node: no prefix yet)
+        // sync: this node's detached ENIs (none), then its ENIs (a fresh node: no prefix yet)
+        no_enis(),
         primary(&[]),
         // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI; then the GC's look
         subnet(4000),
@@ -180,7 +181,7 @@ async fn a_throttled_grow_becomes_the_throttled_blocker() {
             ))
             .unwrap(),
     );
-    let (mut src, state, replay, dir) = source(vec![primary(&[]), subnet(4000), throttled], |c| {
+    let (mut src, state, replay, dir) = source(vec![no_enis(), primary(&[]), subnet(4000), throttled], |c| {
         c.targets.warm_ip_target = Some(3);
     });
     src.sync(&state).await.unwrap();
@@ -191,6 +192,10 @@ async fn a_throttled_grow_becomes_the_throttled_blocker() {
         "{b:?}"
     );
     assert_eq!(state.read(|b| b.pool.stats().total), 0, "nothing was added");
-    assert_eq!(replay.actual_requests().count(), 3);
+    assert_eq!(
+        replay.actual_requests().count(),
+        4,
+        "the detached-ENI look, the ENIs, the subnet, the throttled assign"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
