@@ -4,6 +4,7 @@
 //! ([`netns::handle_in`]); no thread of the process stays in another namespace. Set-up and
 //! teardown are symmetric and idempotent; teardown tolerates any missing piece.
 
+pub mod egress;
 pub mod eni;
 pub mod netns;
 pub mod pod;

@@ -48,7 +48,7 @@ pub fn handle_in(path: Option<&Path>) -> Result<Ns> {
 }
 
 /// Runs `f` on a short-lived thread inside the namespace at `path` (`None`: right here).
-fn on_thread_in<T: Send + 'static>(
+pub(crate) fn on_thread_in<T: Send + 'static>(
     path: Option<&Path>,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<std::io::Result<T>> {
