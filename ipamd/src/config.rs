@@ -126,6 +126,61 @@ impl Default for IdentityConfig {
     }
 }
 
+/// Who translates pods' traffic to the world outside the VPC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnatMode {
+    /// This node: to its primary ENI's primary address (which the internet gateway maps to the
+    /// instance's public address).
+    Node,
+    /// Something outside the node (a NAT gateway): pod addresses leave untranslated.
+    External,
+}
+
+/// Port randomisation of the node's SNAT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnatRandom {
+    FullyRandom,
+    Random,
+    None,
+}
+
+/// underway's nftables table on the node: pod egress SNAT and anti-spoofing on pod veths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressConfig {
+    /// Install the table (both parts). Off only when something else does both.
+    pub enabled: bool,
+    pub snat: SnatMode,
+    /// Destinations never translated besides the VPC's blocks and (VPC-route mode) the cluster's
+    /// pod CIDR: peered networks, on-premises ranges. Each must be an IPv4 CIDR.
+    pub exclude: Vec<String>,
+    pub random: SnatRandom,
+    /// How often the VPC's CIDR blocks are read again (a block added later is exempt without a
+    /// restart).
+    pub refresh_ms: u64,
+}
+
+impl Default for EgressConfig {
+    fn default() -> Self {
+        EgressConfig {
+            enabled: true,
+            snat: SnatMode::Node,
+            exclude: Vec::new(),
+            random: SnatRandom::FullyRandom,
+            refresh_ms: 60_000,
+        }
+    }
+}
+
+impl EgressConfig {
+    /// The exclusions, parsed (validation has checked them).
+    pub fn exclusions(&self) -> Vec<ipnet::Ipv4Net> {
+        self.exclude.iter().filter_map(|c| c.parse().ok()).collect()
+    }
+}
+
 /// How new ENIs are made and set up (ENI mode).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]
@@ -257,6 +312,7 @@ pub struct Config {
     pub eni: EniConfig,
     pub vpc_route: VpcRouteConfig,
     pub cni: CniInstallConfig,
+    pub egress: EgressConfig,
     pub kubernetes: KubernetesConfig,
     /// Named node pools, each with its mode, subnets, security groups and targets.
     pub pools: BTreeMap<String, PoolSpec>,
@@ -295,6 +351,7 @@ impl Default for Config {
             eni: EniConfig::default(),
             vpc_route: VpcRouteConfig::default(),
             cni: CniInstallConfig::default(),
+            egress: EgressConfig::default(),
             kubernetes: KubernetesConfig::default(),
             pools: BTreeMap::new(),
             pool: None,
@@ -410,6 +467,14 @@ impl Config {
         if self.health_stall_ms < 10_000 {
             return Err(invalid("health_stall_ms", "at least 10000 (a step may wait on EC2 for a while)"));
         }
+        for (i, c) in self.egress.exclude.iter().enumerate() {
+            if c.parse::<ipnet::Ipv4Net>().is_err() {
+                return Err(invalid(&format!("egress.exclude[{i}]"), format!("{c:?} is not an IPv4 CIDR (a.b.c.d/n)")));
+            }
+        }
+        if self.egress.refresh_ms < 1_000 {
+            return Err(invalid("egress.refresh_ms", "at least 1000"));
+        }
         if self.orphan_grace_ms != 0 && self.orphan_grace_ms < 1_000 {
             return Err(invalid("orphan_grace_ms", "0 (off) or at least 1000"));
         }
@@ -490,6 +555,18 @@ impl Config {
                     return Err(invalid(&f("cluster_cidr"), format!("does not contain pod_cidr {c}")));
                 }
                 _ => {}
+            }
+            // (With Kubernetes and no pod CIDR yet, checked again on the effective config.)
+            if self.egress.enabled
+                && self.egress.snat == SnatMode::Node
+                && v.pod_cidr.is_some()
+                && v.cluster_cidr.is_none()
+            {
+                return Err(invalid(
+                    &f("cluster_cidr"),
+                    "required in vpc-route mode with egress.snat = \"node\": traffic to other nodes' pods must keep \
+                     its source address (set it to the range every node's pod CIDR comes from)",
+                ));
             }
             if !(1..=1000).contains(&v.route_table_capacity) {
                 return Err(invalid(&f("route_table_capacity"), "1..=1000 (AWS allows at most 1,000 routes a table)"));
@@ -654,7 +731,7 @@ subnets = ["subnet-1a"]
                 "vpc_route.pod_cidr",
             ),
             (
-                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"10.1.0.0/24\"\nroute_table_capacity = 1001",
+                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"10.1.0.0/24\"\ncluster_cidr = \"10.1.0.0/16\"\nroute_table_capacity = 1001",
                 &[],
                 "vpc_route.route_table_capacity",
             ),
@@ -664,6 +741,13 @@ subnets = ["subnet-1a"]
                 "vpc_route.cluster_cidr",
             ),
             ("cluster = \"c\"\npool = \"gpu\"\n[pools.cpu]\nmode = \"eni\"", &[], "no pool named \"gpu\""),
+            (
+                "cluster = \"c\"\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"100.64.1.0/24\"",
+                &[],
+                "vpc_route.cluster_cidr: required in vpc-route mode with egress.snat",
+            ),
+            ("cluster = \"c\"\n[egress]\nexclude = [\"192.168.0.0/16\", \"10.0.0/33\"]", &[], "egress.exclude[1]"),
+            ("cluster = \"c\"\n[egress]\nsnat = \"nat-gateway\"", &[], "egress"),
             ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
             ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
             (
@@ -709,7 +793,7 @@ targets = { warm_ip_target = 4 }
 eni = { subnets = ["subnet-1"] }
 [pools.routed]
 mode = "vpc-route"
-vpc_route = { pod_cidr = "10.0.128.0/24", route_tables = ["rtb-1"] }
+vpc_route = { pod_cidr = "10.0.128.0/24", cluster_cidr = "10.0.128.0/17", route_tables = ["rtb-1"] }
 "#,
         );
         let c = Config::load(Some(&f.0), &[]).unwrap();

@@ -69,6 +69,15 @@ fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -237,6 +246,10 @@ async fn background(
         state.record_error(format!("target unreachable on {}: {m}", node.instance_type));
     }
     let _ = sh.node.set(node.clone());
+    // Ends with this task (the table itself stays: pods keep their egress across a restart).
+    let _egress = cfg.egress.enabled.then(|| {
+        AbortOnDrop(tokio::spawn(crate::egress::run(cfg.clone(), cloud.clone(), node.clone(), sh.state.clone())))
+    });
     state.set_status(|s| s.waiting_for = Some("the first sync with EC2".into()));
     let (state, metrics) = (sh.state.clone(), sh.metrics.clone());
     match cfg.mode {

@@ -7,6 +7,7 @@
 //! - [`reconcile`] + [`eni_mode`] / [`vpc_route`]: the pool's two address sources, through the
 //!   cloud seam; [`host`]: the pods the node itself shows; [`orphans`]: assignments whose pod is
 //!   gone without a DEL;
+//! - [`egress`]: the node's nftables table (pod egress SNAT, anti-spoofing);
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
 //! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
 //! - [`daemon`]: start-up and shutdown.
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod cluster_gc;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod eni_mode;
 pub mod error;
 pub mod host;

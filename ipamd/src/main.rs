@@ -110,6 +110,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+            if cfg.egress.enabled {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
+                let rule = rt.block_on(underway_routes::egress::remove_main_rule(None));
+                match underway_routes::egress::remove(None).and(rule) {
+                    Ok(()) => println!("removed the nftables table ip {}", underway_routes::egress::TABLE),
+                    Err(e) => {
+                        eprintln!("underway-ipamd: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             if cfg.mode != underway_ipamd::config::Mode::VpcRoute {
                 return ExitCode::SUCCESS;
             }

@@ -31,7 +31,7 @@ async fn add_route(w: &World, table: &str, cidr: &str, instance: &str) {
 }
 
 fn routed(cidr: &str, more: &str) -> String {
-    format!("{FAST}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n{more}")
+    format!("{FAST}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\ncluster_cidr = \"100.64.0.0/16\"\n{more}")
 }
 
 /// Pings `addr` from `ns`, a few times: the test world applies new EC2 state every 200 ms, as
@@ -248,7 +248,7 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_tags_and_seve
 async fn an_eni_pool_and_a_routed_pool_reach_each_other_and_a_mode_switch_is_refused() {
     let (w, a, b) = two_nodes().await;
     let pools = "[pools.enis]\nmode = \"eni\"\ntargets = { warm_ip_target = 2 }\n\
-                 [pools.routed]\nmode = \"vpc-route\"\nvpc_route = { pod_cidr = \"100.64.40.0/24\" }\n";
+                 [pools.routed]\nmode = \"vpc-route\"\nvpc_route = { pod_cidr = \"100.64.40.0/24\", cluster_cidr = \"100.64.0.0/16\" }\n";
     let mut pa = start(&w, &a, &format!("{FAST}pool = \"enis\"\n{pools}"));
     let pb = start(&w, &b, &format!("{FAST}pool = \"routed\"\n{pools}"));
     pa.wait_ready(2, Duration::from_secs(60)).unwrap();

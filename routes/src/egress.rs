@@ -30,6 +30,13 @@ use crate::netns::on_thread_in;
 use crate::{Result, RoutesError};
 
 pub const TABLE: &str = "underway";
+/// Packets carrying this bit use the main table (rule [`RULE_MARK_MAIN`]): a secondary-ENI pod's
+/// traffic to the internet leaves by the primary ENI, where it is translated, instead of by its
+/// own ENI (whose address the internet gateway does not translate). The AWS VPC CNI's bit.
+pub const MAIN_MARK: u32 = 0x80;
+/// Priority of `fwmark 0x80/0x80 lookup main`: after the `to <pod>` rules (512), before the
+/// `from <pod>` rules (1536).
+pub const RULE_MARK_MAIN: u32 = 1024;
 
 /// Port randomisation of the SNAT (nftables' flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +92,13 @@ pub fn ruleset(spec: &EgressSpec) -> Result<String> {
             SnatRandom::Random => " random",
             SnatRandom::None => "",
         };
+        // Traffic that will be translated must leave by the primary ENI: marked for the main table
+        // before the routing decision (the `from <pod>` rule would send it out of its own ENI).
+        s += "  chain route_main {\n    type filter hook prerouting priority mangle; policy accept;\n";
+        s += &format!(
+            "    iifname \"{pods}\" ip daddr != @exempt meta mark set meta mark | {MAIN_MARK:#x} comment \"egress by the primary ENI\"\n"
+        );
+        s += "  }\n";
         s += "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n";
         s += &format!(
             "    iifname \"{pods}\" oifname \"{link}\" ip daddr != @exempt counter snat ip to {addr}{flags} comment \"pod egress\"\n"
@@ -140,6 +154,50 @@ pub fn listing(host: Option<&Path>) -> Result<String> {
         Err(RoutesError::Invalid { reason, .. }) if reason.contains("No such file") => Ok(String::new()),
         Err(e) => Err(e),
     }
+}
+
+fn mark_rule(r: &rtnetlink::packet_route::rule::RuleMessage) -> bool {
+    use rtnetlink::packet_route::rule::RuleAttribute;
+    r.attributes.contains(&RuleAttribute::Priority(RULE_MARK_MAIN))
+        && r.attributes.contains(&RuleAttribute::FwMark(MAIN_MARK))
+}
+
+/// Adds `fwmark 0x80/0x80 lookup main` (priority 1024) unless it is there.
+pub async fn ensure_main_rule(host: Option<&Path>) -> Result<()> {
+    use futures::TryStreamExt;
+    use rtnetlink::IpVersion;
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
+    let ns = crate::netns::handle_in(host)?;
+    let h = &ns.handle;
+    let rules: Vec<_> =
+        h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
+    if rules.iter().any(mark_rule) {
+        return Ok(());
+    }
+    let mut add = h
+        .rule()
+        .add()
+        .v4()
+        .fw_mark(MAIN_MARK)
+        .table_id(crate::pod::MAIN_TABLE)
+        .action(RuleAction::ToTable)
+        .priority(RULE_MARK_MAIN);
+    add.message_mut().attributes.push(RuleAttribute::FwMask(MAIN_MARK));
+    add.execute().await.map_err(RoutesError::netlink("rule fwmark 0x80/0x80 lookup main"))
+}
+
+/// Removes that rule; absent is fine.
+pub async fn remove_main_rule(host: Option<&Path>) -> Result<()> {
+    use futures::TryStreamExt;
+    use rtnetlink::IpVersion;
+    let ns = crate::netns::handle_in(host)?;
+    let h = &ns.handle;
+    let rules: Vec<_> =
+        h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
+    for r in rules.into_iter().filter(mark_rule) {
+        h.rule().del(r).execute().await.map_err(RoutesError::netlink("delete the fwmark rule"))?;
+    }
+    Ok(())
 }
 
 /// Packets the anti-spoofing rule dropped so far.

@@ -14,6 +14,7 @@ pub mod cni;
 pub mod fixture;
 pub mod front;
 pub mod imds;
+pub mod internet;
 pub mod ipamd;
 pub mod localstack;
 pub mod netns;

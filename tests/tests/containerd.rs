@@ -202,7 +202,7 @@ async fn containerd_runs_a_sandbox_on_underway_and_releases_it() {
         &w,
         &b,
         &ipamd,
-        "cooldown_ms = 1000\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"100.64.50.0/24\"\n",
+        "cooldown_ms = 1000\nmode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"100.64.50.0/24\"\ncluster_cidr = \"100.64.0.0/16\"\n",
     )
     .unwrap();
     da.wait_ready(2, Duration::from_secs(60)).unwrap();

@@ -24,7 +24,7 @@ fn eni_cfg(extra: &str) -> String {
 
 fn routed_cfg(cidr: &str, extra: &str) -> String {
     format!(
-        "cooldown_ms = 3000\nadd_wait_ms = 15000\n{extra}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n"
+        "cooldown_ms = 3000\nadd_wait_ms = 15000\n{extra}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\ncluster_cidr = \"100.64.0.0/16\"\n"
     )
 }
 

@@ -38,7 +38,9 @@ fn config(mode: &str, cidr: &str) -> String {
     let common = "cooldown_ms = 5000\nadd_wait_ms = 20000\n";
     match mode {
         "eni" => format!("{common}[targets]\nwarm_ip_target = 1\n"),
-        _ => format!("{common}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n"),
+        _ => format!(
+            "{common}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\ncluster_cidr = \"100.64.0.0/16\"\n"
+        ),
     }
 }
 

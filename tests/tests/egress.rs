@@ -1,0 +1,103 @@
+//! Issue 15, egress: pods reach the internet host through the VPC's internet gateway, which
+//! translates only addresses EC2 maps to a public one (here: each node's primary address, by an
+//! Elastic IP). A pod's own address (a secondary IP, a VPC-route address) has none: underway's
+//! SNAT to the node's primary address is what makes it work. Negative control: a node configured
+//! with `egress.snat = "external"` (and no NAT gateway) cannot reach it, and the gateway counts
+//! the drops. Needs root and LocalStack.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use underway_tests::cni::{address, cni, conf};
+use underway_tests::internet::{Internet, seen_from};
+use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::netns::TempNs;
+use underway_tests::world::{Node, World};
+
+fn ipamd(w: &World, n: &Node, cfg: &str) -> IpamdProcess {
+    let p = IpamdProcess::start(w, n, &bin_path("underway-ipamd").unwrap(), cfg).unwrap();
+    p.wait_ready(1, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", p.log_text()));
+    p
+}
+
+/// The node's primary ENI and address.
+async fn primary(w: &World, n: &Node) -> (String, Ipv4Addr) {
+    let ec2 = aws_sdk_ec2::Client::new(&w.account().direct_sdk_config());
+    let out = ec2
+        .describe_network_interfaces()
+        .filters(aws_sdk_ec2::types::Filter::builder().name("attachment.instance-id").values(&n.instance_id).build())
+        .send()
+        .await
+        .unwrap();
+    let ni = out
+        .network_interfaces()
+        .iter()
+        .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0))
+        .expect("a primary ENI");
+    (ni.network_interface_id().unwrap().to_string(), ni.private_ip_address().unwrap().parse().unwrap())
+}
+
+struct Pod {
+    ns: TempNs,
+    addr: Ipv4Addr,
+}
+
+fn add(n: &Node, p: &IpamdProcess, name: &str) -> Pod {
+    let ns = TempNs::new(name).unwrap();
+    let (code, v) = cni(&n.ns, "ADD", name, &ns.path().display().to_string(), &conf(p));
+    assert_eq!(code, 0, "ADD {name}: {v}");
+    Pod { addr: address(&v), ns }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pods_of_both_modes_reach_the_internet_as_their_node() {
+    let w = World::create().await.unwrap();
+    let eni_node = w.add_node("m5.large").await.unwrap();
+    let routed_node = w.add_node("m5.large").await.unwrap();
+    let external_node = w.add_node("m5.large").await.unwrap();
+    w.start_sync_loop(Duration::from_millis(200));
+    let net = Internet::attach(&w).await.unwrap();
+    let fast = "cooldown_ms = 1000\nadd_wait_ms = 15000\n";
+    // 12 warm addresses: the primary ENI holds 9, so a second ENI (eth1) serves too.
+    let e = ipamd(&w, &eni_node, &format!("{fast}[targets]\nwarm_ip_target = 12\n"));
+    let r = ipamd(
+        &w,
+        &routed_node,
+        &format!(
+            "{fast}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"100.64.7.0/24\"\ncluster_cidr = \"100.64.0.0/16\"\n"
+        ),
+    );
+    let x = ipamd(&w, &external_node, &format!("{fast}[egress]\nsnat = \"external\"\n"));
+    let mut public = Vec::new();
+    for n in [&eni_node, &routed_node, &external_node] {
+        let (eni, ip) = primary(&w, n).await;
+        public.push(net.elastic_ip(&eni, ip).await.unwrap());
+    }
+    // The ENI node's pods until one is on eth1 (a secondary ENI: its own policy table).
+    let mut pods = Vec::new();
+    let mut on_eth1 = None;
+    for i in 0..12 {
+        let p = add(&eni_node, &e, &format!("e{i}"));
+        let rules = String::from_utf8_lossy(&eni_node.exec(&["ip", "rule"]).unwrap().stdout).to_string();
+        let secondary = rules.contains(&format!("from {} lookup", p.addr));
+        pods.push(p);
+        if secondary {
+            on_eth1 = Some(pods.len() - 1);
+            break;
+        }
+    }
+    let eth1 = on_eth1.expect("a pod on the secondary ENI");
+    let eth0 = 0;
+    for (what, p) in [("a primary-ENI pod", &pods[eth0]), ("a secondary-ENI pod", &pods[eth1])] {
+        assert_eq!(seen_from(&p.ns.0).as_deref(), Some(public[0].to_string().as_str()), "{what} ({})", p.addr);
+    }
+    let rp = add(&routed_node, &r, "r0");
+    assert_eq!(seen_from(&rp.ns.0).as_deref(), Some(public[1].to_string().as_str()), "a VPC-route pod ({})", rp.addr);
+    assert_eq!(net.untranslated_drops(), 0, "nothing untranslated reached the gateway");
+    // The negative control: no SNAT on the node, no NAT gateway → the gateway drops it.
+    let xp = add(&external_node, &x, "x0");
+    assert_eq!(seen_from(&xp.ns.0), None, "an untranslated pod address cannot reach the internet");
+    assert!(net.untranslated_drops() > 0, "and the gateway counted the drop");
+    // The node itself reaches the internet as itself (its own traffic is not the table's).
+    assert_eq!(seen_from(&eni_node.ns).as_deref(), Some(public[0].to_string().as_str()));
+}
