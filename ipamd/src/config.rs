@@ -160,6 +160,13 @@ pub struct EgressConfig {
     /// How often the VPC's CIDR blocks are read again (a block added later is exempt without a
     /// restart).
     pub refresh_ms: u64,
+    /// NodePort and hostPort reach pods on secondary ENIs (their replies leave by the primary
+    /// ENI). Needs `snat = "node"`.
+    pub node_port: bool,
+    /// The single mark bit underway sets (masked, other bits kept). Not one kube-proxy (0x4000,
+    /// 0x8000) or Calico (its default 0xffff0000 mask) uses; Cilium's identity marks (0x0f00,
+    /// 0xf000 …, Cilium #21330) clash with 0x100–0x800 and 0x1000+ in some modes: keep 0x80.
+    pub mark: u32,
 }
 
 impl Default for EgressConfig {
@@ -170,6 +177,8 @@ impl Default for EgressConfig {
             exclude: Vec::new(),
             random: SnatRandom::FullyRandom,
             refresh_ms: 60_000,
+            node_port: true,
+            mark: 0x80,
         }
     }
 }
@@ -475,6 +484,16 @@ impl Config {
         if self.egress.refresh_ms < 1_000 {
             return Err(invalid("egress.refresh_ms", "at least 1000"));
         }
+        let m = self.egress.mark;
+        if m.count_ones() != 1 {
+            return Err(invalid("egress.mark", format!("{m:#x}: exactly one bit")));
+        }
+        if m & 0xc000 != 0 {
+            return Err(invalid("egress.mark", format!("{m:#x} is kube-proxy's (0x4000 masquerade, 0x8000 drop)")));
+        }
+        if m & 0xffff_0000 != 0 {
+            return Err(invalid("egress.mark", format!("{m:#x} is inside Calico's default mark mask 0xffff0000")));
+        }
         if self.orphan_grace_ms != 0 && self.orphan_grace_ms < 1_000 {
             return Err(invalid("orphan_grace_ms", "0 (off) or at least 1000"));
         }
@@ -748,6 +767,9 @@ subnets = ["subnet-1a"]
             ),
             ("cluster = \"c\"\n[egress]\nexclude = [\"192.168.0.0/16\", \"10.0.0/33\"]", &[], "egress.exclude[1]"),
             ("cluster = \"c\"\n[egress]\nsnat = \"nat-gateway\"", &[], "egress"),
+            ("cluster = \"c\"\n[egress]\nmark = 16384", &[], "egress.mark"),
+            ("cluster = \"c\"\n[egress]\nmark = 3", &[], "egress.mark"),
+            ("cluster = \"c\"\n[egress]\nmark = 65536", &[], "egress.mark"),
             ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
             ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
             (

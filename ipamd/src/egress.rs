@@ -37,6 +37,8 @@ pub fn spec(cfg: &Config, primary: Option<(String, std::net::Ipv4Addr)>, vpc_cid
             config::SnatRandom::Random => SnatRandom::Random,
             config::SnatRandom::None => SnatRandom::None,
         },
+        node_port: cfg.egress.node_port,
+        mark: cfg.egress.mark,
     }
 }
 
@@ -68,7 +70,7 @@ async fn install_once<C: Discovery>(cfg: &Config, cloud: &C, node: &Instance, ma
     let s = spec(cfg, primary, &cidrs);
     underway_routes::egress::apply(None, &s)?;
     if s.snat.is_some() {
-        underway_routes::egress::ensure_main_rule(None).await?;
+        underway_routes::egress::ensure_main_rule(None, cfg.egress.mark).await?;
     } else {
         underway_routes::egress::remove_main_rule(None).await?;
     }

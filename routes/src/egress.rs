@@ -30,9 +30,10 @@ use crate::netns::on_thread_in;
 use crate::{Result, RoutesError};
 
 pub const TABLE: &str = "underway";
-/// Packets carrying this bit use the main table (rule [`RULE_MARK_MAIN`]): a secondary-ENI pod's
-/// traffic to the internet leaves by the primary ENI, where it is translated, instead of by its
-/// own ENI (whose address the internet gateway does not translate). The AWS VPC CNI's bit.
+/// The default of [`EgressSpec::mark`]: packets carrying it use the main table (rule
+/// [`RULE_MARK_MAIN`]): a secondary-ENI pod's traffic to the internet leaves by the primary ENI,
+/// where it is translated, instead of by its own ENI (whose address the internet gateway does not
+/// translate), and so do its NodePort replies. The AWS VPC CNI's bit.
 pub const MAIN_MARK: u32 = 0x80;
 /// Priority of `fwmark 0x80/0x80 lookup main`: after the `to <pod>` rules (512), before the
 /// `from <pod>` rules (1536).
@@ -57,6 +58,14 @@ pub struct EgressSpec {
     /// Destinations never translated.
     pub exempt: Vec<Ipv4Net>,
     pub random: SnatRandom,
+    /// NodePort/hostPort for pods on secondary ENIs: connections arriving by the primary link for
+    /// a local address are marked, and the pod's replies follow the main table back out of it
+    /// (with the SNAT's primary link; otherwise they leave by the pod's ENI with the node's
+    /// address as source, and the VPC's source check drops them).
+    pub node_port: bool,
+    /// The one bit underway uses (packet and connection mark): set with a masked OR, so other
+    /// bits (kube-proxy's 0x4000, a policy engine's) are kept.
+    pub mark: u32,
 }
 
 fn check_name(field: &'static str, s: &str) -> Result<()> {
@@ -96,8 +105,16 @@ pub fn ruleset(spec: &EgressSpec) -> Result<String> {
         // before the routing decision (the `from <pod>` rule would send it out of its own ENI).
         s += "  chain route_main {\n    type filter hook prerouting priority mangle; policy accept;\n";
         s += &format!(
-            "    iifname \"{pods}\" ip daddr != @exempt meta mark set meta mark | {MAIN_MARK:#x} comment \"egress by the primary ENI\"\n"
+            "    iifname \"{pods}\" ip daddr != @exempt meta mark set meta mark | {mark:#x} comment \"egress by the primary ENI\"\n",
+            mark = spec.mark
         );
+        if spec.node_port {
+            s += &format!(
+                "    iifname \"{link}\" ct state new fib daddr type local ct mark set ct mark | {mark:#x} comment \"NodePort, hostPort\"\n\
+                     iifname \"{pods}\" ct mark & {mark:#x} == {mark:#x} meta mark set meta mark | {mark:#x} comment \"their replies by the primary ENI\"\n",
+                mark = spec.mark
+            );
+        }
         s += "  }\n";
         s += "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n";
         s += &format!(
@@ -159,11 +176,11 @@ pub fn listing(host: Option<&Path>) -> Result<String> {
 fn mark_rule(r: &rtnetlink::packet_route::rule::RuleMessage) -> bool {
     use rtnetlink::packet_route::rule::RuleAttribute;
     r.attributes.contains(&RuleAttribute::Priority(RULE_MARK_MAIN))
-        && r.attributes.contains(&RuleAttribute::FwMark(MAIN_MARK))
+        && r.attributes.iter().any(|a| matches!(a, RuleAttribute::FwMark(_)))
 }
 
-/// Adds `fwmark 0x80/0x80 lookup main` (priority 1024) unless it is there.
-pub async fn ensure_main_rule(host: Option<&Path>) -> Result<()> {
+/// Adds `fwmark <mark>/<mark> lookup main` (priority 1024), replacing one with another mark.
+pub async fn ensure_main_rule(host: Option<&Path>, mark: u32) -> Result<()> {
     use futures::TryStreamExt;
     use rtnetlink::IpVersion;
     use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
@@ -171,19 +188,27 @@ pub async fn ensure_main_rule(host: Option<&Path>) -> Result<()> {
     let h = &ns.handle;
     let rules: Vec<_> =
         h.rule().get(IpVersion::V4).execute().try_collect().await.map_err(RoutesError::netlink("list rules"))?;
-    if rules.iter().any(mark_rule) {
+    let same = |r: &rtnetlink::packet_route::rule::RuleMessage| {
+        mark_rule(r)
+            && r.attributes.contains(&RuleAttribute::FwMark(mark))
+            && r.attributes.contains(&RuleAttribute::FwMask(mark))
+    };
+    if rules.iter().any(same) {
         return Ok(());
+    }
+    for r in rules.into_iter().filter(mark_rule) {
+        h.rule().del(r).execute().await.map_err(RoutesError::netlink("delete the old fwmark rule"))?;
     }
     let mut add = h
         .rule()
         .add()
         .v4()
-        .fw_mark(MAIN_MARK)
+        .fw_mark(mark)
         .table_id(crate::pod::MAIN_TABLE)
         .action(RuleAction::ToTable)
         .priority(RULE_MARK_MAIN);
-    add.message_mut().attributes.push(RuleAttribute::FwMask(MAIN_MARK));
-    add.execute().await.map_err(RoutesError::netlink("rule fwmark 0x80/0x80 lookup main"))
+    add.message_mut().attributes.push(RuleAttribute::FwMask(mark));
+    add.execute().await.map_err(RoutesError::netlink(format!("rule fwmark {mark:#x}/{mark:#x} lookup main")))
 }
 
 /// Removes that rule; absent is fine.
@@ -245,6 +270,8 @@ mod tests {
             snat: Some(("eth0".into(), "10.0.1.10".parse().unwrap())),
             exempt: vec!["10.0.0.0/16".parse().unwrap(), "100.64.0.0/16".parse().unwrap()],
             random: SnatRandom::FullyRandom,
+            node_port: true,
+            mark: MAIN_MARK,
         }
     }
 
@@ -273,6 +300,13 @@ mod tests {
             ("random", |s| s.random = SnatRandom::Random, "10.0.1.10 random", "fully-random"),
             ("no randomisation", |s| s.random = SnatRandom::None, "to 10.0.1.10 comment", "random"),
             ("no exemptions: an empty set", |s| s.exempt.clear(), "auto-merge\n  }", "elements"),
+            ("no NodePort support", |s| s.node_port = false, "egress by the primary ENI", "ct mark"),
+            (
+                "another mark bit",
+                |s| s.mark = 0x100,
+                "ct mark & 0x100 == 0x100 meta mark set meta mark | 0x100",
+                "0x80",
+            ),
             (
                 "host bits and duplicates are folded",
                 |s| s.exempt = vec!["10.0.3.7/16".parse().unwrap(), "10.0.0.0/16".parse().unwrap()],

@@ -61,6 +61,8 @@ fn spec(snat: bool) -> EgressSpec {
         snat: snat.then(|| ("eth0".to_string(), "10.0.1.10".parse().unwrap())),
         exempt: vec!["10.0.0.0/16".parse().unwrap()],
         random: SnatRandom::FullyRandom,
+        node_port: true,
+        mark: egress::MAIN_MARK,
     }
 }
 

@@ -1,0 +1,145 @@
+//! Issue 15, NodePort: a VPC host connects to a node's NodePort that kube-proxy DNATs to a pod on
+//! a secondary ENI, with externalTrafficPolicy=Local (no SNAT: the pod answers the client's own
+//! address). The reply must leave by the primary ENI; by the pod's ENI, with the node's address
+//! as source (kube-proxy's DNAT undone), the VPC's source check drops it. kube-proxy is played in
+//! its three shapes (iptables-legacy, iptables-nft, native nftables), each beside a Calico-like
+//! `mangle PREROUTING -j ACCEPT`. Negative control: `egress.node_port = false`. Needs root.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use underway_tests::cni::{address, cni, conf};
+use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::netns::{self, TempNs};
+use underway_tests::world::{Node, World};
+
+fn node_ip(n: &Node) -> Ipv4Addr {
+    let out = n.exec(&["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().parse().unwrap()
+}
+
+/// A TCP server in `ns` on port 80 answering each connection with the peer's address.
+fn serve(ns: &str) {
+    let l = netns::in_ns(ns, || std::net::TcpListener::bind("0.0.0.0:80")).unwrap().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let _ = s.write_all(format!("{peer}\n").as_bytes());
+        }
+    });
+}
+
+fn connect(ns: &str, to: SocketAddr) -> Option<String> {
+    netns::in_ns(ns, move || -> Option<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.trim().to_string())
+    })
+    .ok()
+    .flatten()
+}
+
+/// kube-proxy's NodePort rule (and a Calico-like ACCEPT first in mangle PREROUTING) in one shape.
+fn kube_proxy(shape: &str, pod: Ipv4Addr) -> (String, String) {
+    let ipt = |bin: &str| {
+        (
+            format!(
+                "{bin} -t mangle -I PREROUTING -j ACCEPT && \
+                 {bin} -t nat -A PREROUTING -p tcp --dport 30080 -m addrtype --dst-type LOCAL -j DNAT --to-destination {pod}:80"
+            ),
+            format!("{bin} -t mangle -F PREROUTING && {bin} -t nat -F PREROUTING"),
+        )
+    };
+    match shape {
+        "iptables-legacy" => ipt("iptables-legacy"),
+        "iptables-nft" => ipt("iptables-nft"),
+        _ => (
+            format!(
+                "nft 'table ip kube-proxy {{\nchain mangle {{\ntype filter hook prerouting priority mangle - 5;\naccept\n}}\n\
+                 chain nat {{\ntype nat hook prerouting priority dstnat;\ntcp dport 30080 fib daddr type local dnat to {pod}:80\n}}\n}}'"
+            ),
+            "nft delete table ip kube-proxy".into(),
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
+    let w = World::create().await.unwrap();
+    let a = w.add_node("m5.large").await.unwrap();
+    let client = w.add_node("m5.large").await.unwrap();
+    w.start_sync_loop(Duration::from_millis(200));
+    let bin = bin_path("underway-ipamd").unwrap();
+    let cfg = |node_port: bool| {
+        format!(
+            "cooldown_ms = 1000\nadd_wait_ms = 15000\n[targets]\nwarm_ip_target = 12\n[egress]\nnode_port = {node_port}\n"
+        )
+    };
+    let mut d = IpamdProcess::start(&w, &a, &bin, &cfg(false)).unwrap();
+    d.wait_ready(12, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", d.log_text()));
+    // Pods until one is on the secondary ENI (it has a `from` rule).
+    let mut pods = Vec::new();
+    let pod = loop {
+        let ns = TempNs::new("np").unwrap();
+        let id = format!("np{}", pods.len());
+        let (code, v) = cni(&a.ns, "ADD", &id, &ns.path().display().to_string(), &conf(&d));
+        assert_eq!(code, 0, "{v}");
+        let addr = address(&v);
+        let rules = String::from_utf8_lossy(&a.exec(&["ip", "rule"]).unwrap().stdout).to_string();
+        pods.push(ns);
+        if rules.contains(&format!("from {addr} lookup")) {
+            break addr;
+        }
+        assert!(pods.len() < 13, "no pod landed on the secondary ENI");
+    };
+    serve(&pods.last().unwrap().0);
+    let (a_ip, client_ip) = (node_ip(&a), node_ip(&client));
+    let target = SocketAddr::from((a_ip, 30080));
+    let (install, remove) = kube_proxy("nftables", pod);
+    assert!(a.exec(&["sh", "-c", &install]).unwrap().status.success(), "{install}");
+    // Negative control: without NodePort support the reply leaves by eth1 as the node's address.
+    // Per-link counters on the node say which ENI a packet left by (the router's source-check
+    // counters restart whenever the fabric is re-applied, so they only back this up).
+    let tx = |l: &str| -> u64 {
+        let p = format!("/sys/class/net/{l}/statistics/tx_packets");
+        String::from_utf8_lossy(&a.exec(&["cat", &p]).unwrap().stdout).trim().parse().unwrap()
+    };
+    let eth1 = tx("eth1");
+    assert_eq!(connect(&client.ns, target), None, "without node_port the NodePort fails");
+    assert!(tx("eth1") > eth1, "its reply left by the pod's ENI (eth1), where the source check drops it");
+    assert!(a.exec(&["sh", "-c", &remove]).unwrap().status.success());
+    // With it (ipamd restarted with the option; the table is replaced).
+    d.stop();
+    std::fs::write(
+        &d.config,
+        std::fs::read_to_string(&d.config).unwrap().replace("node_port = false", "node_port = true"),
+    )
+    .unwrap();
+    d.spawn().unwrap();
+    d.wait_ready(0, Duration::from_secs(60)).unwrap();
+    // The table is in place once ipamd serves its first step; give it a moment.
+    let t = std::time::Instant::now();
+    while !String::from_utf8_lossy(&a.exec(&["nft", "list", "table", "ip", "underway"]).unwrap().stdout)
+        .contains("NodePort")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "the NodePort rules never appeared");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for shape in ["iptables-legacy", "iptables-nft", "nftables"] {
+        let (install, remove) = kube_proxy(shape, pod);
+        assert!(a.exec(&["sh", "-c", &install]).unwrap().status.success(), "{shape}: {install}");
+        let eth1 = tx("eth1");
+        assert_eq!(
+            connect(&client.ns, target).as_deref(),
+            Some(client_ip.to_string().as_str()),
+            "{shape}: the pod answers the client, and sees its address"
+        );
+        assert_eq!(tx("eth1"), eth1, "{shape}: nothing of it left by eth1");
+        assert!(a.exec(&["sh", "-c", &remove]).unwrap().status.success(), "{shape}: {remove}");
+    }
+}
