@@ -101,3 +101,70 @@ async fn pods_of_both_modes_reach_the_internet_as_their_node() {
     // The node itself reaches the internet as itself (its own traffic is not the table's).
     assert_eq!(seen_from(&eni_node.ns).as_deref(), Some(public[0].to_string().as_str()));
 }
+
+/// The SNAT is decided on the destination after kube-proxy's DNAT: a ClusterIP whose endpoint is
+/// outside the VPC (here: the internet host) is translated for a secondary-ENI pod (the AWS VPC
+/// CNI decides before the DNAT, #1910). An `egress.exclude` range is not translated (the gateway
+/// then drops it). A CIDR block added to the VPC while ipamd runs becomes exempt without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
+    let w = World::create().await.unwrap();
+    let n = w.add_node("m5.large").await.unwrap();
+    let ex = w.add_node("m5.large").await.unwrap();
+    w.start_sync_loop(Duration::from_millis(200));
+    let net = Internet::attach(&w).await.unwrap();
+    let fast = "cooldown_ms = 1000\nadd_wait_ms = 15000\n";
+    let d = ipamd(&w, &n, &format!("{fast}[targets]\nwarm_ip_target = 12\n[egress]\nrefresh_ms = 1000\n"));
+    let x = ipamd(&w, &ex, &format!("{fast}[egress]\nexclude = [\"198.51.100.0/24\"]\n"));
+    let mut public = Vec::new();
+    for node in [&n, &ex] {
+        let (eni, ip) = primary(&w, node).await;
+        public.push(net.elastic_ip(&eni, ip).await.unwrap());
+    }
+    let mut pods = Vec::new();
+    let pod = loop {
+        let p = add(&n, &d, &format!("c{}", pods.len()));
+        let rules = String::from_utf8_lossy(&n.exec(&["ip", "rule"]).unwrap().stdout).to_string();
+        let secondary = rules.contains(&format!("from {} lookup", p.addr));
+        pods.push(p);
+        if secondary {
+            break pods.last().unwrap();
+        }
+        assert!(pods.len() < 13, "no pod on the secondary ENI");
+    };
+    // kube-proxy (nftables shape): ClusterIP 172.20.0.10:80 → the internet host.
+    let svc = "nft 'table ip kube-proxy {\nchain nat {\ntype nat hook prerouting priority dstnat;\n\
+               ip daddr 172.20.0.10 tcp dport 80 dnat to 198.51.100.10:80\n}\n}'";
+    assert!(n.exec(&["sh", "-c", svc]).unwrap().status.success());
+    let via_service = underway_tests::netns::in_ns(&pod.ns.0, || -> Option<String> {
+        use std::io::Read;
+        let to = std::net::SocketAddr::from(([172, 20, 0, 10], 80));
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out.trim().to_string())
+    })
+    .unwrap();
+    assert_eq!(via_service.as_deref(), Some(public[0].to_string().as_str()), "a ClusterIP outside the VPC, translated");
+    // An excluded range keeps the pod's address: the gateway drops it.
+    let xp = add(&ex, &x, "x0");
+    let before = net.untranslated_drops();
+    assert_eq!(seen_from(&xp.ns.0), None, "excluded: not translated, so the gateway drops it");
+    assert!(net.untranslated_drops() > before);
+    // A block added to the VPC is exempt within refresh_ms.
+    let ec2 = aws_sdk_ec2::Client::new(&w.account().direct_sdk_config());
+    ec2.associate_vpc_cidr_block().vpc_id(&w.ec2().vpc_id).cidr_block("10.2.0.0/16").send().await.unwrap();
+    let t = std::time::Instant::now();
+    loop {
+        let table =
+            String::from_utf8_lossy(&n.exec(&["nft", "list", "set", "ip", "underway", "exempt"]).unwrap().stdout)
+                .to_string();
+        if table.contains("10.2.0.0/16") {
+            assert!(table.contains("10.0.0.0/16"), "{table}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "the new block never became exempt: {table}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
