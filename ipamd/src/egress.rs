@@ -13,12 +13,16 @@ use crate::error::{IpamdError, Result};
 use crate::identity::Macs;
 use crate::state::NodeState;
 
-/// The destinations never translated: the VPC's blocks, the cluster's pod CIDR (VPC-route mode)
-/// and the exclusions. A pure function of the config and what the VPC has.
+/// The destinations never translated: the VPC's blocks, the cluster's VPC-route pod range
+/// (`vpc_route.cluster_cidr`, in either mode: an ENI-mode node's pods talk to VPC-route pods with
+/// their own addresses too; a VPC-route node without it falls back to its own pod CIDR) and the
+/// exclusions. A pure function of the config and what the VPC has.
 pub fn exempt(cfg: &Config, vpc_cidrs: &[Ipv4Net]) -> Vec<Ipv4Net> {
     let mut out: Vec<Ipv4Net> = vpc_cidrs.to_vec();
-    if cfg.mode == Mode::VpcRoute {
-        out.extend(cfg.vpc_route.cluster_cidr.or(cfg.vpc_route.pod_cidr));
+    match (cfg.mode, cfg.vpc_route.cluster_cidr) {
+        (_, Some(c)) => out.push(c),
+        (Mode::VpcRoute, None) => out.extend(cfg.vpc_route.pod_cidr),
+        (Mode::Eni, None) => {}
     }
     out.extend(cfg.egress.exclusions());
     out.sort();

@@ -103,18 +103,26 @@ pub fn ruleset(spec: &EgressSpec) -> Result<String> {
         };
         // Traffic that will be translated must leave by the primary ENI: marked for the main table
         // before the routing decision (the `from <pod>` rule would send it out of its own ENI).
+        // Connections a pod opens to a translated destination, and (node_port) connections that
+        // arrive by the primary link for a local address, are marked in conntrack; every packet of
+        // such a connection from a pod veth then carries the mark and takes the main table (rule
+        // 1024) out of the primary ENI. Replies to connections opened from elsewhere (another
+        // node's pod pinging this one) are untouched and leave by the pod's own ENI.
         s += "  chain route_main {\n    type filter hook prerouting priority mangle; policy accept;\n";
         s += &format!(
-            "    iifname \"{pods}\" ip daddr != @exempt meta mark set meta mark | {mark:#x} comment \"egress by the primary ENI\"\n",
+            "    iifname \"{pods}\" ct state new ip daddr != @exempt ct mark set ct mark | {mark:#x} comment \"egress by the primary ENI\"\n",
             mark = spec.mark
         );
         if spec.node_port {
             s += &format!(
-                "    iifname \"{link}\" ct state new fib daddr type local ct mark set ct mark | {mark:#x} comment \"NodePort, hostPort\"\n\
-                     iifname \"{pods}\" ct mark & {mark:#x} == {mark:#x} meta mark set meta mark | {mark:#x} comment \"their replies by the primary ENI\"\n",
+                "    iifname \"{link}\" ct state new fib daddr type local ct mark set ct mark | {mark:#x} comment \"NodePort, hostPort\"\n",
                 mark = spec.mark
             );
         }
+        s += &format!(
+            "    iifname \"{pods}\" ct mark & {mark:#x} == {mark:#x} meta mark set meta mark | {mark:#x} comment \"by the primary ENI\"\n",
+            mark = spec.mark
+        );
         s += "  }\n";
         s += "  chain egress {\n    type nat hook postrouting priority srcnat; policy accept;\n";
         s += &format!(
@@ -300,7 +308,7 @@ mod tests {
             ("random", |s| s.random = SnatRandom::Random, "10.0.1.10 random", "fully-random"),
             ("no randomisation", |s| s.random = SnatRandom::None, "to 10.0.1.10 comment", "random"),
             ("no exemptions: an empty set", |s| s.exempt.clear(), "auto-merge\n  }", "elements"),
-            ("no NodePort support", |s| s.node_port = false, "egress by the primary ENI", "ct mark"),
+            ("no NodePort support", |s| s.node_port = false, "egress by the primary ENI", "NodePort"),
             (
                 "another mark bit",
                 |s| s.mark = 0x100,

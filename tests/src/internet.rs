@@ -106,15 +106,7 @@ impl Internet {
 
     /// The host's TCP server on port 80: each connection gets the peer's address and is closed.
     fn serve(&self) -> Result<(), HarnessError> {
-        let listener = netns::in_ns(&self.host_ns, || std::net::TcpListener::bind("0.0.0.0:80"))??;
-        std::thread::spawn(move || {
-            for s in listener.incoming() {
-                let Ok(mut s) = s else { return };
-                let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-                let _ = s.write_all(format!("{peer}\n").as_bytes());
-            }
-        });
-        Ok(())
+        serve_peer_address(&self.host_ns)
     }
 
     /// Private → public, as EC2 maps them now (Elastic IP associations).
@@ -185,9 +177,14 @@ impl Internet {
 /// What the internet host says it saw, for a TCP connection from inside namespace `ns` (`None`
 /// when no connection was made within 3 s).
 pub fn seen_from(ns: &str) -> Option<String> {
-    netns::in_ns(ns, || -> Option<String> {
-        let addr = std::net::SocketAddr::from((HOST, 80));
-        let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3)).ok()?;
+    connect_from(ns, std::net::SocketAddr::from((HOST, 80)))
+}
+
+/// Connects from inside namespace `ns` to `to` and returns what the server wrote (`None` when no
+/// connection was made or nothing came within 3 s).
+pub fn connect_from(ns: &str, to: std::net::SocketAddr) -> Option<String> {
+    netns::in_ns(ns, move || -> Option<String> {
+        let mut s = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(3)).ok()?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(3))).ok()?;
         let mut out = String::new();
         s.read_to_string(&mut out).ok()?;
@@ -195,6 +192,20 @@ pub fn seen_from(ns: &str) -> Option<String> {
     })
     .ok()
     .flatten()
+}
+
+/// A TCP server on port 80 inside namespace `ns` that answers each connection with the address it
+/// sees, for as long as the process lives.
+pub fn serve_peer_address(ns: &str) -> Result<(), HarnessError> {
+    let listener = netns::in_ns(ns, || std::net::TcpListener::bind("0.0.0.0:80"))??;
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+            let _ = s.write_all(format!("{peer}\n").as_bytes());
+        }
+    });
+    Ok(())
 }
 
 fn cmd_err(e: impl std::fmt::Display) -> HarnessError {

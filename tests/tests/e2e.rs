@@ -19,7 +19,9 @@ fn ipamd(w: &World, n: &Node, extra: &str) -> IpamdProcess {
 }
 
 fn eni_cfg(extra: &str) -> String {
-    format!("cooldown_ms = 3000\nadd_wait_ms = 15000\n{extra}[targets]\nwarm_ip_target = 1\n")
+    format!(
+        "cooldown_ms = 3000\nadd_wait_ms = 15000\n{extra}[targets]\nwarm_ip_target = 1\n[vpc_route]\ncluster_cidr = \"100.64.0.0/16\"\n"
+    )
 }
 
 fn routed_cfg(cidr: &str, extra: &str) -> String {

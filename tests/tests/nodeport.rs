@@ -5,13 +5,12 @@
 //! its three shapes (iptables-legacy, iptables-nft, native nftables), each beside a Calico-like
 //! `mangle PREROUTING -j ACCEPT`. Negative control: `egress.node_port = false`. Needs root.
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use underway_tests::cni::{address, cni, conf};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
-use underway_tests::netns::{self, TempNs};
+use underway_tests::netns::TempNs;
 use underway_tests::world::{Node, World};
 
 fn node_ip(n: &Node) -> Ipv4Addr {
@@ -20,28 +19,12 @@ fn node_ip(n: &Node) -> Ipv4Addr {
     text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().parse().unwrap()
 }
 
-/// A TCP server in `ns` on port 80 answering each connection with the peer's address.
 fn serve(ns: &str) {
-    let l = netns::in_ns(ns, || std::net::TcpListener::bind("0.0.0.0:80")).unwrap().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let peer = s.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-            let _ = s.write_all(format!("{peer}\n").as_bytes());
-        }
-    });
+    underway_tests::internet::serve_peer_address(ns).unwrap();
 }
 
 fn connect(ns: &str, to: SocketAddr) -> Option<String> {
-    netns::in_ns(ns, move || -> Option<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out.trim().to_string())
-    })
-    .ok()
-    .flatten()
+    underway_tests::internet::connect_from(ns, to)
 }
 
 /// kube-proxy's NodePort rule (and a Calico-like ACCEPT first in mangle PREROUTING) in one shape.

@@ -37,7 +37,7 @@ struct Pod {
 fn config(mode: &str, cidr: &str) -> String {
     let common = "cooldown_ms = 5000\nadd_wait_ms = 20000\n";
     match mode {
-        "eni" => format!("{common}[targets]\nwarm_ip_target = 1\n"),
+        "eni" => format!("{common}[targets]\nwarm_ip_target = 1\n[vpc_route]\ncluster_cidr = \"100.64.0.0/16\"\n"),
         _ => format!(
             "{common}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\ncluster_cidr = \"100.64.0.0/16\"\n"
         ),
@@ -158,6 +158,7 @@ async fn demo(started: Instant) -> Result<bool, String> {
         }
         println!();
     }
+    let traffic = cluster_traffic(&world, &nodes, &pods).await?;
     let calls: Vec<u64> = daemons.iter().map(mutating_calls).collect();
     println!("\nEC2 mutating calls per node: {calls:?}");
     // Every call went through the strict EC2 front (AWS's rules and the account's buckets).
@@ -174,16 +175,119 @@ async fn demo(started: Instant) -> Result<bool, String> {
     }
     drop(pods);
     drop(world);
-    let all_ok = ok == pairs && on_secondary && refused == 0;
+    let all_ok = ok == pairs && on_secondary && refused == 0 && traffic.ok();
     println!(
-        "UNDERWAY-DEMO {} nodes=4 pods={} pings={ok}/{pairs} secondary_eni_pods={} ec2_mutating_calls={} ec2_refused={refused} seconds={:.0}",
+        "UNDERWAY-DEMO {} nodes=4 pods={} pings={ok}/{pairs} secondary_eni_pods={} internet={}/3 clusterip={} nodeport={} ec2_mutating_calls={} ec2_refused={refused} seconds={:.0}",
         if all_ok { "ok" } else { "failed" },
         NODES.len() * PODS_PER_NODE,
         if on_secondary { "yes" } else { "no" },
+        traffic.internet,
+        if traffic.cluster_ip { "ok" } else { "failed" },
+        if traffic.node_port { "ok" } else { "failed" },
         calls.iter().sum::<u64>(),
         started.elapsed().as_secs_f64()
     );
     Ok(all_ok)
+}
+
+/// What the cluster-traffic part showed.
+struct Traffic {
+    internet: usize,
+    cluster_ip: bool,
+    node_port: bool,
+}
+
+impl Traffic {
+    fn ok(&self) -> bool {
+        self.internet == 3 && self.cluster_ip && self.node_port
+    }
+}
+
+/// An internet gateway and host beside the VPC (each node's primary address gets an Elastic
+/// IP); one line per kind of pod reaching the host, a ClusterIP and a NodePort answered by a pod
+/// on a secondary ENI (kube-proxy's rules played by hand, in nftables).
+async fn cluster_traffic(world: &World, nodes: &[Arc<Node>], pods: &[Pod]) -> Result<Traffic, String> {
+    use underway_tests::internet::{Internet, connect_from, seen_from, serve_peer_address};
+    let e = |e: underway_tests::HarnessError| e.to_string();
+    let net = Internet::attach(world).await.map_err(e)?;
+    let ec2 = aws_sdk_ec2::Client::new(&world.account().direct_sdk_config());
+    let mut public = Vec::new();
+    for n in nodes {
+        let out = ec2
+            .describe_network_interfaces()
+            .filters(
+                aws_sdk_ec2::types::Filter::builder().name("attachment.instance-id").values(&n.instance_id).build(),
+            )
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let ni = out
+            .network_interfaces()
+            .iter()
+            .find(|ni| ni.attachment().and_then(|a| a.device_index()) == Some(0))
+            .ok_or("no primary ENI")?;
+        let ip = ni.private_ip_address().unwrap_or_default().parse().map_err(|_| "bad address")?;
+        public.push(net.elastic_ip(ni.network_interface_id().unwrap_or_default(), ip).await.map_err(e)?);
+    }
+    println!("\ninternet (198.51.100.10 behind the VPC's internet gateway, which translates Elastic IPs only):");
+    let mut internet = 0;
+    let kinds = [
+        ("primary-ENI pod", pods.iter().find(|p| p.via.contains("primary"))),
+        ("secondary-ENI pod", pods.iter().find(|p| p.via.contains("secondary"))),
+        ("VPC-route pod", pods.iter().find(|p| p.via.contains("VPC route"))),
+    ];
+    for (kind, pod) in kinds {
+        let Some(p) = pod else { continue };
+        let seen = seen_from(&p.ns.0);
+        let ok = seen.as_deref() == Some(public[p.node].to_string().as_str());
+        internet += usize::from(ok);
+        println!(
+            "  {kind:<18} {:<12} {:<15} → seen as {} (node{}'s public address {}) {}",
+            &p.name[5..],
+            p.address,
+            seen.as_deref().unwrap_or("nothing"),
+            p.node,
+            public[p.node],
+            if ok { "ok" } else { "FAILED" }
+        );
+    }
+    // A pod on node0's secondary ENI serves; node0 plays kube-proxy for a NodePort and node2
+    // (VPC-route) for a ClusterIP, both to that pod.
+    let server = pods.iter().find(|p| p.node == 0 && p.via.contains("secondary")).ok_or("no secondary-ENI pod")?;
+    serve_peer_address(&server.ns.0).map_err(e)?;
+    let rules = |dnat: &str| {
+        format!("nft 'table ip kube-proxy {{\nchain nat {{\ntype nat hook prerouting priority dstnat;\n{dnat}\n}}\n}}'")
+    };
+    let node_ip = |n: &Node| -> Option<std::net::Ipv4Addr> {
+        let out = n.exec(&["ip", "-4", "-o", "addr", "show", "eth0"]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?.split('/').next()?.parse().ok()
+    };
+    let n0 = node_ip(&nodes[0]).ok_or("node0 has no address")?;
+    let np = rules(&format!("tcp dport 30080 fib daddr type local dnat to {}:80", server.address));
+    nodes[0].exec(&["sh", "-c", &np]).map_err(e)?;
+    let client = pods.iter().find(|p| p.node == 2).ok_or("no pod on node2")?;
+    let cip = rules(&format!("ip daddr 172.20.0.10 tcp dport 80 dnat to {}:80", server.address));
+    nodes[2].exec(&["sh", "-c", &cip]).map_err(e)?;
+    let via_cluster_ip = connect_from(&client.ns.0, std::net::SocketAddr::from(([172, 20, 0, 10], 80)));
+    let cluster_ip = via_cluster_ip.as_deref() == Some(client.address.to_string().as_str());
+    let from = node_ip(&nodes[1]).ok_or("node1 has no address")?;
+    let via_node_port = connect_from(&nodes[1].ns, std::net::SocketAddr::from((n0, 30080)));
+    let node_port = via_node_port.as_deref() == Some(from.to_string().as_str());
+    println!(
+        "  ClusterIP 172.20.0.10:80 from {} on node2 → {} on node0's secondary ENI: answered, seeing {} {}",
+        client.address,
+        server.address,
+        via_cluster_ip.as_deref().unwrap_or("nothing"),
+        if cluster_ip { "ok" } else { "FAILED" }
+    );
+    println!(
+        "  NodePort {n0}:30080 from node1 ({from}) → {}: answered, seeing {} {}",
+        server.address,
+        via_node_port.as_deref().unwrap_or("nothing"),
+        if node_port { "ok" } else { "FAILED" }
+    );
+    Ok(Traffic { internet, cluster_ip, node_port })
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
