@@ -597,7 +597,11 @@ mod tests {
         let rig = rig("drain", &base, Mode::Eni, true);
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let join = join_cluster(&rig.sh, Arc::new(base), client, cloud(), None, stop);
-        let server = answer_startup(&mut api, "routed", json!({"mode": "vpc-route"}));
+        let server = answer_startup(
+            &mut api,
+            "routed",
+            json!({"mode": "vpc-route", "vpc_route": {"cluster_cidr": "10.244.0.0/16"}}),
+        );
         let (joined, _) = tokio::join!(join, server);
         assert!(joined.is_none(), "start-up stops");
         let st = rig.sh.state.status();

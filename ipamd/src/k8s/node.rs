@@ -229,7 +229,10 @@ mod tests {
     fn effective_config_table() {
         let file_pools =
             base(&[("UNDERWAY_POOLS__GPU__MODE", "eni"), ("UNDERWAY_POOLS__GPU__TARGETS__WARM_IP_TARGET", "3")]);
-        let routed = cr("routed", json!({"mode": "vpc-route", "vpc_route": {"route_tables": ["rtb-0a1"]}}));
+        let routed = cr(
+            "routed",
+            json!({"mode": "vpc-route", "vpc_route": {"route_tables": ["rtb-0a1"], "cluster_cidr": "10.200.0.0/16"}}),
+        );
         let enis = cr("gpu", json!({"mode": "eni", "targets": {"warm_ip_target": 9}, "eni": {"mtu": 1500}}));
         let with_cidr = cr("routed", json!({"mode": "vpc-route", "vpc_route": {"pod_cidr": "10.9.0.0/24"}}));
         let bad = cr("gpu", json!({"mode": "eni", "targets": {"max_eni": 0}}));
@@ -301,7 +304,7 @@ mod tests {
         s.answer(200, list(vec![node(json!({"underway.dev/pool": "routed"}), json!({"podCIDR": "10.200.3.0/24"}))]));
         let s = api.next().await;
         assert_eq!(s.line(), "GET /apis/underway.dev/v1alpha1/underwaypools/routed");
-        s.answer(200, pool_cr("routed", json!({"mode": "vpc-route", "vpc_route": {"route_tables": ["rtb-0a1"]}})));
+        s.answer(200, pool_cr("routed", json!({"mode": "vpc-route", "vpc_route": {"route_tables": ["rtb-0a1"], "cluster_cidr": "10.200.0.0/16"}})));
         let (c, seen) = task.await.unwrap().unwrap();
         assert_eq!(seen, v(Some("routed"), Some("10.200.3.0/24")));
         assert_eq!(c.mode, Mode::VpcRoute);
@@ -312,7 +315,7 @@ mod tests {
     #[tokio::test]
     async fn resolve_waits_for_the_pod_cidr_on_the_watch() {
         let (client, mut api) = fixtures::client();
-        let cfg = base(&[("UNDERWAY_MODE", "vpc-route")]);
+        let cfg = base(&[("UNDERWAY_MODE", "vpc-route"), ("UNDERWAY_VPC_ROUTE__CLUSTER_CIDR", "10.200.0.0/16")]);
         let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
         let h = heard.clone();
         let task = tokio::spawn(async move {
