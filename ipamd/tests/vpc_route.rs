@@ -30,8 +30,18 @@ async fn add_route(w: &World, table: &str, cidr: &str, instance: &str) {
         .unwrap();
 }
 
+/// A VPC-route config; the cluster's range (egress SNAT needs one) is 100.64.0.0/16 unless `more`
+/// names one, or the pod CIDR's /16 when it lies elsewhere (the refusal cases).
 fn routed(cidr: &str, more: &str) -> String {
-    format!("{FAST}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\ncluster_cidr = \"100.64.0.0/16\"\n{more}")
+    let cluster = match cidr.parse::<ipnet::Ipv4Net>() {
+        _ if more.contains("cluster_cidr") => String::new(),
+        Ok(c) if "100.64.0.0/16".parse::<ipnet::Ipv4Net>().unwrap().contains(&c) => {
+            "cluster_cidr = \"100.64.0.0/16\"\n".into()
+        }
+        Ok(c) => format!("cluster_cidr = \"{}\"\n", ipnet::Ipv4Net::new(c.addr(), 16).unwrap().trunc()),
+        Err(_) => String::new(),
+    };
+    format!("{FAST}mode = \"vpc-route\"\n[vpc_route]\npod_cidr = \"{cidr}\"\n{cluster}{more}")
 }
 
 /// Pings `addr` from `ns`, a few times: the test world applies new EC2 state every 200 ms, as

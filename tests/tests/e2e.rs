@@ -97,6 +97,14 @@ async fn both_modes_all_pairs_and_node_to_pod_in_plain_ipv4() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Stopped however the test ends (a failed assertion below used to leave it running).
+    struct Stop(u32);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-KILL", &self.0.to_string()]).stderr(Stdio::null()).status();
+        }
+    }
+    let _stop = Stop(dump.id());
     // Start talking only once tcpdump listens (it can take a while on a loaded machine).
     let mut dump_err = std::io::BufReader::new(dump.stderr.take().unwrap());
     let mut line = String::new();
