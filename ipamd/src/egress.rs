@@ -59,7 +59,15 @@ pub async fn vpc_cidrs<C: Discovery>(cloud: &C, node: &Instance, macs: &Macs) ->
     }
 }
 
-async fn install_once<C: Discovery>(cfg: &Config, cloud: &C, node: &Instance, macs: &Macs) -> Result<EgressSpec> {
+/// Reads what the table depends on and replaces the table only when that changed from
+/// `installed` (a replacement restarts its counters, the anti-spoofing drops among them).
+async fn install_once<C: Discovery>(
+    cfg: &Config,
+    cloud: &C,
+    node: &Instance,
+    macs: &Macs,
+    installed: Option<&EgressSpec>,
+) -> Result<EgressSpec> {
     let cidrs = vpc_cidrs(cloud, node, macs).await?;
     let primary = match node.primary_ip {
         Some(ip) => underway_routes::egress::link_with_address(None, ip).await?.map(|l| (l, ip)),
@@ -72,6 +80,9 @@ async fn install_once<C: Discovery>(cfg: &Config, cloud: &C, node: &Instance, ma
         )));
     }
     let s = spec(cfg, primary, &cidrs);
+    if installed == Some(&s) {
+        return Ok(s);
+    }
     underway_routes::egress::apply(None, &s)?;
     if s.snat.is_some() {
         underway_routes::egress::ensure_main_rule(None, cfg.egress.mark).await?;
@@ -99,7 +110,7 @@ pub async fn run<C: Discovery>(
             }
         }
         let r = match &macs {
-            Some(m) => install_once(&cfg, &*cloud, &node, m).await,
+            Some(m) => install_once(&cfg, &*cloud, &node, m, current.as_ref()).await,
             None => Err(IpamdError::Identity("the node's identity is not known yet".into())),
         };
         match r {

@@ -260,6 +260,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// The node's primary address (on its eth0, the primary ENI's link).
+    pub fn primary_ip(&self) -> Result<Ipv4Addr, HarnessError> {
+        let out = self.exec(&["ip", "-4", "-o", "addr", "show", "eth0"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| HarnessError::Command(format!("node {}: no address on eth0: {text}", self.index)))
+    }
+
     /// The IMDS endpoint as seen from inside the node's namespace.
     pub fn imds_endpoint_in_ns(&self) -> String {
         format!("http://{IMDS_ADDR}")

@@ -56,13 +56,6 @@ fn key(c: &str) -> AttachmentKey {
     AttachmentKey { network: "underway".into(), container_id: c.into(), ifname: "eth0".into() }
 }
 
-/// The primary address of a node (its eth0).
-fn node_ip(n: &Node) -> Ipv4Addr {
-    let out = n.exec(&["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn both_modes_all_pairs_and_node_to_pod_in_plain_ipv4() {
     let w = World::create().await.unwrap();
@@ -134,7 +127,7 @@ async fn both_modes_all_pairs_and_node_to_pod_in_plain_ipv4() {
     for p in &pods {
         let other = &nodes[(p.node + 1) % nodes.len()];
         assert!(reach(&other.ns, p.addr), "node {} → pod {}", other.index, p.name);
-        assert!(reach(&p.ns.0, node_ip(other)), "pod {} → node {}", p.name, other.index);
+        assert!(reach(&p.ns.0, other.primary_ip().unwrap()), "pod {} → node {}", p.name, other.index);
     }
     std::thread::sleep(Duration::from_millis(300));
     let _ = Command::new("kill").args(["-INT", &dump.id().to_string()]).status();

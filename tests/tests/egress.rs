@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use underway_tests::cni::{address, cni, conf};
-use underway_tests::internet::{Internet, seen_from};
+use underway_tests::internet::{Internet, connect_from, seen_from};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
 use underway_tests::netns::TempNs;
 use underway_tests::world::{Node, World};
@@ -136,16 +136,7 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
     let svc = "nft 'table ip kube-proxy {\nchain nat {\ntype nat hook prerouting priority dstnat;\n\
                ip daddr 172.20.0.10 tcp dport 80 dnat to 198.51.100.10:80\n}\n}'";
     assert!(n.exec(&["sh", "-c", svc]).unwrap().status.success());
-    let via_service = underway_tests::netns::in_ns(&pod.ns.0, || -> Option<String> {
-        use std::io::Read;
-        let to = std::net::SocketAddr::from(([172, 20, 0, 10], 80));
-        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out.trim().to_string())
-    })
-    .unwrap();
+    let via_service = connect_from(&pod.ns.0, std::net::SocketAddr::from(([172, 20, 0, 10], 80)));
     assert_eq!(via_service.as_deref(), Some(public[0].to_string().as_str()), "a ClusterIP outside the VPC, translated");
     // An excluded range keeps the pod's address: the gateway drops it.
     let xp = add(&ex, &x, "x0");

@@ -11,13 +11,7 @@ use std::time::Duration;
 use underway_tests::cni::{address, cni, conf};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
 use underway_tests::netns::TempNs;
-use underway_tests::world::{Node, World};
-
-fn node_ip(n: &Node) -> Ipv4Addr {
-    let out = n.exec(&["ip", "-4", "-o", "addr", "show", "eth0"]).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace().skip_while(|w| *w != "inet").nth(1).unwrap().split('/').next().unwrap().parse().unwrap()
-}
+use underway_tests::world::World;
 
 fn serve(ns: &str) {
     underway_tests::internet::serve_peer_address(ns).unwrap();
@@ -81,7 +75,7 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
         assert!(pods.len() < 13, "no pod landed on the secondary ENI");
     };
     serve(&pods.last().unwrap().0);
-    let (a_ip, client_ip) = (node_ip(&a), node_ip(&client));
+    let (a_ip, client_ip) = (a.primary_ip().unwrap(), client.primary_ip().unwrap());
     let target = SocketAddr::from((a_ip, 30080));
     let (install, remove) = kube_proxy("nftables", pod);
     assert!(a.exec(&["sh", "-c", &install]).unwrap().status.success(), "{install}");

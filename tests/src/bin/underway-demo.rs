@@ -258,12 +258,7 @@ async fn cluster_traffic(world: &World, nodes: &[Arc<Node>], pods: &[Pod]) -> Re
     let rules = |dnat: &str| {
         format!("nft 'table ip kube-proxy {{\nchain nat {{\ntype nat hook prerouting priority dstnat;\n{dnat}\n}}\n}}'")
     };
-    let node_ip = |n: &Node| -> Option<std::net::Ipv4Addr> {
-        let out = n.exec(&["ip", "-4", "-o", "addr", "show", "eth0"]).ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?.split('/').next()?.parse().ok()
-    };
-    let n0 = node_ip(&nodes[0]).ok_or("node0 has no address")?;
+    let n0 = nodes[0].primary_ip().map_err(e)?;
     let np = rules(&format!("tcp dport 30080 fib daddr type local dnat to {}:80", server.address));
     nodes[0].exec(&["sh", "-c", &np]).map_err(e)?;
     let client = pods.iter().find(|p| p.node == 2).ok_or("no pod on node2")?;
@@ -271,7 +266,7 @@ async fn cluster_traffic(world: &World, nodes: &[Arc<Node>], pods: &[Pod]) -> Re
     nodes[2].exec(&["sh", "-c", &cip]).map_err(e)?;
     let via_cluster_ip = connect_from(&client.ns.0, std::net::SocketAddr::from(([172, 20, 0, 10], 80)));
     let cluster_ip = via_cluster_ip.as_deref() == Some(client.address.to_string().as_str());
-    let from = node_ip(&nodes[1]).ok_or("node1 has no address")?;
+    let from = nodes[1].primary_ip().map_err(e)?;
     let via_node_port = connect_from(&nodes[1].ns, std::net::SocketAddr::from((n0, 30080)));
     let node_port = via_node_port.as_deref() == Some(from.to_string().as_str());
     println!(
