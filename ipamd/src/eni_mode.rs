@@ -372,6 +372,25 @@ impl<C: Cloud + 'static> EniMode<C> {
                         known.subnet_id
                     )));
                 }
+                // The ENI holds more than ipamd knows: an earlier assign acted in EC2 but its reply
+                // was lost. Learn what EC2 has (those addresses are free: no Add ever got them)
+                // instead of waiting for the periodic re-check; the next step decides again.
+                Err(e @ CloudError::LimitReached { limit: LimitKind::AddressesPerEni, .. }) => {
+                    let fresh = self.cloud.eni(&id).await?;
+                    let more = |e: &CloudEni| e.secondary_ips.len() + 16 * e.prefixes.len();
+                    if more(&fresh) <= more(&known) {
+                        return Err(e.into());
+                    }
+                    let idx = fresh.attachment.as_ref().map_or(0, |a| a.device_index);
+                    let running = host_pods(&self.cfg.veth_prefix).await?;
+                    self.offer(state, &fresh, idx, &running);
+                    state.record_error(format!(
+                        "{id}: EC2 holds {} addresses, ipamd knew {}: an assign's reply was lost; learned them",
+                        fresh.secondary_ips.len(),
+                        known.secondary_ips.len()
+                    ));
+                    self.known.insert(id.clone(), fresh);
+                }
                 Err(e) => return Err(e.into()),
             }
         }

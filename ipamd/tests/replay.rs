@@ -32,7 +32,16 @@ fn ok(body: String) -> ReplayEvent {
 
 /// The node's primary ENI as DescribeNetworkInterfaces reports it, holding `prefixes`.
 fn primary(prefixes: &[&str]) -> ReplayEvent {
+    primary_with(prefixes, &[])
+}
+
+/// The primary ENI with these prefixes and secondary addresses.
+fn primary_with(prefixes: &[&str], ips: &[&str]) -> ReplayEvent {
     let items: String = prefixes.iter().map(|p| format!("<item><ipv4Prefix>{p}</ipv4Prefix></item>")).collect();
+    let secondary: String = ips
+        .iter()
+        .map(|a| format!("<item><privateIpAddress>{a}</privateIpAddress><primary>false</primary></item>"))
+        .collect();
     ok(format!(
         "<DescribeNetworkInterfacesResponse {NS}><requestId>r</requestId><networkInterfaceSet><item>\
          <networkInterfaceId>eni-0000000000000000a</networkInterfaceId><subnetId>subnet-0a1b2c3d</subnetId>\
@@ -41,7 +50,7 @@ fn primary(prefixes: &[&str]) -> ReplayEvent {
          <attachment><attachmentId>eni-attach-0a1b2c3d</attachmentId><instanceId>i-0a1b2c3d</instanceId>\
          <deviceIndex>0</deviceIndex><status>attached</status><deleteOnTermination>true</deleteOnTermination></attachment>\
          <groupSet><item><groupId>sg-0a1b2c3d</groupId><groupName>nodes</groupName></item></groupSet>\
-         <privateIpAddressesSet><item><privateIpAddress>10.0.1.10</privateIpAddress><primary>true</primary></item></privateIpAddressesSet>\
+         <privateIpAddressesSet><item><privateIpAddress>10.0.1.10</privateIpAddress><primary>true</primary></item>{secondary}</privateIpAddressesSet>\
          <ipv4PrefixSet>{items}</ipv4PrefixSet><tagSet/></item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"
     ))
 }
@@ -197,5 +206,45 @@ async fn a_throttled_grow_becomes_the_throttled_blocker() {
         4,
         "the detached-ENI look, the ENIs, the subnet, the throttled assign"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Found by the fault test: an assign whose reply was lost after EC2 acted leaves the ENI fuller
+/// than ipamd knows, and the next assign is refused with PrivateIpAddressLimitExceeded. ipamd
+/// reads the ENI again and serves what EC2 gave (it used to report the ENI limit and stay stuck
+/// until the periodic re-check).
+#[tokio::test]
+async fn a_limit_refusal_from_a_lost_reply_is_learned_not_reported() {
+    let limit = ReplayEvent::new(
+        http::Request::builder().uri("https://ec2.us-east-1.amazonaws.com/").body(SdkBody::empty()).unwrap(),
+        http::Response::builder()
+            .status(400)
+            .header("content-type", "text/xml")
+            .body(SdkBody::from(
+                "<Response><Errors><Error><Code>PrivateIpAddressLimitExceeded</Code><Message>Number of private \
+                 addresses will exceed limit.</Message></Error></Errors><RequestID>r</RequestID></Response>",
+            ))
+            .unwrap(),
+    );
+    let ips = [
+        "10.0.1.11",
+        "10.0.1.12",
+        "10.0.1.13",
+        "10.0.1.14",
+        "10.0.1.15",
+        "10.0.1.16",
+        "10.0.1.17",
+        "10.0.1.18",
+        "10.0.1.19",
+    ];
+    let events =
+        vec![no_enis(), primary(&[]), subnet(4000), limit, primary_with(&[], &ips), no_enis(), primary_with(&[], &ips)];
+    let (mut src, state, _replay, dir) = source(events, |c| {
+        c.targets.warm_ip_target = Some(3);
+    });
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.expect("the refusal is learned from, not a failed step");
+    assert_eq!(state.read(|b| b.pool.stats().free()), 9, "EC2's nine addresses serve");
+    assert!(state.errors().iter().any(|e| e.what.contains("an assign's reply was lost")), "{:?}", state.errors());
     std::fs::remove_dir_all(&dir).unwrap();
 }
