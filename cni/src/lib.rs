@@ -15,7 +15,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use underway_api::client::{ClientError, call};
 use underway_api::{AddRequest, ApiError, AttachmentKey, ErrorKind, GcRequest, Request, Response};
-use underway_routes::{PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_veth};
+use underway_routes::{
+    PodSpec, check_pod, gc_host_veths, host_veth_name, pod_veth_name, setup_pod, teardown_attachment,
+};
 
 use crate::config::NetConf;
 use crate::env::{Command, Env};
@@ -136,10 +138,18 @@ fn unexpected(what: &str, r: Response) -> CniError {
     CniError::new(code::IO, what, format!("unexpected answer from ipamd: {r:?}"))
 }
 
+/// The host veth's name: the policy engines' per-pod name when the runtime passes the pod.
+fn veth_name(env: &Env, conf: &NetConf) -> String {
+    let (ns, pod) = (env.pod_namespace(), env.pod_name());
+    let pod = ns.as_deref().zip(pod.as_deref());
+    pod_veth_name(&conf.veth_prefix, pod, &env.container_id, &env.ifname)
+}
+
 fn spec_for(env: &Env, conf: &NetConf, alloc: &underway_api::Allocation) -> PodSpec {
     PodSpec {
         network: conf.name.clone(),
-        host_veth: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
+        attachment: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
+        host_veth: veth_name(env, conf),
         ifname: env.ifname.clone(),
         address: alloc.address,
         gateway: alloc.gateway,
@@ -181,10 +191,13 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
 }
 
 fn del(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {
-    let veth = host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname);
+    let attachment = host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname);
     // The datapath goes first and needs nothing from ipamd: the host route names the address.
-    rt.block_on(teardown_veth(None, &veth))
+    // Only this attachment's veth: one of the same name may be a newer sandbox's of the same pod.
+    let veth = rt
+        .block_on(teardown_attachment(None, &conf.veth_prefix, &veth_name(env, conf), &attachment))
         .map_err(|e| CniError::new(code::IO, "removing the pod's network failed", e.to_string()))?;
+    let veth = veth.unwrap_or_else(|| "no veth".into());
     match rpc(conf, &Request::Del(key(env, conf))) {
         Ok(Response::Released { found }) => {
             log.write("debug", &format!("DEL {veth}: released={found}"));
@@ -204,6 +217,10 @@ fn check(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf) -> Result<(), 
         Response::Error(e) => return Err(api_err(WHAT, e)),
         other => return Err(unexpected(WHAT, other)),
     };
+    if let Some(prev) = &conf.prev_result {
+        result::check_prev(prev, &env.ifname, &env.netns, &alloc)
+            .map_err(|why| CniError::config("prevResult", format!("{WHAT}: {why}")))?;
+    }
     let spec = spec_for(env, conf, &alloc);
     rt.block_on(check_pod(None, Path::new(&env.netns), &spec)).map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))
 }

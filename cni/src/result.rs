@@ -39,3 +39,29 @@ pub fn add_result(
 pub fn version_result(cni_version: &str) -> Value {
     json!({ "cniVersion": cni_version, "supportedVersions": crate::config::SUPPORTED })
 }
+
+/// CHECK's test of the prevResult the runtime cached for this attachment (spec: the plugin checks
+/// its own part of it): it must hold this pod's address on a sandbox interface named `ifname` in
+/// `netns`, and exactly one interface in a sandbox. Returns why it does not.
+pub fn check_prev(prev: &Value, ifname: &str, netns: &str, alloc: &Allocation) -> Result<(), String> {
+    let ifaces = prev["interfaces"].as_array().ok_or("it has no interfaces")?;
+    let sandboxed: Vec<usize> = (0..ifaces.len()).filter(|i| ifaces[*i].get("sandbox").is_some()).collect();
+    let [pod] = sandboxed[..] else {
+        return Err(format!("it has {} interfaces in a sandbox, underway makes exactly one", sandboxed.len()));
+    };
+    if ifaces[pod]["name"].as_str() != Some(ifname) || ifaces[pod]["sandbox"].as_str() != Some(netns) {
+        return Err(format!(
+            "its sandbox interface is {} in {}, not {ifname} in {netns}",
+            ifaces[pod]["name"], ifaces[pod]["sandbox"]
+        ));
+    }
+    let want = format!("{}/{}", alloc.address, alloc.prefix_len);
+    let ips = prev["ips"].as_array().ok_or("it has no ips")?;
+    if !ips
+        .iter()
+        .any(|ip| ip["address"].as_str() == Some(want.as_str()) && ip["interface"].as_u64() == Some(pod as u64))
+    {
+        return Err(format!("it does not give {want} to the sandbox interface (ipamd holds {want} for this pod)"));
+    }
+    Ok(())
+}

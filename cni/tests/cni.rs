@@ -58,8 +58,14 @@ fn env<'a>(command: &'a str, id: &'a str, netns: &'a str) -> Vec<(&'a str, &'a s
         ("CNI_NETNS", netns),
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", "/usr/lib/cni"),
-        ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"),
+        ("CNI_ARGS", pod_args(if id == "c0ffee01" { "web-0" } else { id })),
     ]
+}
+
+/// CNI_ARGS as containerd writes them for pod `default/<name>` (each container its own pod, unless
+/// a test says otherwise: the host veth is named per pod).
+fn pod_args(name: &str) -> &'static str {
+    Box::leak(format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}").into_boxed_str())
 }
 
 fn node() -> TempNs {
@@ -100,8 +106,26 @@ fn add_check_del_cycle() {
     }
     assert!(pod.sh("ping -c1 -W2 10.99.1.1").0, "pod → node");
     assert!(node.sh("ping -c1 -W2 10.99.0.10").0, "node → pod");
+    let r_add = r.json.clone();
 
     assert_eq!(cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &c).status, 0);
+    // CHECK with the runtime's cached result as prevResult: this pod's is accepted, another's not.
+    let with_prev = |prev: &Value| {
+        let mut v: Value = serde_json::from_str(&c).unwrap();
+        v["prevResult"] = prev.clone();
+        v.to_string()
+    };
+    assert_eq!(cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &with_prev(&r.json)).status, 0);
+    let mut other = r.json.clone();
+    other["ips"][0]["address"] = json!("10.99.0.99/32");
+    let bad = cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &with_prev(&other));
+    assert_eq!((bad.status, bad.json["code"].as_u64()), (1, Some(7)), "{}", bad.raw);
+    assert!(bad.raw.contains("prevResult") && bad.raw.contains("10.99.0.10/32"), "{}", bad.raw);
+    let mut two = r.json.clone();
+    two["interfaces"][0]["sandbox"] = json!(netns);
+    let bad = cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &with_prev(&two));
+    assert!(bad.raw.contains("2 interfaces in a sandbox"), "{}", bad.raw);
+    // DEL accepts the prevResult too (it is what the runtime passes).
     assert!(pod.sh("ip neigh del 169.254.1.1 dev eth0").0);
     let r = cni(Some(&node), &env("CHECK", "c0ffee01", &netns), &c);
     assert_eq!(r.status, 1);
@@ -109,7 +133,7 @@ fn add_check_del_cycle() {
     let r = cni(Some(&node), &env("CHECK", "unknown01", &netns), &c);
     assert_eq!(r.json["code"], 3, "ipamd holds nothing for it: {}", r.raw);
 
-    let r = cni(Some(&node), &env("DEL", "c0ffee01", &netns), &c);
+    let r = cni(Some(&node), &env("DEL", "c0ffee01", &netns), &with_prev(&r_add));
     assert_eq!((r.status, r.raw.as_str()), (0, ""), "DEL prints nothing");
     assert_eq!(ipamd.assigned(), 0);
     assert_eq!(host_veths(&node), 0);
@@ -396,5 +420,46 @@ fn a_secondary_eni_address_gets_rules_that_del_removes() {
     assert_eq!(cni(Some(&node), &env("DEL", "sec01", &netns), &c).status, 0);
     let (_, rules) = node.sh("ip rule");
     assert!(!rules.contains("10.99.0.10"), "rules left after DEL: {rules}");
+    assert_eq!(ipamd.assigned(), 0);
+}
+
+/// Issue 15: the host veth carries the name policy engines compute for the pod (`vethPrefix` +
+/// sha1("default.web-0")[:11], here as sha1sum computes it). A newer sandbox of the same pod takes
+/// the name; the older sandbox's DEL, which the runtime sends later, leaves it alone and still
+/// releases its own address.
+#[test]
+fn the_host_veth_is_named_per_pod_and_an_older_sandboxs_del_spares_the_newer() {
+    let ipamd = FakeIpamd::start();
+    let node = node();
+    let (old_pod, new_pod) = (TempNs::new("pod").unwrap(), TempNs::new("pod").unwrap());
+    let (old_ns, new_ns) = (old_pod.path().display().to_string(), new_pod.path().display().to_string());
+    let c = conf("1.1.0", &ipamd);
+    let sha = Command::new("sh").args(["-c", "printf %s default.web-0 | sha1sum"]).output().unwrap();
+    let want = format!("uw{}", &String::from_utf8_lossy(&sha.stdout)[..11]);
+    let same_pod = |command: &'static str, id: &'static str, netns: &'static str| {
+        let mut e = env(command, id, netns);
+        e.retain(|(k, _)| *k != "CNI_ARGS");
+        e.push(("CNI_ARGS", pod_args("web-0")));
+        e
+    };
+    let (old_ns, new_ns): (&'static str, &'static str) = (Box::leak(old_ns.into()), Box::leak(new_ns.into()));
+    let r = cni(Some(&node), &same_pod("ADD", "sandbox01", old_ns), &c);
+    assert_eq!(r.status, 0, "{}", r.raw);
+    assert_eq!(r.json["interfaces"][0]["name"], want.as_str());
+    let r = cni(Some(&node), &same_pod("ADD", "sandbox02", new_ns), &c);
+    assert_eq!(r.status, 0, "{}", r.raw);
+    let new_ip = r.json["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").to_string();
+    assert_eq!(host_veths(&node), 1, "the older sandbox's veth was replaced");
+    assert_eq!(ipamd.assigned(), 2);
+    assert_eq!(cni(Some(&node), &same_pod("DEL", "sandbox01", old_ns), &c).status, 0);
+    assert_eq!(ipamd.assigned(), 1, "the older sandbox's address is released");
+    assert!(node.sh(&format!("ip -br link show {want}")).0, "the newer sandbox's veth stays");
+    assert!(node.sh(&format!("ping -c1 -W2 {new_ip}")).0, "and its pod still answers");
+    assert_eq!(cni(Some(&node), &same_pod("CHECK", "sandbox02", new_ns), &c).status, 0);
+    // A DEL without the pod's name still finds its veth (by the alias).
+    let mut bare = env("DEL", "sandbox02", new_ns);
+    bare.retain(|(k, _)| *k != "CNI_ARGS");
+    assert_eq!(cni(Some(&node), &bare, &c).status, 0);
+    assert_eq!(host_veths(&node), 0);
     assert_eq!(ipamd.assigned(), 0);
 }

@@ -9,7 +9,9 @@ use crate::error::Result;
 use crate::service::recovered_key;
 use crate::state::{Book, NodeState};
 
-/// Pod veths on the host and the addresses each routes.
+/// Pod veths on the host, each as its attachment's id (`underway_routes::host_veth_name` of
+/// container id and ifname, read from the veth's alias: the veth itself may be named per pod),
+/// and the addresses each routes. ipamd names a pod's veth by this id everywhere.
 pub type HostPods = Vec<(String, Vec<Ipv4Addr>)>;
 
 /// Reads the host's pod veths (`veth_prefix`).

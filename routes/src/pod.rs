@@ -34,9 +34,12 @@ const EEXIST: i32 = 17;
 /// What to build for one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
-    /// The CNI network the pod belongs to: written into the host veth's alias
-    /// (`underway/<network>`), so a GC of one network never touches another's veths.
+    /// The CNI network the pod belongs to and the attachment's id ([`host_veth_name`]): written
+    /// into the host veth's alias (`underway/<network>/<attachment>`), so a GC of one network never
+    /// touches another's veths, and a DEL never removes a veth that now belongs to another
+    /// sandbox of the same pod (same [`pod_veth_name`]).
     pub network: String,
+    pub attachment: String,
     pub host_veth: String,
     pub ifname: String,
     pub address: Ipv4Addr,
@@ -57,8 +60,10 @@ pub fn mac_string(mac: &[u8]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
-/// The host veth's name: `prefix` + a hash of (container id, ifname), 15 bytes at most, the same
-/// for the same pod every time (so DEL finds what ADD made).
+/// The attachment's id: `prefix` + FNV-1a of (container id, ifname), 15 bytes, the same for the
+/// same attachment every time. It is the host veth's name when the runtime does not say which pod
+/// the sandbox is for, and it is written into every host veth's alias
+/// (`underway/<network>/<id>`), so DEL, GC and ipamd find an attachment's veth whatever its name.
 pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in container_id.bytes().chain(std::iter::once(b'/')).chain(ifname.bytes()) {
@@ -67,6 +72,23 @@ pub fn host_veth_name(prefix: &str, container_id: &str, ifname: &str) -> String 
     let hex = format!("{h:016x}");
     let keep = 15usize.saturating_sub(prefix.len()).min(hex.len());
     format!("{prefix}{}", &hex[..keep])
+}
+
+/// The host veth's name as policy engines compute it from the pod: `prefix` + the first 11 hex
+/// digits of sha1("<namespace>.<pod>") (Calico's `interfacePrefix` naming, also the AWS network
+/// policy agent's). Only for the pod's first interface (`eth0`): a second attachment of the same
+/// pod would get the same name. Otherwise, and when the runtime does not pass the pod
+/// (K8S_POD_NAMESPACE, K8S_POD_NAME), [`host_veth_name`].
+pub fn pod_veth_name(prefix: &str, pod: Option<(&str, &str)>, container_id: &str, ifname: &str) -> String {
+    match pod {
+        Some((namespace, name)) if ifname == "eth0" && !namespace.is_empty() && !name.is_empty() => {
+            use sha1::Digest;
+            let digest = sha1::Sha1::digest(format!("{namespace}.{name}").as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{prefix}{}", &hex[..11])
+        }
+        _ => host_veth_name(prefix, container_id, ifname),
+    }
 }
 
 /// Checks an interface name as the kernel would take it.
@@ -171,9 +193,11 @@ async fn refuse_if_held(h: &Handle, spec: &PodSpec) -> Result<()> {
 
 async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
     let (h, p) = (&host.handle, &pod.handle);
-    // A veth left by an earlier, interrupted ADD of the same pod is replaced.
-    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
-        h.link().del(idx).execute().await.map_err(RoutesError::netlink("delete stale host veth"))?;
+    // A veth of the same name is replaced: one left by an earlier, interrupted ADD of this
+    // attachment, or an older sandbox's of the same pod (policy-engine names are per pod), with
+    // the rules of the addresses it routed.
+    if link(h, &spec.host_veth).await?.is_some() {
+        remove_veth(h, &spec.host_veth, None).await?;
     }
     // The host route is this pod's alone: if the address already leads to another pod's veth,
     // fail before anything is made rather than take that pod's traffic (issue 14, item 1).
@@ -214,7 +238,7 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
 
     let (hidx, host_mac) = need_link(h, &spec.host_veth, "host").await?;
     let mut up = LinkUnspec::new_with_index(hidx).up().build();
-    up.attributes.push(LinkAttribute::IfAlias(veth_alias(&spec.network)));
+    up.attributes.push(LinkAttribute::IfAlias(veth_alias(&spec.network, &spec.attachment)));
     h.link().set(up).execute().await.map_err(RoutesError::netlink("host veth up"))?;
 
     let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -373,8 +397,40 @@ pub async fn check_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) ->
     Ok(())
 }
 
-/// Deletes host veths named `prefix…` (15 bytes, as [`host_veth_name`] makes them) that are not
-/// in `keep`, with their pods' rules. Returns the names removed.
+/// A host veth of underway's: its name, the network and attachment id its alias names (an alias
+/// without an id, written before ids were, means the name is the id), and its link index.
+struct HostVeth {
+    name: String,
+    network: Option<String>,
+    attachment: String,
+    index: u32,
+}
+
+/// The host veths named `prefix…` that underway made (their alias says so; a 15-byte name without
+/// an alias is one made before aliases were written).
+async fn host_veths(h: &Handle, prefix: &str) -> Result<Vec<HostVeth>> {
+    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
+    Ok(links.into_iter().filter_map(|l| veth_of(l, prefix)).collect())
+}
+
+fn veth_of(l: rtnetlink::packet_route::link::LinkMessage, prefix: &str) -> Option<HostVeth> {
+    let name = l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
+    let alias =
+        l.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(n) = a { Some(n.clone()) } else { None });
+    let name = name.filter(|n| n.starts_with(prefix))?;
+    let (network, attachment) = match alias.as_deref() {
+        Some(alias) => {
+            let (net, id) = parse_alias(alias)?;
+            (Some(net.to_string()), id.unwrap_or(&name).to_string())
+        }
+        None if name.len() == 15 => (None, name.clone()),
+        None => return None,
+    };
+    Some(HostVeth { name, network, attachment, index: l.header.index })
+}
+
+/// Deletes this network's host veths (by their alias) whose attachment id is not in `keep`, with
+/// their pods' rules. Returns the names removed.
 pub async fn gc_host_veths(
     host: Option<&Path>,
     prefix: &str,
@@ -383,47 +439,42 @@ pub async fn gc_host_veths(
 ) -> Result<Vec<String>> {
     let host = handle_in(host)?;
     let h = &host.handle;
-    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
-    let mine = veth_alias(network);
     let mut removed = Vec::new();
-    for l in links {
-        let name =
-            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
-        let alias =
-            l.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(n) = a { Some(n.clone()) } else { None });
-        let Some(name) = name else { continue };
-        // Only this network's veths: the prefix alone would reach other networks' and any link
-        // someone named alike.
-        if name.len() == 15
-            && name.starts_with(prefix)
-            && alias.as_deref() == Some(mine.as_str())
-            && !keep.contains(&name)
-        {
-            remove_veth(h, &name, None).await?;
-            removed.push(name);
+    // Only this network's veths: the prefix alone would reach other networks' and any link
+    // someone named alike.
+    for v in host_veths(h, prefix).await? {
+        if v.network.as_deref() == Some(network) && !keep.contains(&v.attachment) {
+            remove_veth(h, &v.name, None).await?;
+            removed.push(v.name);
         }
     }
     Ok(removed)
 }
 
-/// The alias a host veth of `network` carries.
-pub fn veth_alias(network: &str) -> String {
-    format!("underway/{network}")
+/// The alias a host veth of `network` for `attachment` carries.
+pub fn veth_alias(network: &str, attachment: &str) -> String {
+    format!("underway/{network}/{attachment}")
 }
 
-/// Host veths named `prefix…` (as [`host_veth_name`] makes them) with the pod addresses routed
-/// through each: what the node's own state says is in use (ipamd checks its store against it).
+/// (network, attachment id) of an alias `underway/<network>[/<attachment>]`; `None` if the alias
+/// is not underway's.
+fn parse_alias(alias: &str) -> Option<(&str, Option<&str>)> {
+    let rest = alias.strip_prefix("underway/")?;
+    Some(match rest.split_once('/') {
+        Some((net, id)) => (net, Some(id)),
+        None => (rest, None),
+    })
+}
+
+/// The host's pod veths (named `prefix…`, made by underway) as (attachment id, the pod addresses
+/// routed through it): what the node's own state says is in use (ipamd checks its store against
+/// it by attachment id, whatever the veth is named).
 pub async fn pod_veths(host: Option<&Path>, prefix: &str) -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
     let host = handle_in(host)?;
     let h = &host.handle;
-    let links: Vec<_> = h.link().get().execute().try_collect().await.map_err(RoutesError::netlink("list links"))?;
     let mut out = Vec::new();
-    for l in links {
-        let name =
-            l.attributes.iter().find_map(|a| if let LinkAttribute::IfName(n) = a { Some(n.clone()) } else { None });
-        if let Some(name) = name.filter(|n| n.len() == 15 && n.starts_with(prefix)) {
-            out.push((name, addresses_via(h, l.header.index).await?));
-        }
+    for v in host_veths(h, prefix).await? {
+        out.push((v.attachment, addresses_via(h, v.index).await?));
     }
     Ok(out)
 }
@@ -470,8 +521,42 @@ async fn remove_veth(h: &Handle, veth: &str, also: Option<Ipv4Addr>) -> Result<(
     Ok(())
 }
 
-/// Tears down by host veth name alone, finding the pod's address from the host route (DEL when
-/// ipamd cannot say which address the pod had).
+/// Tears an attachment down by its host veth, finding the pod's address from the host route (DEL
+/// knows nothing else). `host_veth` is removed only if it is this attachment's (its alias names
+/// `attachment`): a veth of the same name may belong to a newer sandbox of the same pod. If it is
+/// not, this attachment's veth is looked for by its alias (a DEL without the pod's name, or an ADD
+/// made under another name). Nothing found is fine. Returns the veth removed, if one was.
+pub async fn teardown_attachment(
+    host: Option<&Path>,
+    prefix: &str,
+    host_veth: &str,
+    attachment: &str,
+) -> Result<Option<String>> {
+    let host = handle_in(host)?;
+    let h = &host.handle;
+    // The common case costs one lookup by name; only a veth that is not ours costs a dump.
+    let named = match h.link().get().match_name(host_veth.to_string()).execute().try_next().await {
+        Ok(Some(l)) => veth_of(l, prefix),
+        Ok(None) => None,
+        Err(e) => {
+            let e = RoutesError::Netlink { op: format!("get link {host_veth}"), source: e };
+            if e.errno() == Some(ENODEV) { None } else { return Err(e) }
+        }
+    };
+    let mine = match named.filter(|v| v.attachment == attachment) {
+        Some(v) => Some(v),
+        None => host_veths(h, prefix).await?.into_iter().find(|v| v.attachment == attachment),
+    };
+    match mine {
+        Some(v) => {
+            remove_veth(h, &v.name, None).await?;
+            Ok(Some(v.name))
+        }
+        None => Ok(None),
+    }
+}
+
+/// Tears down by host veth name alone, whoever's it is (tests and tools).
 pub async fn teardown_veth(host: Option<&Path>, host_veth: &str) -> Result<()> {
     let host = handle_in(host)?;
     remove_veth(&host.handle, host_veth, None).await
@@ -490,6 +575,19 @@ mod tests {
         assert_ne!(a, host_veth_name("uw", "f00dcafe0123456789abcdef", "eth1"));
         assert_ne!(a, host_veth_name("uw", "f00dcafe0123456789abcdee", "eth0"));
         assert!(check_ifname("host_veth", &a).is_ok());
+    }
+
+    /// The name Calico and the AWS network policy agent compute: prefix + sha1("<ns>.<pod>")[:11]
+    /// (`echo -n kube-system.coredns-5d78c9869d-abcde | sha1sum` → 4d5f75c480c…).
+    #[test]
+    fn policy_engine_veth_names() {
+        let pod = Some(("kube-system", "coredns-5d78c9869d-abcde"));
+        assert_eq!(pod_veth_name("eni", pod, "c1", "eth0"), "eni4d5f75c480c");
+        assert_eq!(pod_veth_name("uw", pod, "c2", "eth0"), "uw4d5f75c480c", "the same for every sandbox");
+        assert_eq!(pod_veth_name("uw", pod, "c1", "net1"), host_veth_name("uw", "c1", "net1"), "eth0 only");
+        assert_eq!(pod_veth_name("uw", None, "c1", "eth0"), host_veth_name("uw", "c1", "eth0"));
+        assert_eq!(pod_veth_name("uw", Some(("", "x")), "c1", "eth0"), host_veth_name("uw", "c1", "eth0"));
+        assert!(check_ifname("host_veth", &pod_veth_name("abcd", pod, "c1", "eth0")).is_ok());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use underway_tests::netns::TempNs;
 fn pod(addr: [u8; 4]) -> PodSpec {
     PodSpec {
         network: "underway".into(),
+        attachment: host_veth_name("uw", &format!("egress-{addr:?}"), "eth0"),
         host_veth: host_veth_name("uw", &format!("egress-{addr:?}"), "eth0"),
         ifname: "eth0".into(),
         address: Ipv4Addr::from(addr),

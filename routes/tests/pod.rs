@@ -5,13 +5,17 @@ use std::net::Ipv4Addr;
 
 use underway_tests::netns::TempNs;
 
-use underway_routes::{PodSpec, check_pod, gc_host_veths, host_veth_name, setup_pod, teardown_pod, teardown_veth};
+use underway_routes::{
+    PodSpec, check_pod, gc_host_veths, host_veth_name, pod_veth_name, pod_veths, setup_pod, teardown_attachment,
+    teardown_pod, teardown_veth,
+};
 
 type Netns = TempNs;
 
 fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
     PodSpec {
         network: "underway".into(),
+        attachment: host_veth_name("uw", &format!("container-{addr:?}"), "eth0"),
         host_veth: host_veth_name("uw", &format!("container-{addr:?}"), "eth0"),
         ifname: "eth0".into(),
         address: Ipv4Addr::from(addr),
@@ -162,6 +166,7 @@ async fn an_address_routed_to_a_running_pod_is_refused_to_another() {
     setup_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
     let mut b = a.clone();
     b.host_veth = host_veth_name("uw", "another-container", "eth0");
+    b.attachment = b.host_veth.clone();
     let e = setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap_err();
     assert!(matches!(e, underway_routes::RoutesError::InUse { .. }), "{e}");
     assert!(e.to_string().contains(&a.host_veth), "names the holder: {e}");
@@ -178,4 +183,44 @@ async fn an_address_routed_to_a_running_pod_is_refused_to_another() {
     setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap();
     let (_, route) = node.sh("ip route get 10.99.0.9");
     assert!(route.contains(&b.host_veth), "{route}");
+}
+
+/// Issue 15: host veths named per pod, as policy engines compute them (prefix + sha1 of
+/// "<namespace>.<pod>"), so a newer sandbox of the same pod gets the same name. Its ADD replaces
+/// the older sandbox's veth (with that address's rules); the older sandbox's DEL, which comes
+/// later, must leave the newer one's veth alone; ipamd's view (`pod_veths`) names attachments, not
+/// veths; GC keeps by attachment.
+#[tokio::test]
+async fn a_newer_sandbox_of_the_same_pod_keeps_its_veth_through_the_older_ones_del() {
+    let node = Netns::new("node").unwrap();
+    let (old_ns, new_ns) = (Netns::new("pod").unwrap(), Netns::new("pod").unwrap());
+    assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo").0);
+    let name = pod_veth_name("uw", Some(("shop", "cart-0")), "sandbox-old", "eth0");
+    let sandbox = |c: &str, addr: [u8; 4]| PodSpec {
+        attachment: host_veth_name("uw", c, "eth0"),
+        host_veth: name.clone(),
+        ..spec(addr, Some(102))
+    };
+    let (old, new) = (sandbox("sandbox-old", [10, 99, 0, 21]), sandbox("sandbox-new", [10, 99, 0, 22]));
+    setup_pod(Some(&node.path()), &old_ns.path(), &old).await.unwrap();
+    setup_pod(Some(&node.path()), &new_ns.path(), &new).await.unwrap();
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.21"), "the older sandbox's rules went with its veth: {rules}");
+    let seen = pod_veths(Some(&node.path()), "uw").await.unwrap();
+    assert_eq!(seen, vec![(new.attachment.clone(), vec![Ipv4Addr::new(10, 99, 0, 22)])]);
+    // The older sandbox's DEL: nothing of its own is left, and the newer veth stays.
+    let removed = teardown_attachment(Some(&node.path()), "uw", &name, &old.attachment).await.unwrap();
+    assert_eq!(removed, None);
+    check_pod(Some(&node.path()), &new_ns.path(), &new).await.unwrap();
+    assert!(node.sh("ping -c1 -W2 10.99.0.22").0, "the newer sandbox still answers");
+    // GC keeps by attachment id, whatever the veth is called.
+    let keep = std::collections::BTreeSet::from([new.attachment.clone()]);
+    assert!(gc_host_veths(Some(&node.path()), "uw", "underway", &keep).await.unwrap().is_empty());
+    // Its own DEL removes it, also when the DEL does not know the pod (found by its alias).
+    let legacy = host_veth_name("uw", "sandbox-new", "eth0");
+    let removed = teardown_attachment(Some(&node.path()), "uw", &legacy, &new.attachment).await.unwrap();
+    assert_eq!(removed, Some(name.clone()));
+    assert!(!node.sh("ip -br link").1.contains(&name));
+    let (_, rules) = node.sh("ip rule");
+    assert!(!rules.contains("10.99.0.22"), "{rules}");
 }

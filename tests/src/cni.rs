@@ -10,16 +10,7 @@ use crate::ipamd::{IpamdProcess, bin_path};
 
 /// Runs the CNI plugin inside the node's namespace; returns (exit code, stdout JSON).
 pub fn cni(node_ns: &str, command: &str, id: &str, netns: &str, conf: &str) -> (i32, Value) {
-    let args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}");
-    let env = [
-        ("CNI_COMMAND", command),
-        ("CNI_CONTAINERID", id),
-        ("CNI_NETNS", netns),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_PATH", "/usr/lib/cni"),
-        ("CNI_ARGS", args.as_str()),
-    ];
-    run(node_ns, &env, conf)
+    run_bin(&bin_path("underway").unwrap(), node_ns, &pod_env(command, id, netns), conf)
 }
 
 /// CNI GC as a runtime sends it: every attachment (container id, eth0) it still has.
@@ -30,14 +21,84 @@ pub fn gc(node_ns: &str, p: &IpamdProcess, valid: &[&str]) -> (i32, Value) {
     run(node_ns, &[("CNI_COMMAND", "GC"), ("CNI_PATH", "/usr/lib/cni")], &conf.to_string())
 }
 
+/// Runs a conflist the way libcni does: ADD through the plugins in order, each given the
+/// previous one's result as `prevResult`; CHECK in order and DEL in reverse, each given the cached
+/// final result (`cached`). A plugin with `capabilities` gets the matching `runtime` entries as
+/// `runtimeConfig`. `underway` and `underway-probe` are this workspace's builds, other types
+/// Debian's in /usr/lib/cni. Returns the final result (ADD) or the failing plugin, code and output.
+pub fn chain(
+    node_ns: &str,
+    command: &str,
+    id: &str,
+    netns: &str,
+    conflist: &Value,
+    runtime: &Value,
+    cached: Option<&Value>,
+) -> Result<Value, (String, i32, Value)> {
+    let mut plugins: Vec<&Value> = conflist["plugins"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    if command == "DEL" {
+        plugins.reverse();
+    }
+    let mut prev = cached.cloned();
+    for p in plugins {
+        let mut conf = p.clone();
+        conf["cniVersion"] = conflist["cniVersion"].clone();
+        conf["name"] = conflist["name"].clone();
+        if let Some(prev) = &prev {
+            conf["prevResult"] = prev.clone();
+        }
+        if let Some(caps) = p["capabilities"].as_object() {
+            let rc: serde_json::Map<String, Value> = caps
+                .iter()
+                .filter(|(k, on)| on.as_bool() == Some(true) && runtime.get(k.as_str()).is_some())
+                .map(|(k, _)| (k.clone(), runtime[k.as_str()].clone()))
+                .collect();
+            if !rc.is_empty() {
+                conf["runtimeConfig"] = Value::Object(rc);
+            }
+        }
+        let ty = p["type"].as_str().unwrap_or_default().to_string();
+        let bin = match ty.as_str() {
+            "underway" | "underway-probe" => bin_path(&ty).unwrap(),
+            other => std::path::Path::new("/usr/lib/cni").join(other),
+        };
+        let (code, out) = run_bin(&bin, node_ns, &pod_env(command, id, netns), &conf.to_string());
+        if code != 0 {
+            return Err((ty, code, out));
+        }
+        if command == "ADD" {
+            prev = Some(out);
+        }
+    }
+    Ok(prev.unwrap_or(Value::Null))
+}
+
+fn pod_env(command: &str, id: &str, netns: &str) -> Vec<(String, String)> {
+    [
+        ("CNI_COMMAND", command.to_string()),
+        ("CNI_CONTAINERID", id.to_string()),
+        ("CNI_NETNS", netns.to_string()),
+        ("CNI_IFNAME", "eth0".to_string()),
+        ("CNI_PATH", "/usr/lib/cni".to_string()),
+        ("CNI_ARGS", format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={id}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
 fn run(node_ns: &str, env: &[(&str, &str)], stdin: &str) -> (i32, Value) {
-    let bin = bin_path("underway").unwrap();
+    let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    run_bin(&bin_path("underway").unwrap(), node_ns, &env, stdin)
+}
+
+fn run_bin(bin: &std::path::Path, node_ns: &str, env: &[(String, String)], stdin: &str) -> (i32, Value) {
     let mut child = Command::new("ip")
         .args(["netns", "exec", node_ns])
-        .arg(&bin)
+        .arg(bin)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -46,7 +107,11 @@ fn run(node_ns: &str, env: &[(&str, &str)], stdin: &str) -> (i32, Value) {
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     let raw = String::from_utf8_lossy(&out.stdout);
-    let v = if raw.trim().is_empty() { Value::Null } else { serde_json::from_str(&raw).unwrap() };
+    let v = if raw.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&raw).unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}): {raw}", bin.display()))
+    };
     (out.status.code().unwrap_or(-1), v)
 }
 

@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! router ──(169.254.200.1/30 ↔ .2)── igw ──(198.51.100.1/24 ↔ .10)── internet host
+//!        ──(169.254.201.1/30 ↔ .2)── NAT gateway (optional, `nat_gateway`)
+//!        ──(169.254.<n>.1/30 ↔ .2)── hosts (`host`: a peered network's, a secondary VPC block's)
 //! ```
 //!
 //! The router sends everything it has no VPC route for to the gateway (the VPC route table's
@@ -28,7 +30,10 @@ pub struct Internet {
     pub igw_ns: String,
     pub host_ns: String,
     router_ns: String,
+    world: String,
     direct: aws_sdk_ec2::Client,
+    /// Namespaces added later (NAT gateway, hosts behind the router) and their router links.
+    extra: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl Internet {
@@ -98,7 +103,14 @@ impl Internet {
             .send()
             .await
             .map_err(cmd_err)?;
-        let net = Internet { igw_ns, host_ns, router_ns: router, direct };
+        let net = Internet {
+            igw_ns,
+            host_ns,
+            router_ns: router,
+            world: w.id().to_string(),
+            direct,
+            extra: Default::default(),
+        };
         net.serve()?;
         net.refresh().await?;
         Ok(net)
@@ -163,6 +175,123 @@ impl Internet {
         a.public_ip().and_then(|p| p.parse().ok()).ok_or_else(|| HarnessError::Command("no public IP".into()))
     }
 
+    /// A namespace `<world>-<tag>` linked to the router by `r<tag>` (169.254.<net>.1/30 on the
+    /// router, .2 on its `vpc` end), forwarding, with loose checks; returns its name.
+    fn behind_router(&self, tag: &str, net: u8) -> Result<String, HarnessError> {
+        let ns = format!("{}-{tag}", self.world);
+        let link = format!("r{tag}");
+        netns::add_ns(&ns)?;
+        self.extra.lock().unwrap().push((ns.clone(), link.clone()));
+        netns::ip_in(&ns, &["link", "set", "lo", "up"])?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+        ] {
+            netns::sysctl(&ns, k, v)?;
+        }
+        let r = &self.router_ns;
+        netns::ip_in(r, &["link", "add", &link, "type", "veth", "peer", "name", "vpc", "netns", &ns])?;
+        netns::ip_in(r, &["addr", "add", &format!("169.254.{net}.1/30"), "dev", &link])?;
+        netns::ip_in(r, &["link", "set", &link, "up"])?;
+        netns::sysctl(r, &format!("net.ipv4.conf.{link}.rp_filter"), "0")?;
+        netns::ip_in(&ns, &["addr", "add", &format!("169.254.{net}.2/30"), "dev", "vpc"])?;
+        netns::ip_in(&ns, &["link", "set", "vpc", "up"])?;
+        netns::ip_in(&ns, &["route", "add", "default", "via", &format!("169.254.{net}.1")])?;
+        Ok(ns)
+    }
+
+    /// A host at `addr` in its own namespace behind the router, which routes `range` to it: a
+    /// peered network's host, or one in a VPC CIDR block that has no node. It runs the same
+    /// peer-address server as the internet host. Returns its namespace.
+    pub fn host(&self, tag: &str, net: u8, addr: Ipv4Addr, range: ipnet::Ipv4Net) -> Result<String, HarnessError> {
+        let ns = self.behind_router(tag, net)?;
+        netns::ip_in(&ns, &["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
+        netns::ip_in(&self.router_ns, &["route", "replace", &range.to_string(), "via", &format!("169.254.{net}.2")])?;
+        serve_peer_address(&ns)?;
+        Ok(ns)
+    }
+
+    /// A NAT gateway, as a VPC's private subnet uses one (`egress.snat = "external"`): created in
+    /// EC2 with a new Elastic IP in the world's subnet, and the main table's default route moved
+    /// to it. Its namespace translates every forwarded packet to the gateway's private address
+    /// (which the internet gateway maps to the Elastic IP); the router sends the VPC's default
+    /// traffic to it and what it sends on to the internet gateway. Returns its public address.
+    pub async fn nat_gateway(&self, w: &World) -> Result<Ipv4Addr, HarnessError> {
+        let a =
+            self.direct.allocate_address().domain(aws_sdk_ec2::types::DomainType::Vpc).send().await.map_err(cmd_err)?;
+        let nat = self
+            .direct
+            .create_nat_gateway()
+            .subnet_id(&w.ec2().subnet_id)
+            .allocation_id(a.allocation_id().unwrap_or_default())
+            .send()
+            .await
+            .map_err(cmd_err)?;
+        let nat = nat.nat_gateway().ok_or_else(|| cmd_err("no NAT gateway"))?;
+        let addr = nat.nat_gateway_addresses().first().ok_or_else(|| cmd_err("the NAT gateway has no address"))?;
+        let (private, public): (Ipv4Addr, Ipv4Addr) = (
+            addr.private_ip().and_then(|p| p.parse().ok()).ok_or_else(|| cmd_err("no private IP"))?,
+            addr.public_ip().and_then(|p| p.parse().ok()).ok_or_else(|| cmd_err("no public IP"))?,
+        );
+        let main = w.main_route_table().await?;
+        self.direct
+            .replace_route()
+            .route_table_id(&main)
+            .destination_cidr_block("0.0.0.0/0")
+            .nat_gateway_id(nat.nat_gateway_id().unwrap_or_default())
+            .send()
+            .await
+            .map_err(cmd_err)?;
+        let ns = self.behind_router("nat", 201)?;
+        netns::ip_in(&ns, &["addr", "add", &format!("{private}/32"), "dev", "lo"])?;
+        netns::nft(
+            &ns,
+            &format!(
+                "table ip natgw {{
+  chain post {{
+    type nat hook postrouting priority srcnat; policy accept;
+                     ip saddr != {private} counter snat to {private}
+  }}
+}}
+"
+            ),
+        )?;
+        // The router: the VPC's default route to the NAT gateway; what the NAT gateway sends on,
+        // and the traffic to its own address, as the public subnet's table says.
+        let r = &self.router_ns;
+        netns::ip_in(r, &["route", "replace", &format!("{private}/32"), "via", "169.254.201.2"])?;
+        netns::ip_in(r, &["route", "replace", "default", "via", "169.254.200.2", "table", "201"])?;
+        // Only what it translated: the replies it sends back to the pods take the main table.
+        netns::ip_in(
+            r,
+            &["rule", "add", "from", &private.to_string(), "iif", "rnat", "lookup", "201", "priority", "100"],
+        )?;
+        netns::ip_in(r, &["route", "replace", "default", "via", "169.254.201.2"])?;
+        self.refresh().await?;
+        Ok(public)
+    }
+
+    /// The gateways' and the router's rules and counters, for a failure message.
+    pub fn diagnose(&self) -> String {
+        let mut out = String::new();
+        let mut run = |ns: &str, argv: &[&str]| {
+            if let Ok(o) = netns::exec(ns, argv) {
+                let (o, e) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+                out += &format!("== {ns}: {}\n{o}{e}", argv.join(" "));
+            }
+        };
+        run(&self.router_ns, &["ip", "rule"]);
+        run(&self.router_ns, &["ip", "route", "show", "table", "all"]);
+        run(&self.igw_ns, &["nft", "list", "ruleset"]);
+        for (ns, _) in self.extra.lock().unwrap().iter() {
+            run(ns, &["nft", "list", "ruleset"]);
+            run(ns, &["ip", "-s", "link"]);
+        }
+        out
+    }
+
     /// Packets from private addresses without a public one that the gateway dropped.
     pub fn untranslated_drops(&self) -> u64 {
         let o = netns::exec(&self.igw_ns, &["nft", "list", "chain", "ip", "igw", "gate"]).ok();
@@ -215,6 +344,11 @@ fn cmd_err(e: impl std::fmt::Display) -> HarnessError {
 impl Drop for Internet {
     fn drop(&mut self) {
         let _ = netns::exec(&self.router_ns, &["ip", "link", "del", "rigw"]);
+        for (ns, link) in self.extra.lock().unwrap().drain(..) {
+            let _ = netns::exec(&self.router_ns, &["ip", "link", "del", &link]);
+            netns::del_ns(&ns);
+        }
+        let _ = netns::exec(&self.router_ns, &["ip", "rule", "del", "priority", "100"]);
         netns::del_ns(&self.host_ns);
         netns::del_ns(&self.igw_ns);
     }

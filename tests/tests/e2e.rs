@@ -193,6 +193,25 @@ async fn a_secondary_eni_pod_needs_its_from_rule_and_check_says_so() {
     let (code, v) = cni(&a.ns, "ADD", &sec.name, &sec.ns.path().display().to_string(), &conf(&da));
     assert_eq!((code, address(&v)), (0, sec.addr), "ADD again repairs it with the same address: {v}");
     assert!(reach(&far.ns.0, sec.addr));
+
+    // Issue 15: the host veth has the name a policy engine computes for the pod (Calico's
+    // interfacePrefix + sha1("<namespace>.<pod>")[:11]; `cni()` passes default/<name>). A drop rule
+    // on that name, as a policy engine writes it (Calico: `-o cali…` in filter FORWARD), blocks
+    // exactly that pod.
+    let sha = Command::new("sh").args(["-c", &format!("printf %s default.{} | sha1sum", sec.name)]).output().unwrap();
+    let veth = format!("uw{}", &String::from_utf8_lossy(&sha.stdout)[..11]);
+    let other = pods.iter().find(|p| p.name != sec.name).unwrap();
+    let policy = format!(
+        "nft 'table ip engine {{ chain forward {{ type filter hook forward priority 0; oifname \"{veth}\" drop; }}; }}'"
+    );
+    let out = a.exec(&["sh", "-c", &policy]).unwrap();
+    assert!(out.status.success(), "{policy}: {}", String::from_utf8_lossy(&out.stderr));
+    let links = String::from_utf8_lossy(&a.exec(&["ip", "-br", "link"]).unwrap().stdout).to_string();
+    assert!(links.contains(&veth), "{veth} is the pod's host veth: {links}");
+    assert!(!reach(&far.ns.0, sec.addr), "the rule on {veth} blocks {}", sec.name);
+    assert!(reach(&far.ns.0, other.addr), "and not {}", other.name);
+    assert!(a.exec(&["nft", "delete", "table", "ip", "engine"]).unwrap().status.success());
+    assert!(reach(&far.ns.0, sec.addr), "without it {} answers again", sec.name);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

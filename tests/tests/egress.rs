@@ -3,7 +3,9 @@
 //! Elastic IP). A pod's own address (a secondary IP, a VPC-route address) has none: underway's
 //! SNAT to the node's primary address is what makes it work. Negative control: a node configured
 //! with `egress.snat = "external"` (and no NAT gateway) cannot reach it, and the gateway counts
-//! the drops. Needs root and LocalStack.
+//! the drops; with a NAT gateway it can. Hosts inside the VPC (a second CIDR block, also one
+//! added while ipamd runs) see pods' own addresses; a peered range is translated unless excluded.
+//! Needs root and LocalStack.
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -57,6 +59,13 @@ async fn pods_of_both_modes_reach_the_internet_as_their_node() {
     let external_node = w.add_node("m5.large").await.unwrap();
     w.start_sync_loop(Duration::from_millis(200));
     let net = Internet::attach(&w).await.unwrap();
+    // A second CIDR block of the VPC, with a host in it (no node there): inside the VPC, so pods
+    // reach it with their own addresses.
+    let ec2 = aws_sdk_ec2::Client::new(&w.account().direct_sdk_config());
+    ec2.associate_vpc_cidr_block().vpc_id(&w.ec2().vpc_id).cidr_block("10.3.0.0/16").send().await.unwrap();
+    let in_block = Ipv4Addr::new(10, 3, 1, 10);
+    net.host("blk", 210, in_block, "10.3.1.0/24".parse().unwrap()).unwrap();
+    w.sync().await.unwrap(); // IMDS lists the block before ipamd first reads it
     let fast = "cooldown_ms = 1000\nadd_wait_ms = 15000\n";
     // 12 warm addresses: the primary ENI holds 9, so a second ENI (eth1) serves too.
     let e = ipamd(&w, &eni_node, &format!("{fast}[targets]\nwarm_ip_target = 12\n"));
@@ -94,12 +103,36 @@ async fn pods_of_both_modes_reach_the_internet_as_their_node() {
     let rp = add(&routed_node, &r, "r0");
     assert_eq!(seen_from(&rp.ns.0).as_deref(), Some(public[1].to_string().as_str()), "a VPC-route pod ({})", rp.addr);
     assert_eq!(net.untranslated_drops(), 0, "nothing untranslated reached the gateway");
+    // The host in the VPC's second block sees each pod's own address; the secondary-ENI pod's
+    // packets arrive by its ENI's link (the router's side of eth1).
+    let rx = |link: &str| router_rx(&w, link);
+    let eth1_link = underway_tests::world::router_link(eni_node.index, 1);
+    let to_block = std::net::SocketAddr::from((in_block, 80));
+    for (what, p) in [("eth0 pod", &pods[eth0]), ("eth1 pod", &pods[eth1]), ("VPC-route pod", &rp)] {
+        let before = rx(&eth1_link);
+        assert_eq!(connect_from(&p.ns.0, to_block), Some(p.addr.to_string()), "{what}: its own address in the VPC");
+        // A TCP exchange is at least 3 packets (SYN, ACK, FIN); a stray neighbour probe is 1.
+        let by_eth1 = rx(&eth1_link) >= before + 3;
+        assert_eq!(by_eth1, std::ptr::eq(p, &pods[eth1]), "{what}: arrived by eth1's link: {by_eth1}");
+    }
     // The negative control: no SNAT on the node, no NAT gateway → the gateway drops it.
     let xp = add(&external_node, &x, "x0");
     assert_eq!(seen_from(&xp.ns.0), None, "an untranslated pod address cannot reach the internet");
     assert!(net.untranslated_drops() > 0, "and the gateway counted the drop");
     // The node itself reaches the internet as itself (its own traffic is not the table's).
     assert_eq!(seen_from(&eni_node.ns).as_deref(), Some(public[0].to_string().as_str()));
+    // `external` is for a VPC whose private subnets send the internet to a NAT gateway: with one,
+    // the same pod gets out, as the NAT gateway's public address.
+    let nat_public = net.nat_gateway(&w).await.unwrap();
+    let seen = seen_from(&xp.ns.0);
+    assert_eq!(seen, Some(nat_public.to_string()), "external: through the NAT gateway\n{}", net.diagnose());
+}
+
+/// Packets the router received on `link` (its side of a node's ENI).
+fn router_rx(w: &World, link: &str) -> u64 {
+    let o =
+        underway_tests::netns::exec(w.router_ns(), &["cat", &format!("/sys/class/net/{link}/statistics/rx_packets")]);
+    String::from_utf8_lossy(&o.unwrap().stdout).trim().parse().unwrap()
 }
 
 /// The SNAT is decided on the destination after kube-proxy's DNAT: a ClusterIP whose endpoint is
@@ -114,8 +147,11 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
     w.start_sync_loop(Duration::from_millis(200));
     let net = Internet::attach(&w).await.unwrap();
     let fast = "cooldown_ms = 1000\nadd_wait_ms = 15000\n";
-    let d = ipamd(&w, &n, &format!("{fast}[targets]\nwarm_ip_target = 12\n[egress]\nrefresh_ms = 1000\n"));
-    let x = ipamd(&w, &ex, &format!("{fast}[egress]\nexclude = [\"198.51.100.0/24\"]\n"));
+    let mut d = ipamd(&w, &n, &format!("{fast}[targets]\nwarm_ip_target = 12\n[egress]\nrefresh_ms = 1000\n"));
+    let x = ipamd(&w, &ex, &format!("{fast}[egress]\nexclude = [\"192.168.0.0/16\"]\n"));
+    // A peered network beyond the router (outside the VPC's blocks).
+    let peer_host = Ipv4Addr::new(192, 168, 50, 10);
+    net.host("peer", 211, peer_host, "192.168.0.0/16".parse().unwrap()).unwrap();
     let mut public = Vec::new();
     for node in [&n, &ex] {
         let (eni, ip) = primary(&w, node).await;
@@ -138,11 +174,12 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
     assert!(n.exec(&["sh", "-c", svc]).unwrap().status.success());
     let via_service = connect_from(&pod.ns.0, std::net::SocketAddr::from(([172, 20, 0, 10], 80)));
     assert_eq!(via_service.as_deref(), Some(public[0].to_string().as_str()), "a ClusterIP outside the VPC, translated");
-    // An excluded range keeps the pod's address: the gateway drops it.
+    // An excluded range (the peered network) keeps the pod's address; without the exclusion the
+    // node translates it like any destination outside the VPC.
     let xp = add(&ex, &x, "x0");
-    let before = net.untranslated_drops();
-    assert_eq!(seen_from(&xp.ns.0), None, "excluded: not translated, so the gateway drops it");
-    assert!(net.untranslated_drops() > before);
+    let to_peer = std::net::SocketAddr::from((peer_host, 80));
+    assert_eq!(connect_from(&xp.ns.0, to_peer), Some(xp.addr.to_string()), "excluded: the pod's own address");
+    assert_eq!(connect_from(&pod.ns.0, to_peer), Some(n.primary_ip().unwrap().to_string()), "not excluded: SNAT");
     // A block added to the VPC is exempt within refresh_ms.
     let ec2 = aws_sdk_ec2::Client::new(&w.account().direct_sdk_config());
     ec2.associate_vpc_cidr_block().vpc_id(&w.ec2().vpc_id).cidr_block("10.2.0.0/16").send().await.unwrap();
@@ -158,4 +195,38 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
         assert!(t.elapsed() < Duration::from_secs(30), "the new block never became exempt: {table}");
         std::thread::sleep(Duration::from_millis(250));
     }
+    net.host("blk", 212, Ipv4Addr::new(10, 2, 1, 10), "10.2.1.0/24".parse().unwrap()).unwrap();
+    let eth1_link = underway_tests::world::router_link(n.index, 1);
+    let before = router_rx(&w, &eth1_link);
+    let seen = connect_from(&pod.ns.0, std::net::SocketAddr::from(([10, 2, 1, 10], 80)));
+    assert_eq!(seen, Some(pod.addr.to_string()), "the new block's host sees the pod's own address");
+    assert!(router_rx(&w, &eth1_link) > before, "arriving by the pod's ENI (eth1)");
+
+    // Restarts change nothing: the node's rules (underway's table without counter values, the
+    // policy rules, every route table) come back the same after each of three restarts.
+    let rules = || {
+        let sh = "nft -s list table ip underway; ip rule; ip route show table all | grep -v '^local\\|^broadcast'";
+        String::from_utf8_lossy(&n.exec(&["sh", "-c", sh]).unwrap().stdout).to_string()
+    };
+    d.wait_ready(12, Duration::from_secs(60)).unwrap(); // the pool at its target: nothing left to grow
+    let first = rules();
+    assert!(first.contains("table ip underway") && first.contains("lookup main"), "{first}");
+    for round in 1..=3 {
+        d.stop();
+        d.spawn().unwrap();
+        d.wait_ready(0, Duration::from_secs(60)).unwrap();
+        let t = std::time::Instant::now();
+        let mut now = rules();
+        while now != first && t.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(200));
+            now = rules();
+        }
+        assert_eq!(now, first, "after restart {round}");
+    }
+    // `uninstall` takes the table and the fwmark rule away.
+    d.stop();
+    let out = d.run_cmd(&["uninstall"]).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = rules();
+    assert!(!after.contains("table ip underway") && !after.contains("fwmark"), "{after}");
 }

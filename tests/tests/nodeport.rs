@@ -8,7 +8,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use underway_tests::cni::{address, cni, conf};
+use serde_json::json;
+use underway_tests::cni::{address, chain, cni, conf};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
 use underway_tests::netns::TempNs;
 use underway_tests::world::World;
@@ -119,4 +120,65 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
         assert_eq!(tx("eth1"), eth1, "{shape}: nothing of it left by eth1");
         assert!(a.exec(&["sh", "-c", &remove]).unwrap().status.success(), "{shape}: {remove}");
     }
+
+    // hostPort: the conflist as deploy/cni ships it (underway → portmap), with the test's probe
+    // last, checking the prevResult it is handed. Pods until one is on the secondary ENI.
+    let record = std::env::temp_dir().join(format!("underway-probe-{}.jsonl", std::process::id()));
+    let conflist = json!({
+        "cniVersion": "1.0.0", "name": "underway",
+        "plugins": [
+            { "type": "underway", "ipamdSocket": d.socket },
+            { "type": "portmap", "capabilities": { "portMappings": true }, "snat": true },
+            { "type": "underway-probe", "record": record },
+        ]
+    });
+    let runtime = json!({ "portMappings": [{ "hostPort": 18080, "containerPort": 80, "protocol": "tcp" }] });
+    let (hp, result) = (0..13)
+        .find_map(|i| {
+            let ns = TempNs::new("hp").unwrap();
+            let id = format!("hp{i}");
+            let r = chain(&a.ns, "ADD", &id, &ns.path().display().to_string(), &conflist, &runtime, None)
+                .unwrap_or_else(|e| panic!("chained ADD {id}: {e:?}"));
+            let rules = String::from_utf8_lossy(&a.exec(&["ip", "rule"]).unwrap().stdout).to_string();
+            let on_eth1 = rules.contains(&format!("from {} lookup", address(&r)));
+            pods.push(ns);
+            on_eth1.then_some((id, r))
+        })
+        .expect("a chained pod on the secondary ENI");
+    let hp_ns = pods.last().unwrap().path().display().to_string();
+    serve(&pods.last().unwrap().0);
+    let seen: Vec<serde_json::Value> =
+        std::fs::read_to_string(&record).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = seen.last().unwrap();
+    assert_eq!(last["prevResult"]["ips"], result["ips"], "the probe saw underway's addresses, passed on by portmap");
+    assert_eq!(last["prevResult"]["interfaces"][1]["sandbox"], hp_ns.as_str());
+    let eth1 = tx("eth1");
+    assert_eq!(
+        connect(&client.ns, SocketAddr::from((a_ip, 18080))).as_deref(),
+        Some(client_ip.to_string().as_str()),
+        "the hostPort answers the client through the chained portmap"
+    );
+    assert_eq!(tx("eth1"), eth1, "hostPort: nothing of it left by eth1");
+    // The probe refuses a prevResult that is not this pod's (its negative control).
+    let mut wrong = result.clone();
+    wrong["interfaces"][1]["sandbox"] = json!("/var/run/netns/another");
+    let probe_only = json!({ "cniVersion": "1.0.0", "name": "underway", "plugins": [conflist["plugins"][2]] });
+    let e = chain(&a.ns, "CHECK", &hp, &hp_ns, &probe_only, &runtime, Some(&wrong)).unwrap_err();
+    assert_eq!(e.1, 1, "{e:?}");
+    // CHECK through underway and the probe: Debian's portmap (1.1.1) fails CHECK on an IPv4-only
+    // node ("could not check ipv6 dnat": it looks for the ip6tables chain its ADD never made);
+    // kubelet and containerd never send CHECK.
+    let mut no_portmap = conflist.clone();
+    no_portmap["plugins"].as_array_mut().unwrap().remove(1);
+    chain(&a.ns, "CHECK", &hp, &hp_ns, &no_portmap, &runtime, Some(&result)).unwrap_or_else(|e| panic!("CHECK {e:?}"));
+    chain(&a.ns, "DEL", &hp, &hp_ns, &conflist, &runtime, Some(&result)).unwrap_or_else(|e| panic!("DEL {e:?}"));
+    let commands: Vec<String> = std::fs::read_to_string(&record)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["command"].as_str().unwrap().to_string())
+        .collect();
+    assert!(commands.ends_with(&["CHECK".into(), "CHECK".into(), "DEL".into()]), "{commands:?}");
+    let nat = String::from_utf8_lossy(&a.exec(&["iptables", "-t", "nat", "-S"]).unwrap().stdout).to_string();
+    assert!(!nat.contains(&format!("{}:80", address(&result))), "portmap's DEL removed the mapping: {nat}");
+    let _ = std::fs::remove_file(&record);
 }
