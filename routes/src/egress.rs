@@ -9,13 +9,21 @@
 //!   set exempt: the VPC's CIDR blocks, the cluster's pod CIDRs (VPC-route mode), exclusions
 //!   chain antispoof (filter, prerouting, priority raw):
 //!     iifname "<prefix>*" fib saddr . iif oif missing counter drop
+//!   chain node_port (filter, prerouting, priority mangle)  [snat = node, node_port]
+//!     iifname "<primary>" ct state new fib daddr type local ct mark set ct mark | <mark>
+//!   chain route_main (filter, prerouting, priority dstnat + 10)  [snat = node]
+//!     iifname "<prefix>*" ct state new ip daddr != @exempt ct mark set ct mark | <mark>
+//!     iifname "<prefix>*" ct mark & <mark> == <mark> meta mark set meta mark | <mark>
 //!   chain egress (nat, postrouting, priority srcnat)      [snat = node only]
 //!     iifname "<prefix>*" oifname "<primary>" ip daddr != @exempt counter snat to <primary ip> fully-random
 //! ```
 //!
 //! The SNAT decision reads the destination in postrouting, after every DNAT of prerouting
 //! (kube-proxy's Service rules): a Service whose endpoints lie outside the VPC is translated, one
-//! inside it is not (AWS VPC CNI #1910, #3205 decide before the DNAT). Anti-spoofing is the strict
+//! inside it is not (AWS VPC CNI #1910, #3205 decide before the DNAT). So does the choice of the
+//! primary ENI for a pod's connection (`route_main`, after dstnat, before routing): decided on the
+//! ClusterIP instead, a secondary-ENI pod's packet to an endpoint in the VPC left by eth0 with its
+//! own address, untranslated, and the VPC's source check dropped it (found by the ClusterIP test). Anti-spoofing is the strict
 //! reverse-path test as nftables does it: a packet from a pod veth must come from an address
 //! routed back through that same veth (its pod's), whatever `rp_filter` the node's `all` says.
 
@@ -108,17 +116,24 @@ pub fn ruleset(spec: &EgressSpec) -> Result<String> {
         // such a connection from a pod veth then carries the mark and takes the main table (rule
         // 1024) out of the primary ENI. Replies to connections opened from elsewhere (another
         // node's pod pinging this one) are untouched and leave by the pod's own ENI.
-        s += "  chain route_main {\n    type filter hook prerouting priority mangle; policy accept;\n";
-        s += &format!(
-            "    iifname \"{pods}\" ct state new ip daddr != @exempt ct mark set ct mark | {mark:#x} comment \"egress by the primary ENI\"\n",
-            mark = spec.mark
-        );
+        // NodePort/hostPort: decided before kube-proxy's DNAT, while the destination is still the
+        // node's own address.
         if spec.node_port {
+            s += "  chain node_port {\n    type filter hook prerouting priority mangle; policy accept;\n";
             s += &format!(
                 "    iifname \"{link}\" ct state new fib daddr type local ct mark set ct mark | {mark:#x} comment \"NodePort, hostPort\"\n",
                 mark = spec.mark
             );
+            s += "  }\n";
         }
+        // A pod's own connections: decided after the DNAT (a filter chain after dstnat, still
+        // before the routing decision), on the destination the packet will really go to: a
+        // ClusterIP whose endpoint is in the VPC keeps the pod's ENI, one outside it does not.
+        s += "  chain route_main {\n    type filter hook prerouting priority dstnat + 10; policy accept;\n";
+        s += &format!(
+            "    iifname \"{pods}\" ct state new ip daddr != @exempt ct mark set ct mark | {mark:#x} comment \"egress by the primary ENI\"\n",
+            mark = spec.mark
+        );
         s += &format!(
             "    iifname \"{pods}\" ct mark & {mark:#x} == {mark:#x} meta mark set meta mark | {mark:#x} comment \"by the primary ENI\"\n",
             mark = spec.mark

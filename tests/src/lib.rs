@@ -16,6 +16,7 @@ pub mod front;
 pub mod imds;
 pub mod internet;
 pub mod ipamd;
+pub mod kube_proxy;
 pub mod localstack;
 pub mod netns;
 pub mod world;

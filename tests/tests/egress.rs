@@ -7,12 +7,13 @@
 //! added while ipamd runs) see pods' own addresses; a peered range is translated unless excluded.
 //! Needs root and LocalStack.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use underway_tests::cni::{address, cni, conf};
-use underway_tests::internet::{Internet, connect_from, seen_from};
+use underway_tests::internet::{Internet, connect_from, seen_from, serve_peer_address};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::kube_proxy::{SHAPES, cluster_ips};
 use underway_tests::netns::TempNs;
 use underway_tests::world::{Node, World};
 
@@ -107,7 +108,7 @@ async fn pods_of_both_modes_reach_the_internet_as_their_node() {
     // packets arrive by its ENI's link (the router's side of eth1).
     let rx = |link: &str| router_rx(&w, link);
     let eth1_link = underway_tests::world::router_link(eni_node.index, 1);
-    let to_block = std::net::SocketAddr::from((in_block, 80));
+    let to_block = SocketAddr::from((in_block, 80));
     for (what, p) in [("eth0 pod", &pods[eth0]), ("eth1 pod", &pods[eth1]), ("VPC-route pod", &rp)] {
         let before = rx(&eth1_link);
         assert_eq!(connect_from(&p.ns.0, to_block), Some(p.addr.to_string()), "{what}: its own address in the VPC");
@@ -168,16 +169,33 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
         }
         assert!(pods.len() < 13, "no pod on the secondary ENI");
     };
-    // kube-proxy (nftables shape): ClusterIP 172.20.0.10:80 → the internet host.
-    let svc = "nft 'table ip kube-proxy {\nchain nat {\ntype nat hook prerouting priority dstnat;\n\
-               ip daddr 172.20.0.10 tcp dport 80 dnat to 198.51.100.10:80\n}\n}'";
-    assert!(n.exec(&["sh", "-c", svc]).unwrap().status.success());
-    let via_service = connect_from(&pod.ns.0, std::net::SocketAddr::from(([172, 20, 0, 10], 80)));
-    assert_eq!(via_service.as_deref(), Some(public[0].to_string().as_str()), "a ClusterIP outside the VPC, translated");
+    // A pod on the other node, serving the address it sees (a Service's endpoint in the VPC).
+    let xp = add(&ex, &x, "x0");
+    serve_peer_address(&xp.ns.0).unwrap();
+    // kube-proxy in each shape: ClusterIP 172.20.0.10:80 → the internet host (outside the VPC:
+    // translated, decided after the DNAT) and 172.20.0.11:80 → the pod on the other node (inside:
+    // the pod's own address).
+    let (outside, inside) = (SocketAddr::from(([172, 20, 0, 10], 80)), SocketAddr::from(([172, 20, 0, 11], 80)));
+    for shape in SHAPES {
+        let services = [
+            (outside, SocketAddr::from((underway_tests::internet::HOST, 80))),
+            (inside, SocketAddr::from((xp.addr, 80))),
+        ];
+        let rules = cluster_ips(shape, &services);
+        assert!(n.exec(&["sh", "-c", &rules.install]).unwrap().status.success(), "{shape}: {}", rules.install);
+        let public_seen = connect_from(&pod.ns.0, outside);
+        assert_eq!(
+            public_seen.as_deref(),
+            Some(public[0].to_string().as_str()),
+            "{shape}: a ClusterIP outside the VPC"
+        );
+        let pod_seen = connect_from(&pod.ns.0, inside);
+        assert_eq!(pod_seen, Some(pod.addr.to_string()), "{shape}: a ClusterIP on another node, the pod's own address");
+        assert!(n.exec(&["sh", "-c", &rules.remove]).unwrap().status.success(), "{shape}: {}", rules.remove);
+    }
     // An excluded range (the peered network) keeps the pod's address; without the exclusion the
     // node translates it like any destination outside the VPC.
-    let xp = add(&ex, &x, "x0");
-    let to_peer = std::net::SocketAddr::from((peer_host, 80));
+    let to_peer = SocketAddr::from((peer_host, 80));
     assert_eq!(connect_from(&xp.ns.0, to_peer), Some(xp.addr.to_string()), "excluded: the pod's own address");
     assert_eq!(connect_from(&pod.ns.0, to_peer), Some(n.primary_ip().unwrap().to_string()), "not excluded: SNAT");
     // A block added to the VPC is exempt within refresh_ms.
@@ -198,7 +216,7 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
     net.host("blk", 212, Ipv4Addr::new(10, 2, 1, 10), "10.2.1.0/24".parse().unwrap()).unwrap();
     let eth1_link = underway_tests::world::router_link(n.index, 1);
     let before = router_rx(&w, &eth1_link);
-    let seen = connect_from(&pod.ns.0, std::net::SocketAddr::from(([10, 2, 1, 10], 80)));
+    let seen = connect_from(&pod.ns.0, SocketAddr::from(([10, 2, 1, 10], 80)));
     assert_eq!(seen, Some(pod.addr.to_string()), "the new block's host sees the pod's own address");
     assert!(router_rx(&w, &eth1_link) > before, "arriving by the pod's ENI (eth1)");
 

@@ -5,12 +5,13 @@
 //! its three shapes (iptables-legacy, iptables-nft, native nftables), each beside a Calico-like
 //! `mangle PREROUTING -j ACCEPT`. Negative control: `egress.node_port = false`. Needs root.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::json;
 use underway_tests::cni::{address, chain, cni, conf};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
+use underway_tests::kube_proxy::{Rules, SHAPES, node_port};
 use underway_tests::netns::TempNs;
 use underway_tests::world::World;
 
@@ -20,30 +21,6 @@ fn serve(ns: &str) {
 
 fn connect(ns: &str, to: SocketAddr) -> Option<String> {
     underway_tests::internet::connect_from(ns, to)
-}
-
-/// kube-proxy's NodePort rule (and a Calico-like ACCEPT first in mangle PREROUTING) in one shape.
-fn kube_proxy(shape: &str, pod: Ipv4Addr) -> (String, String) {
-    let ipt = |bin: &str| {
-        (
-            format!(
-                "{bin} -t mangle -I PREROUTING -j ACCEPT && \
-                 {bin} -t nat -A PREROUTING -p tcp --dport 30080 -m addrtype --dst-type LOCAL -j DNAT --to-destination {pod}:80"
-            ),
-            format!("{bin} -t mangle -F PREROUTING && {bin} -t nat -F PREROUTING"),
-        )
-    };
-    match shape {
-        "iptables-legacy" => ipt("iptables-legacy"),
-        "iptables-nft" => ipt("iptables-nft"),
-        _ => (
-            format!(
-                "nft 'table ip kube-proxy {{\nchain mangle {{\ntype filter hook prerouting priority mangle - 5;\naccept\n}}\n\
-                 chain nat {{\ntype nat hook prerouting priority dstnat;\ntcp dport 30080 fib daddr type local dnat to {pod}:80\n}}\n}}'"
-            ),
-            "nft delete table ip kube-proxy".into(),
-        ),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -78,7 +55,7 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
     serve(&pods.last().unwrap().0);
     let (a_ip, client_ip) = (a.primary_ip().unwrap(), client.primary_ip().unwrap());
     let target = SocketAddr::from((a_ip, 30080));
-    let (install, remove) = kube_proxy("nftables", pod);
+    let Rules { install, remove } = node_port("nftables", 30080, pod);
     assert!(a.exec(&["sh", "-c", &install]).unwrap().status.success(), "{install}");
     // Negative control: without NodePort support the reply leaves by eth1 as the node's address.
     // Per-link counters on the node say which ENI a packet left by (the router's source-check
@@ -108,8 +85,8 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
         assert!(t.elapsed() < Duration::from_secs(20), "the NodePort rules never appeared");
         std::thread::sleep(Duration::from_millis(100));
     }
-    for shape in ["iptables-legacy", "iptables-nft", "nftables"] {
-        let (install, remove) = kube_proxy(shape, pod);
+    for shape in SHAPES {
+        let Rules { install, remove } = node_port(shape, 30080, pod);
         assert!(a.exec(&["sh", "-c", &install]).unwrap().status.success(), "{shape}: {install}");
         let eth1 = tx("eth1");
         assert_eq!(
