@@ -312,6 +312,9 @@ pub struct Config {
     pub health_stall_ms: u64,
     /// Where the durable store lives (0700; the state file 0600).
     pub state_dir: PathBuf,
+    /// Where the node's sysctls are (`/proc/sys`); in the DaemonSet `/host/proc/sys`, with the
+    /// node's `/proc/sys/net` mounted writable beneath it (the container's own is read-only).
+    pub proc_sys: PathBuf,
     /// An assignment whose pod's host veth and network namespace are both gone is reclaimed once
     /// it is this old (the runtime's DEL never came: containerd 1.6/1.7 send no CNI GC). 0 turns
     /// the sweep off; otherwise at least 1000 (below a minute only for tests: an ADD in flight
@@ -356,6 +359,7 @@ impl Default for Config {
             health_stall_ms: 600_000,
             state_dir: PathBuf::from("/var/lib/underway"),
             orphan_grace_ms: 600_000,
+            proc_sys: PathBuf::from("/proc/sys"),
             targets: Targets::default(),
             eni: EniConfig::default(),
             vpc_route: VpcRouteConfig::default(),
@@ -493,6 +497,9 @@ impl Config {
         }
         if m & 0xffff_0000 != 0 {
             return Err(invalid("egress.mark", format!("{m:#x} is inside Calico's default mark mask 0xffff0000")));
+        }
+        if !self.proc_sys.is_absolute() {
+            return Err(invalid("proc_sys", format!("{} must be an absolute path", self.proc_sys.display())));
         }
         if self.orphan_grace_ms != 0 && self.orphan_grace_ms < 1_000 {
             return Err(invalid("orphan_grace_ms", "0 (off) or at least 1000"));
@@ -742,6 +749,7 @@ subnets = ["subnet-1a"]
             ("cluster = \"c\"\n[cloud.rate_budget.mutating]\nqps = 0.0\nburst = 1", &[], "rate_budget.mutating.qps"),
             ("cluster = \"c\"", &[("UNDERWAY_ADD_WAIT_MS", "many")], "add_wait_ms"),
             ("cluster = \"c\"", &[("UNDERWAY_VETH_PREFIX", "toolong")], "veth_prefix"),
+            ("cluster = \"c\"\nproc_sys = \"proc/sys\"", &[], "proc_sys"),
             ("cluster = \"c\"\nmode = \"overlay\"", &[], "mode"),
             ("cluster = \"c\"\nmode = \"vpc-route\"", &[], "vpc_route.pod_cidr"),
             (

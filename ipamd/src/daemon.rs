@@ -100,6 +100,7 @@ struct Shared {
 /// Runs ipamd until `shutdown` completes; then saves the store and removes the socket.
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> {
     let cfg = Arc::new(cfg);
+    underway_routes::netns::set_proc_sys(cfg.proc_sys.clone());
     let store = Store::open(&cfg.state_dir)?;
     // Held until run returns: a second ipamd stops here, before the socket or the store.
     let _lock = store.lock()?;

@@ -84,7 +84,8 @@ async fn install_once<C: Discovery>(
         return Ok(s);
     }
     underway_routes::egress::apply(None, &s)?;
-    if s.snat.is_some() {
+    if let Some((link, _)) = &s.snat {
+        underway_routes::egress::loose_rp_filter(None, link)?;
         underway_routes::egress::ensure_main_rule(None, cfg.egress.mark).await?;
     } else {
         underway_routes::egress::remove_main_rule(None).await?;

@@ -182,6 +182,15 @@ pub fn apply(host: Option<&Path>, spec: &EgressSpec) -> Result<()> {
     nft(host, &["-f", "-"], Some(ruleset(spec)?)).map(|_| ())
 }
 
+/// Loose reverse-path filtering (2) on the primary ENI's link, and only there: a pod's translated
+/// traffic comes back by it, de-translated to the pod's address, and the reverse path of a
+/// secondary-ENI pod's address is its own ENI (rule 1536), so a strict check (Amazon Linux's
+/// default, 1) drops every reply. Pod veths stay strict (and the antispoof chain checks them).
+pub fn loose_rp_filter(host: Option<&Path>, link: &str) -> Result<()> {
+    check_name("primary_link", link)?;
+    crate::netns::sysctl_in(host, &format!("net/ipv4/conf/{link}/rp_filter"), "2")
+}
+
 /// Removes the table; absent is fine.
 pub fn remove(host: Option<&Path>) -> Result<()> {
     nft(host, &["-f", "-"], Some(format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))).map(|_| ())

@@ -62,16 +62,31 @@ pub(crate) fn on_thread_in<T: Send + 'static>(
     .map_err(|_| RoutesError::Netns { path: p.display().to_string(), source: std::io::Error::other("thread panicked") })
 }
 
-/// Writes `/proc/sys/<key>` as seen from the namespace at `path` (`None`: this one).
+static PROC_SYS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Where the node's sysctls are written and read (default `/proc/sys`), set once at start-up. A
+/// container that is not privileged has `/proc/sys` read-only; the DaemonSet mounts the node's
+/// `/proc/sys/net` writable at `/host/proc/sys/net` (as Cilium does) and sets this to
+/// `/host/proc/sys`. Entries under `net/` are those of the opener's network namespace.
+pub fn set_proc_sys(root: std::path::PathBuf) {
+    let _ = PROC_SYS.set(root);
+}
+
+fn proc_sys(key: &str) -> String {
+    let root = PROC_SYS.get().map(|p| p.display().to_string()).unwrap_or_else(|| "/proc/sys".into());
+    format!("{root}/{key}")
+}
+
+/// Writes `<proc sys>/<key>` as seen from the namespace at `path` (`None`: this one).
 pub fn sysctl_in(path: Option<&Path>, key: &str, value: &str) -> Result<()> {
-    let file = format!("/proc/sys/{key}");
+    let file = proc_sys(key);
     let (f, v) = (file.clone(), value.to_string());
     on_thread_in(path, move || std::fs::write(&f, v))?.map_err(|source| RoutesError::Netns { path: file, source })
 }
 
 /// Reads `/proc/sys/<key>` as seen from the namespace at `path` (`None`: this one).
 pub fn sysctl_read(path: Option<&Path>, key: &str) -> Result<String> {
-    let file = format!("/proc/sys/{key}");
+    let file = proc_sys(key);
     let f = file.clone();
     on_thread_in(path, move || std::fs::read_to_string(&f))?.map_err(|source| RoutesError::Netns { path: file, source })
 }

@@ -436,8 +436,12 @@ impl World {
         for a in [IMDS_ADDR, EC2_PROXY_ADDR] {
             netns::ip_in(&ns, &["addr", "add", &format!("{a}/32"), "dev", "lo"])?;
         }
-        // An EKS node forwards (kubelet's and the runtime's set-up do this on a real one).
+        // An EKS node forwards (kubelet's and the runtime's set-up do this on a real one), and
+        // filters reverse paths strictly, as Amazon Linux 2's EKS AMI does (a new namespace
+        // starts with it off, which would hide a reply path that only works loose).
         netns::sysctl(&ns, "net.ipv4.ip_forward", "1")?;
+        netns::sysctl(&ns, "net.ipv4.conf.all.rp_filter", "1")?;
+        netns::sysctl(&ns, "net.ipv4.conf.default.rp_filter", "1")?;
         let (imds_in_ns, proxy_in_ns) = netns::in_ns(&ns, || {
             (
                 std::net::TcpListener::bind((IMDS_ADDR, 80)),
