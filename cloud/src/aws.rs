@@ -159,7 +159,9 @@ impl Ec2Cloud {
                 .build();
             loop {
                 self.budget.acquire(class).await;
+                let started = std::time::Instant::now();
                 let res = send().await.map_err(|e| map_sdk_error(op, e));
+                self.stats.latency(op, started.elapsed().as_secs_f64());
                 let outcome = res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok);
                 self.stats.record(op, outcome);
                 match res {

@@ -48,7 +48,7 @@ async fn ec2_calls_for_100_pods(instance_type: &str, extra: &str) -> (f64, f64, 
     pods(&p, "p", 100);
     eventually(Duration::from_secs(30), "the pool settles", || status(&p).reason == "serving");
     std::thread::sleep(Duration::from_secs(2));
-    let c = calls(&p.http_get(61678, "/metrics").unwrap());
+    let c = calls(&p.http_get(61780, "/metrics").unwrap());
     let mutating: f64 = c.iter().filter(|(op, _)| MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum();
     let describe: f64 = c.iter().filter(|(op, _)| !MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum();
     let detail = c.iter().map(|(op, n)| format!("{op} {n}")).collect::<Vec<_>>().join(", ");

@@ -373,8 +373,8 @@ impl Default for Config {
             reconcile_min_interval_ms: 20,
             reconcile_interval_ms: 5_000,
             veth_prefix: "uw".into(),
-            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61678))),
-            introspection_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61679))),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61780))),
+            introspection_listen: Some(SocketAddr::from(([127, 0, 0, 1], 61781))),
         }
     }
 }

@@ -203,6 +203,7 @@ async fn background(
         ec2.region = region;
     }
     let cloud = Arc::new(Ec2Cloud::connect(&ec2).await);
+    cloud.stats().observe_latency_with(sh.metrics.cloud_latency_observer());
     let _ = sh.calls.set(cloud.stats().clone());
     let mut gc = None;
     let cfg = if cfg.kubernetes.enabled {

@@ -23,6 +23,8 @@ type Labels = Vec<(&'static str, String)>;
 pub struct Metrics {
     registry: Registry,
     add_seconds: Family<Labels, Histogram>,
+    reconcile_seconds: Family<Labels, Histogram>,
+    cloud_call_seconds: Family<Labels, Histogram>,
     reconcile_runs: Family<Labels, Counter>,
     enis_deleted: Counter,
     route_table_routes: Family<Labels, Gauge>,
@@ -47,6 +49,20 @@ impl Metrics {
         let add_seconds =
             Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 16)));
         registry.register("add_seconds", "Time ipamd took to answer an Add, by result", add_seconds.clone());
+        let reconcile_seconds =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 16)));
+        registry.register(
+            "reconcile_seconds",
+            "Time one reconciler run took (sync or step, cloud calls included), by result",
+            reconcile_seconds.clone(),
+        );
+        let cloud_call_seconds =
+            Family::<Labels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.002, 2.0, 14)));
+        registry.register(
+            "cloud_call_seconds",
+            "Time one cloud API attempt took (retries are attempts of their own), by operation",
+            cloud_call_seconds.clone(),
+        );
         let reconcile_runs = Family::<Labels, Counter>::default();
         registry.register("reconcile_runs", "Reconciler runs, by result", reconcile_runs.clone());
         let enis_deleted = Counter::default();
@@ -91,6 +107,8 @@ impl Metrics {
         Metrics {
             registry,
             add_seconds,
+            reconcile_seconds,
+            cloud_call_seconds,
             reconcile_runs,
             enis_deleted,
             route_table_routes,
@@ -124,8 +142,16 @@ impl Metrics {
         self.cluster_gc_deleted.get_or_create(&vec![("kind", kind.to_string())]).inc_by(n as u64);
     }
 
-    pub fn reconcile_run(&self, result: &str) {
-        self.reconcile_runs.get_or_create(&vec![("result", result.to_string())]).inc();
+    pub fn reconcile_run(&self, result: &str, took: Duration) {
+        let labels = vec![("result", result.to_string())];
+        self.reconcile_runs.get_or_create(&labels).inc();
+        self.reconcile_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    /// The observer the cloud's call statistics report each attempt's duration to.
+    pub fn cloud_latency_observer(&self) -> underway_cloud::stats::LatencyObserver {
+        let family = self.cloud_call_seconds.clone();
+        Box::new(move |op, secs| family.get_or_create(&vec![("operation", op.to_string())]).observe(secs))
     }
 
     pub fn route_table(&self, table: &str, routes: usize, capacity: u32) {
@@ -137,12 +163,34 @@ impl Metrics {
         self.enis_deleted.inc();
     }
 
-    /// The text exposition.
+    /// The Prometheus text exposition (0.0.4, what `/metrics` says it serves).
     pub fn render(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
-        out
+        text_004(&out)
     }
+}
+
+/// OpenMetrics text (what prometheus-client writes) as Prometheus text 0.0.4: a counter family
+/// `x` has samples `x_total`, and in 0.0.4 its HELP and TYPE must name `x_total` too (promtool
+/// reported every counter as having no help); no `# EOF`.
+fn text_004(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out += renamed.as_deref().unwrap_or(line);
+        out.push('\n');
+    }
+    out
 }
 
 fn gauge<'a>(
@@ -214,5 +262,19 @@ impl Collector for Live {
             ConstCounter::new(throttled).encode(m)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counters_are_written_as_text_0_0_4_names_them() {
+        let om = "# HELP a_runs Runs.\n# TYPE a_runs counter\na_runs_total{r=\"ok\"} 1\n\
+                  # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n# EOF\n";
+        assert_eq!(
+            super::text_004(om),
+            "# HELP a_runs_total Runs.\n# TYPE a_runs_total counter\na_runs_total{r=\"ok\"} 1\n\
+             # HELP a_up Up.\n# TYPE a_up gauge\na_up 1\n"
+        );
     }
 }

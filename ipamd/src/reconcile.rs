@@ -124,11 +124,12 @@ pub async fn run<S: Source>(
             tokio::time::sleep(window).await;
         }
         first = false;
+        let started = std::time::Instant::now();
         let stepped = src.step(&state).await;
         state.touch();
         match stepped {
             Ok(step) => {
-                metrics.reconcile_run("ok");
+                metrics.reconcile_run("ok", started.elapsed());
                 delays = backoff();
                 state.set_status(|s| s.blocker = step.blocker.clone());
                 if step.blocker.is_some() {
@@ -140,7 +141,7 @@ pub async fn run<S: Source>(
                 }
             }
             Err(e) => {
-                metrics.reconcile_run(result_label(&e));
+                metrics.reconcile_run(result_label(&e), started.elapsed());
                 let b = blocker_of(&e);
                 state.record_error(format!("reconcile: {e}"));
                 state.set_status(|s| s.blocker = Some(b));

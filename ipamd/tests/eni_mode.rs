@@ -19,7 +19,7 @@ async fn a_fresh_node_reaches_its_targets_with_the_calls_they_imply() {
     let enis = enis_in_ec2(&w, &n).await;
     assert_eq!(enis.len(), 1, "no second ENI: {enis:?}");
     assert_eq!(enis[0].2.len(), 9, "9 secondary addresses on the primary ENI");
-    let m = p.http_get(61678, "/metrics").unwrap();
+    let m = p.http_get(61780, "/metrics").unwrap();
     let calls = |op: &str| sample(&m, &format!("underway_cloud_calls_total{{operation=\"{op}\",outcome=\"ok\"}}"));
     assert_eq!(calls("AssignPrivateIpAddresses"), Some(1.0), "one batch call fills the target:\n{m}");
     assert_eq!(calls("CreateNetworkInterface"), None, "{m}");
@@ -27,12 +27,12 @@ async fn a_fresh_node_reaches_its_targets_with_the_calls_they_imply() {
     assert_eq!(sample(&m, &format!("underway_pool_addresses{{eni=\"{eni0}\",state=\"free\"}}")), Some(9.0), "{m}");
     assert_eq!(sample(&m, "underway_enis_limit"), Some(3.0));
     assert_eq!(sample(&m, "underway_ready"), Some(1.0));
-    let v: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/enis").unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&p.http_get(61781, "/v1/enis").unwrap()).unwrap();
     assert_eq!(v[0]["id"], serde_json::json!(eni0));
     assert_eq!(v[0]["free"], 9);
-    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/config").unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61781, "/v1/config").unwrap()).unwrap();
     assert_eq!(cfg["cluster"], serde_json::json!(w.id()), "the effective config");
-    let st: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/status").unwrap()).unwrap();
+    let st: serde_json::Value = serde_json::from_str(&p.http_get(61781, "/v1/status").unwrap()).unwrap();
     assert_eq!(st["node"]["id"], serde_json::json!(n.instance_id));
 }
 
@@ -56,6 +56,24 @@ async fn a_full_primary_brings_a_second_eni_whose_addresses_serve() {
         assert!(enis[1].2.contains(&a.address), "{} is owned by {eni1} in EC2", a.address);
     }
     // The link was set up: up, with the ENI's table (subnet + default via the subnet's router).
+    // The scrape after real work passes promtool's lint (help on every family, counter names
+    // ending in _total), histograms of Add, reconcile and cloud-call latency included.
+    let m = p.http_get(61780, "/metrics").unwrap();
+    let (clean, said) = promtool_check(&m);
+    assert!(clean, "promtool check metrics: {said}\n{m}");
+    for family in
+        ["underway_add_seconds_bucket", "underway_reconcile_seconds_bucket", "underway_cloud_call_seconds_bucket"]
+    {
+        assert!(m.contains(family), "{family} in\n{m}");
+    }
+    assert!(
+        m.contains("underway_cloud_call_seconds_count{operation=\"CreateNetworkInterface\"} 1"),
+        "one timed attempt per call:\n{m}"
+    );
+    // The lint is real: a family without its help text fails it.
+    let no_help: String =
+        m.lines().filter(|l| !l.starts_with("# HELP underway_cloud_throttles")).map(|l| format!("{l}\n")).collect();
+    assert!(!promtool_check(&no_help).0, "promtool must refuse a family without help");
     let out = n.exec(&["ip", "route", "show", "table", "101"]).unwrap();
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("default via 10.0.0.1 dev eth1"), "table 101: {table}");
@@ -77,7 +95,7 @@ async fn instance_limits_are_enforced_and_add_says_so() {
         p.call(&Request::Status)
             .is_ok_and(|r| matches!(r, Response::Status(s) if s.ready && s.free == 2 && s.reason.contains("ENI limit")))
     });
-    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    let errors = p.http_get(61781, "/v1/errors").unwrap();
     assert!(
         errors.contains("minimum_ip_target = 3 can never be met") && errors.contains("at most 2 addresses"),
         "an unreachable target is reported at start with its numbers: {errors}"
@@ -138,7 +156,7 @@ async fn fifty_assignments_survive_a_kill_and_a_corrupt_store_is_survived() {
     std::fs::write(&store, &bytes[..bytes.len() / 2]).unwrap();
     p.spawn().unwrap();
     p.wait_ready(5, Duration::from_secs(60)).unwrap();
-    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    let errors = p.http_get(61781, "/v1/errors").unwrap();
     assert!(errors.contains("corrupt") && errors.contains("torn"), "{errors}");
     let kept: Vec<_> = std::fs::read_dir(p.dir.join("state"))
         .unwrap()
@@ -257,7 +275,7 @@ async fn gc_deletes_this_nodes_leaked_enis_and_releases_stale_attachments() {
     assert!(gone, "the detached ENI this cluster made for this node was deleted");
     assert!(exists(in_use.clone()).await, "an attached ENI is never deleted");
     assert!(exists(foreign.clone()).await, "another cluster's ENI is not ours");
-    let m = p.http_get(61678, "/metrics").unwrap();
+    let m = p.http_get(61780, "/metrics").unwrap();
     assert_eq!(sample(&m, "underway_leaked_enis_deleted_total"), Some(1.0), "{m}");
 
     // CNI GC: the runtime still has pod a; b and c are stale.
@@ -319,11 +337,11 @@ async fn an_eni_attached_despite_a_failed_call_is_adopted_not_duplicated() {
     // 12 warm addresses: the primary ENI holds 9, so a second ENI is needed.
     let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 12\n"));
     p.wait_ready(12, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", p.log_text()));
-    let errors = p.http_get(61679, "/v1/errors").unwrap();
+    let errors = p.http_get(61781, "/v1/errors").unwrap();
     assert!(errors.contains("adopted"), "{errors}");
     let in_ec2 = enis_in_ec2(&w, &n).await;
     assert_eq!(in_ec2.len(), 2, "one ENI added, not one per retry: {in_ec2:?}");
-    let tracked = p.http_get(61679, "/v1/enis").unwrap();
+    let tracked = p.http_get(61781, "/v1/enis").unwrap();
     for (id, _, _) in &in_ec2 {
         assert!(tracked.contains(id.as_str()), "{id} is in the pool: {tracked}");
     }
@@ -434,7 +452,7 @@ async fn the_pool_follows_ec2_after_lost_unassign_replies_and_outside_changes() 
         assert_eq!(p.call(&Request::Del(key(name))).unwrap(), Response::Released { found: true });
     }
     eventually(Duration::from_secs(60), "ipamd to ask EC2 what it released", || {
-        p.http_get(61679, "/v1/errors").unwrap().contains("yet EC2 released")
+        p.http_get(61781, "/v1/errors").unwrap().contains("yet EC2 released")
     });
     front.configure(|c| c.faults = Default::default());
     eventually(Duration::from_secs(30), "the pool agrees with EC2", || {
@@ -442,7 +460,7 @@ async fn the_pool_follows_ec2_after_lost_unassign_replies_and_outside_changes() 
         s.free == 2 && s.assigned == 0
     });
     let in_ec2 = enis_in_ec2(&w, &n).await.iter().map(|e| e.2.len()).sum::<usize>();
-    assert_eq!(in_ec2, 2, "{}", p.http_get(61679, "/v1/enis").unwrap());
+    assert_eq!(in_ec2, 2, "{}", p.http_get(61781, "/v1/enis").unwrap());
 
     // (b) Someone unassigns a free address behind ipamd's back.
     let enis = enis_in_ec2(&w, &n).await;
@@ -456,11 +474,11 @@ async fn the_pool_follows_ec2_after_lost_unassign_replies_and_outside_changes() 
         .await
         .unwrap();
     eventually(Duration::from_secs(30), "the re-check repaired the pool", || {
-        p.http_get(61679, "/v1/errors").unwrap().contains("re-check against EC2 repaired")
+        p.http_get(61781, "/v1/errors").unwrap().contains("re-check against EC2 repaired")
     });
     eventually(Duration::from_secs(30), "back to the target", || status(&p).free == 2);
     let held = enis_in_ec2(&w, &n).await.iter().map(|e| e.2.len()).sum::<usize>();
-    assert_eq!(held, 2, "EC2 and the pool agree: {}", p.http_get(61679, "/v1/enis").unwrap());
+    assert_eq!(held, 2, "EC2 and the pool agree: {}", p.http_get(61781, "/v1/enis").unwrap());
 }
 
 /// Issue 14, item 7: an attached ENI whose link never appears on the node (here: the world does
@@ -478,7 +496,7 @@ async fn an_eni_whose_link_never_appears_is_given_up() {
     );
     let t = std::time::Instant::now();
     let errors = loop {
-        let e = p.http_get(61679, "/v1/errors").unwrap_or_default();
+        let e = p.http_get(61781, "/v1/errors").unwrap_or_default();
         if e.contains("gave up on") {
             break e;
         }

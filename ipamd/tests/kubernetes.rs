@@ -70,7 +70,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     );
 
     // The pool and pod CIDR came from the cluster.
-    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61679, "/v1/config").unwrap()).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&p.http_get(61781, "/v1/config").unwrap()).unwrap();
     assert_eq!(cfg["mode"], "vpc-route", "{cfg}");
     assert_eq!(cfg["pool"], "routed");
     assert_eq!(cfg["vpc_route"]["pod_cidr"], pod_cidr.to_string());
@@ -121,7 +121,7 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = p.http_get(61678, "/metrics").unwrap();
+    let metrics = p.http_get(61780, "/metrics").unwrap();
     assert!(metrics.contains("underway_cluster_gc_lease_held 1"), "{metrics}");
     assert_eq!(sample(&metrics, "underway_cluster_gc_deleted_total{kind=\"eni\"}"), Some(1.0), "{metrics}");
 

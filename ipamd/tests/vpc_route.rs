@@ -97,7 +97,7 @@ async fn two_routed_nodes_pods_ping_restart_is_idempotent_graceful_stop_keeps_ro
     pa.kill9();
     pa.spawn().unwrap();
     pa.wait_ready(253, Duration::from_secs(60)).unwrap();
-    let m = pa.http_get(61678, "/metrics").unwrap();
+    let m = pa.http_get(61780, "/metrics").unwrap();
     for op in ["CreateRoute", "ReplaceRoute", "DeleteRoute", "ModifyNetworkInterfaceAttribute"] {
         assert!(!m.contains(&format!("operation=\"{op}\"")), "{op} after a restart:\n{m}");
     }
@@ -178,7 +178,7 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_tags_and_seve
         matches!(p.call(&Request::Status), Ok(Response::Status(s))
             if s.reason.contains("vpc_route.pod_cidr") && s.reason.contains("10.0.0.0/16") && s.reason.contains("AWS refuses"))
     });
-    let m = p.http_get(61678, "/metrics").unwrap();
+    let m = p.http_get(61780, "/metrics").unwrap();
     assert!(!m.contains("operation=\"CreateRoute\""), "no route call:\n{m}");
     let status = p.run_cmd(&["status"]).unwrap();
     assert!(!status.status.success(), "status exits non-zero while not ready");
@@ -239,7 +239,7 @@ async fn stale_routes_are_taken_over_live_ones_left_alone_capacity_tags_and_seve
         other => panic!("{other:?}"),
     }
     assert!(!routes(&w, &main).await.iter().any(|(d, _)| d == "100.64.32.0/24"));
-    let m = p.http_get(61678, "/metrics").unwrap();
+    let m = p.http_get(61780, "/metrics").unwrap();
     assert!(!m.contains("operation=\"CreateRoute\""), "no call past the capacity:\n{m}");
     assert_eq!(sample(&m, &format!("underway_route_table_routes{{table=\"{main}\"}}")), Some(2.0), "{m}");
     assert_eq!(sample(&m, "underway_route_table_capacity"), Some(2.0), "{m}");

@@ -96,7 +96,7 @@ async fn thirty_pods_in_parallel_then_a_lost_store_then_all_deleted() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(held, 3, "surplus addresses went back to EC2: {}", p.http_get(61679, "/v1/enis").unwrap());
+    assert_eq!(held, 3, "surplus addresses went back to EC2: {}", p.http_get(61781, "/v1/enis").unwrap());
 }
 
 /// Issue 14, item 1: after a lost store, Adds fired the moment the restarted ipamd listens (a

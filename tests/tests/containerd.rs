@@ -264,7 +264,7 @@ async fn containerd_runs_a_sandbox_on_underway_and_releases_it() {
         Response::Checked(c) => assert_eq!(c.address, ip, "the sandbox has ipamd's address"),
         other => panic!("{other:?}"),
     }
-    let held: Value = serde_json::from_str(&da.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+    let held: Value = serde_json::from_str(&da.http_get(61781, "/v1/assignments").unwrap()).unwrap();
     assert_eq!(held[0]["name"], "web", "the runtime's CNI_ARGS named the pod: {held}");
 
     // Reachable from a pod on another node.

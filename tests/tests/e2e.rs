@@ -279,7 +279,7 @@ async fn ipamd_killed_during_twenty_parallel_adds() {
     let valid: Vec<&str> = ok.iter().map(|(id, _, _)| *id).collect();
     let (code, v) = gc(&n.ns, &d, &valid);
     assert_eq!(code, 0, "{v}");
-    let held: serde_json::Value = serde_json::from_str(&d.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+    let held: serde_json::Value = serde_json::from_str(&d.http_get(61781, "/v1/assignments").unwrap()).unwrap();
     assert_eq!(held.as_array().unwrap().len(), ok.len(), "exactly the pods with a result hold addresses: {held}");
     let veths = n.exec(&["sh", "-c", "ip -br link | grep -c '^uw' || true"]).unwrap();
     assert_eq!(String::from_utf8_lossy(&veths.stdout).trim(), ok.len().to_string(), "no half-made veth left");
@@ -301,7 +301,7 @@ async fn an_assignment_whose_pod_vanished_without_del_is_reclaimed() {
     let gone_addr = gone.addr;
     drop(gone); // its namespace, and with it the veth pair, is deleted: no DEL is sent
     let holders = || -> Vec<String> {
-        let v: serde_json::Value = serde_json::from_str(&d.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&d.http_get(61781, "/v1/assignments").unwrap()).unwrap();
         v.as_array().unwrap().iter().map(|a| a["address"].as_str().unwrap().to_string()).collect()
     };
     let t = Instant::now();
@@ -311,12 +311,12 @@ async fn an_assignment_whose_pod_vanished_without_del_is_reclaimed() {
     }
     assert_eq!(holders(), vec![kept.addr.to_string()], "the running pod keeps its address");
     assert!(reach(&kept.ns.0, "10.0.0.1".parse().unwrap()), "and its network");
-    let errors = d.http_get(61679, "/v1/errors").unwrap();
+    let errors = d.http_get(61781, "/v1/errors").unwrap();
     assert!(
         errors.contains("reclaimed 1 assignments whose pod is gone") && errors.contains(&gone_addr.to_string()),
         "{errors}"
     );
-    let metrics = d.http_get(61678, "/metrics").unwrap();
+    let metrics = d.http_get(61780, "/metrics").unwrap();
     assert!(metrics.contains("underway_orphans_reclaimed_total 1"), "{metrics}");
     // The runtime's DEL, late: nothing to release, still a success.
     let (code, v) = cni(&n.ns, "DEL", "gone", &netns, &conf(&d));

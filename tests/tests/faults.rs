@@ -155,7 +155,7 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
     let mut held_by_stores: BTreeSet<Ipv4Addr> = BTreeSet::new();
     for (i, d) in ds.iter().enumerate() {
         let assignments: serde_json::Value =
-            serde_json::from_str(&d.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+            serde_json::from_str(&d.http_get(61781, "/v1/assignments").unwrap()).unwrap();
         for a in assignments.as_array().unwrap() {
             let ip: Ipv4Addr = a["address"].as_str().unwrap().parse().unwrap();
             assert!(held_by_stores.insert(ip), "{ip} held twice across the stores");
@@ -176,7 +176,7 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
     // No ENI of the cluster left untracked: each is attached to its node and in that node's pool,
     // or (a lost reply's duplicate) deleted by the node's leak GC after the grace.
     let tracked = |i: usize| -> BTreeSet<String> {
-        let v: serde_json::Value = serde_json::from_str(&ds[i].http_get(61679, "/v1/enis").unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ds[i].http_get(61781, "/v1/enis").unwrap()).unwrap();
         v.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()).collect()
     };
     let deadline = Instant::now() + Duration::from_secs(90);

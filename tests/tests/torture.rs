@@ -72,7 +72,7 @@ fn del_until_ok(node_ns: &str, id: &str, netns: &str, c: &str, counts: &Counts) 
 
 /// The pool's addresses by state, from `/v1/addresses`.
 fn slots(p: &IpamdProcess) -> BTreeMap<Ipv4Addr, String> {
-    let v: Value = serde_json::from_str(&p.http_get(61679, "/v1/addresses").unwrap()).unwrap();
+    let v: Value = serde_json::from_str(&p.http_get(61781, "/v1/addresses").unwrap()).unwrap();
     let mut out = BTreeMap::new();
     for eni in v.as_array().unwrap() {
         for (a, s) in eni["slots"].as_object().unwrap() {
@@ -88,7 +88,7 @@ fn slots(p: &IpamdProcess) -> BTreeMap<Ipv4Addr, String> {
 }
 
 fn held(p: &IpamdProcess) -> Vec<(Ipv4Addr, String)> {
-    let v: Value = serde_json::from_str(&p.http_get(61679, "/v1/assignments").unwrap()).unwrap();
+    let v: Value = serde_json::from_str(&p.http_get(61781, "/v1/assignments").unwrap()).unwrap();
     v.as_array()
         .unwrap()
         .iter()
@@ -249,7 +249,7 @@ async fn kill_storm() {
         .unwrap();
     let mut tracked = BTreeSet::new();
     for (i, p) in procs.iter().enumerate() {
-        let enis: Value = serde_json::from_str(&p.http_get(61679, "/v1/enis").unwrap()).unwrap();
+        let enis: Value = serde_json::from_str(&p.http_get(61781, "/v1/enis").unwrap()).unwrap();
         tracked.extend(enis.as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap().to_string()));
         let want: BTreeSet<Ipv4Addr> = live.iter().filter(|p| p.node == i).map(|p| p.addr).collect();
         let holders = held(p);

@@ -153,3 +153,18 @@ pub async fn primary_eni(w: &World, n: &Node) -> String {
     let p = enis.iter().find(|e| e.attachment().and_then(|a| a.device_index()) == Some(0)).expect("a primary ENI");
     p.network_interface_id().unwrap().to_string()
 }
+
+/// `promtool check metrics` (Debian's prometheus package) on a scrape: (clean, what it said).
+pub fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; deploy/local/prereqs installs it)");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}

@@ -45,7 +45,7 @@ fn config(mode: &str, cidr: &str) -> String {
 }
 
 fn mutating_calls(p: &IpamdProcess) -> u64 {
-    let m = p.http_get(61678, "/metrics").unwrap_or_default();
+    let m = p.http_get(61780, "/metrics").unwrap_or_default();
     calls_by_operation(&m).iter().filter(|(op, _)| MUTATING.contains(&op.as_str())).map(|(_, n)| n).sum::<f64>() as u64
 }
 
