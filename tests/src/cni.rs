@@ -35,6 +35,22 @@ pub fn chain(
     runtime: &Value,
     cached: Option<&Value>,
 ) -> Result<Value, (String, i32, Value)> {
+    chain_in(None, node_ns, command, id, netns, conflist, runtime, cached)
+}
+
+/// [`chain`] with the plugins found in `bin_dir` first (a node's CNI bin directory, where an
+/// image's init container installed them).
+#[allow(clippy::too_many_arguments)]
+pub fn chain_in(
+    bin_dir: Option<&std::path::Path>,
+    node_ns: &str,
+    command: &str,
+    id: &str,
+    netns: &str,
+    conflist: &Value,
+    runtime: &Value,
+    cached: Option<&Value>,
+) -> Result<Value, (String, i32, Value)> {
     let mut plugins: Vec<&Value> = conflist["plugins"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
     if command == "DEL" {
         plugins.reverse();
@@ -58,9 +74,10 @@ pub fn chain(
             }
         }
         let ty = p["type"].as_str().unwrap_or_default().to_string();
-        let bin = match ty.as_str() {
-            "underway" | "underway-probe" => bin_path(&ty).unwrap(),
-            other => std::path::Path::new("/usr/lib/cni").join(other),
+        let bin = match (bin_dir.map(|d| d.join(&ty)), ty.as_str()) {
+            (Some(p), _) if p.exists() => p,
+            (_, "underway" | "underway-probe") => bin_path(&ty).unwrap(),
+            (_, other) => std::path::Path::new("/usr/lib/cni").join(other),
         };
         let (code, out) = run_bin(&bin, node_ns, &pod_env(command, id, netns), &conf.to_string());
         if code != 0 {
