@@ -7,7 +7,7 @@ use underway_cni::env::Command;
 #[test]
 fn the_shipped_conflist_is_valid_for_every_command() {
     let text =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cni/10-underway.conflist")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/k8s/10-underway.conflist")).unwrap();
     let list: Value = serde_json::from_str(&text).unwrap();
     let plugins = list["plugins"].as_array().unwrap();
     assert_eq!(plugins[0]["type"], "underway", "underway comes first");

@@ -1,21 +1,28 @@
-//! The config examples in deploy/config are ones ipamd accepts, with the meaning they claim.
+//! The shipped configs (the overlays' ipamd.toml, deploy/config's pools example) are ones ipamd
+//! accepts, with the meaning they claim.
 
 use underway_ipamd::config::{Config, Mode};
 
 fn load(name: &str, env: &[(&str, &str)]) -> Config {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(name);
     let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Config::load(Some(&path), &env).unwrap_or_else(|e| panic!("{name}: {e}"))
 }
 
 #[test]
 fn the_shipped_configs_load() {
-    let eni = load("ipamd-eni.toml", &[]);
+    let eni = load("overlays/eni/ipamd.toml", &[]);
     assert_eq!((eni.mode, eni.targets.warm_ip_target, eni.targets.minimum_ip_target), (Mode::Eni, Some(5), Some(10)));
     assert!(eni.cni.conf_dir.is_some(), "the DaemonSet installs the conflist through ipamd");
-    let pools = load("ipamd-pools.toml", &[]);
+    // The VPC-route overlay's, with the DaemonSet's Kubernetes side on (the pod CIDR comes from
+    // the Node): a VPC-route pool with its cluster range.
+    let k8s = [("UNDERWAY_KUBERNETES__ENABLED", "true"), ("UNDERWAY_KUBERNETES__NODE_NAME", "ip-10-0-1-5")];
+    let vr = load("overlays/vpc-route/ipamd.toml", &k8s);
+    assert_eq!((vr.mode, vr.vpc_route.cluster_cidr), (Mode::VpcRoute, Some("100.64.0.0/16".parse().unwrap())));
+    assert!(vr.cni.conf_dir.is_some());
+    let pools = load("config/ipamd-pools.toml", &[]);
     assert_eq!(pools.mode, Mode::Eni);
-    let routed = load("ipamd-pools.toml", &[("UNDERWAY_POOL", "routed")]);
+    let routed = load("config/ipamd-pools.toml", &[("UNDERWAY_POOL", "routed")]);
     assert_eq!(routed.mode, Mode::VpcRoute);
     assert_eq!(routed.vpc_route.pod_cidr, Some("100.64.1.0/24".parse().unwrap()));
 }
@@ -42,7 +49,7 @@ fn the_example_pools_apply_to_a_node() {
     let pools: Vec<UnderwayPool> = serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(pools.len(), 2);
     let base = load(
-        "ipamd-eni.toml",
+        "overlays/eni/ipamd.toml",
         &[("UNDERWAY_KUBERNETES__ENABLED", "true"), ("UNDERWAY_KUBERNETES__NODE_NAME", "ip-10-0-1-5.ec2.internal")],
     );
     let node = |pool: &str, cidr: Option<&str>| NodeView {

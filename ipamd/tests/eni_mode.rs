@@ -301,7 +301,7 @@ async fn the_cni_config_is_installed_only_once_ipamd_serves() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let src = dir.join("10-underway.conflist");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/cni/10-underway.conflist"), &src).unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/k8s/10-underway.conflist"), &src).unwrap();
     let installed = dir.join("net.d/10-underway.conflist");
     // EC2 is slow: ipamd cannot finish its first sync for a while.
     n.set_ec2_delay(Duration::from_millis(1500));

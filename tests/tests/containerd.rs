@@ -219,7 +219,7 @@ async fn containerd_runs_a_sandbox_on_underway_and_releases_it() {
         std::os::unix::fs::symlink(format!("/usr/lib/cni/{p}"), bins.join(p)).unwrap();
     }
     let mut list: Value =
-        serde_json::from_str(&std::fs::read_to_string("../deploy/cni/10-underway.conflist").unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string("../deploy/k8s/10-underway.conflist").unwrap()).unwrap();
     list["plugins"][0]["ipamdSocket"] = json!(da.socket);
     list["plugins"][0]["logFile"] = json!(dir.join("cni.log"));
     std::fs::write(confs.join("10-underway.conflist"), list.to_string()).unwrap();

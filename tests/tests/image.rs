@@ -3,7 +3,7 @@
 //! its image name, init container and ipamd container (command, env, securityContext, volume
 //! mounts), host network as a test-world node's namespace, hostPath volumes as directories of the
 //! test (the node's `/var/run/netns` and `/proc/sys/net` as themselves), the ConfigMap as
-//! deploy/config/ipamd-eni.toml and deploy/cni/10-underway.conflist. Then: the init step installs
+//! deploy/overlays/eni/ipamd.toml and deploy/k8s/10-underway.conflist. Then: the init step installs
 //! the CNI binary and turns forwarding on; ipamd serves and installs the conflist (the node would
 //! turn Ready); the liveness probe passes; ipamd's nftables table and the primary ENI's loose
 //! rp_filter are in place (nft in the image, sysctls through the mounted /proc/sys/net with
@@ -155,11 +155,11 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     };
     let config_dir = host.join("configmap");
     std::fs::create_dir_all(&config_dir).unwrap();
-    let ipamd_toml = std::fs::read_to_string(format!("{REPO}/deploy/config/ipamd-eni.toml"))
+    let ipamd_toml = std::fs::read_to_string(format!("{REPO}/deploy/overlays/eni/ipamd.toml"))
         .unwrap()
         .replace("cluster = \"my-cluster\"", &format!("cluster = \"{}\"", w.id()));
     std::fs::write(config_dir.join("ipamd.toml"), ipamd_toml).unwrap();
-    std::fs::copy(format!("{REPO}/deploy/cni/10-underway.conflist"), config_dir.join("10-underway.conflist")).unwrap();
+    std::fs::copy(format!("{REPO}/deploy/k8s/10-underway.conflist"), config_dir.join("10-underway.conflist")).unwrap();
     let network = format!("--network=ns:/var/run/netns/{}", a.ns);
     let common = ["--ulimit=nofile=4096:4096".to_string(), "--ulimit=nproc=4096:4096".into(), network];
 

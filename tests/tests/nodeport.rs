@@ -98,7 +98,7 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
         assert!(a.exec(&["sh", "-c", &remove]).unwrap().status.success(), "{shape}: {remove}");
     }
 
-    // hostPort: the conflist as deploy/cni ships it (underway → portmap), with the test's probe
+    // hostPort: the conflist as deploy/k8s ships it (underway → portmap), with the test's probe
     // last, checking the prevResult it is handed. Pods until one is on the secondary ENI.
     let record = std::env::temp_dir().join(format!("underway-probe-{}.jsonl", std::process::id()));
     let conflist = json!({
