@@ -109,6 +109,46 @@ async fn assignments(State(h): State<Http>) -> Json<Vec<AssignmentView>> {
     }))
 }
 
+#[derive(Serialize)]
+struct RouteView {
+    address: std::net::Ipv4Addr,
+    /// `namespace/name`, when the runtime said.
+    pod: Option<String>,
+    eni: Option<String>,
+    /// The table the pod's own traffic uses: its ENI's (`from <pod>` rule) or `main`.
+    table: String,
+    /// The attachment id of the host veth routing the address on the node (`None`: no host route).
+    host_veth: Option<String>,
+}
+
+/// Each held address with the ENI and table its traffic uses, and the host veth that routes it
+/// (read from the node now: a pod whose route is missing shows here).
+async fn routes(State(h): State<Http>) -> Json<Vec<RouteView>> {
+    let prefix = h.effective.get().unwrap_or(&h.config).veth_prefix.clone();
+    let on_host: std::collections::BTreeMap<std::net::Ipv4Addr, String> = underway_routes::pod_veths(None, &prefix)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|(id, addrs)| addrs.into_iter().map(move |a| (a, id.clone())))
+        .collect();
+    Json(h.state.read(|b| {
+        b.pool
+            .held()
+            .map(|(k, a)| {
+                let eni = b.pool.enis().find(|e| e.slots.contains_key(a) || e.prefixes.iter().any(|p| p.contains(a)));
+                let rec = b.pods.get(k);
+                RouteView {
+                    address: *a,
+                    pod: rec.and_then(|r| Some(format!("{}/{}", r.namespace.as_ref()?, r.name.as_ref()?))),
+                    eni: eni.map(|e| e.id.clone()),
+                    table: eni.and_then(|e| e.route_table).map_or("main".into(), |t| t.to_string()),
+                    host_veth: on_host.get(a).cloned(),
+                }
+            })
+            .collect()
+    }))
+}
+
 async fn config(State(h): State<Http>) -> Json<Config> {
     Json((**h.effective.get().unwrap_or(&h.config)).clone())
 }
@@ -133,6 +173,7 @@ pub async fn start(h: Http) -> Result<()> {
         .route("/v1/enis", get(enis))
         .route("/v1/addresses", get(addresses))
         .route("/v1/assignments", get(assignments))
+        .route("/v1/routes", get(routes))
         .route("/v1/config", get(config))
         .route("/v1/errors", get(errors))
         .route("/healthz", get(healthz))
@@ -154,10 +195,9 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(IpamdError::io(format!("listen on {addr}")))
 }
 
-/// `underway-ipamd health`: one plain GET of `/healthz` on `introspection_listen` (blocking, 5 s);
+/// `underway-ipamd health`: one GET of `/healthz` on `introspection_listen` (blocking, 5 s);
 /// without an introspection listener, the socket answering a status request is the test.
 pub fn health(cfg: &Config) -> std::result::Result<String, String> {
-    use std::io::{Read, Write};
     let Some(addr) = cfg.introspection_listen else {
         return underway_api::client::call(
             &cfg.socket,
@@ -167,12 +207,23 @@ pub fn health(cfg: &Config) -> std::result::Result<String, String> {
         .map(|_| "ok (the socket answers; introspection is off)".to_string())
         .map_err(|e| e.to_string());
     };
+    let (code, body) = http_get(addr, "/healthz")?;
+    if code == 200 { Ok(body.trim().to_string()) } else { Err(body.trim().to_string()) }
+}
+
+/// One HTTP/1.1 GET of ipamd's own loopback listener (blocking, 5 s; `Connection: close`, so
+/// the body is what follows the headers): (status code, body). For the commands that read a
+/// running ipamd (`health`, the operator's views).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::result::Result<(u16, String), String> {
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .map_err(|e| format!("{addr}: {e}"))?;
+        .map_err(|e| format!("{addr}: {e} (is ipamd running?)"))?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    write!(s, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(|e| e.to_string())?;
     let mut text = String::new();
-    s.read_to_string(&mut text).map_err(|e| e.to_string())?;
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().trim().to_string();
-    if text.starts_with("HTTP/1.1 200") { Ok(body) } else { Err(body) }
+    s.read_to_string(&mut text).map_err(|e| format!("{addr}{path}: {e}"))?;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| format!("{addr}{path}: no HTTP answer"))?;
+    let code =
+        head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("{addr}{path}: {head}"))?;
+    Ok((code, body.to_string()))
 }

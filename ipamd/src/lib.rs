@@ -12,6 +12,7 @@
 //! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
 //! - [`daemon`]: start-up and shutdown.
 
+pub mod cli;
 pub mod clock;
 pub mod cluster_gc;
 pub mod config;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod install;
 pub mod k8s;
 pub mod metrics;
+pub mod operator;
 pub mod orphans;
 pub mod pool;
 pub mod reconcile;

@@ -70,6 +70,27 @@ async fn a_full_primary_brings_a_second_eni_whose_addresses_serve() {
         m.contains("underway_cloud_call_seconds_count{operation=\"CreateNetworkInterface\"} 1"),
         "one timed attempt per call:\n{m}"
     );
+    // The operator's views of the same ipamd: 12 pods, 2 ENIs, 12 routes each on its ENI's table
+    // and routed by a host veth... except that no CNI ran here, so every host route is MISSING.
+    let cmd = |args: &[&str]| {
+        let out = p.run_cmd(args).unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let pods = cmd(&["pods"]);
+    assert!(pods.starts_with("ADDRESS ") && pods.lines().count() == 13, "{pods}");
+    assert!(pods.contains("default/pod"), "{pods}");
+    let json: serde_json::Value = serde_json::from_str(&cmd(&["pods", "-o", "json"])).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(12));
+    let enis_out = cmd(&["enis"]);
+    assert_eq!(enis_out.lines().count(), 3, "{enis_out}");
+    assert!(enis_out.contains(eni1.as_str()) && enis_out.contains(" 101 "), "{enis_out}");
+    let routes_out = cmd(&["routes"]);
+    assert_eq!(routes_out.lines().filter(|l| l.ends_with("MISSING")).count(), 12, "{routes_out}");
+    assert_eq!(routes_out.lines().filter(|l| l.contains(" 101 ")).count(), on_second.len(), "{routes_out}");
+    let pool_out = cmd(&["pool"]);
+    assert!(pool_out.starts_with("ready:    yes") && pool_out.contains("enis:     2"), "{pool_out}");
+    assert!(cmd(&["errors"]).starts_with("AGO "));
     // The lint is real: a family without its help text fails it.
     let no_help: String =
         m.lines().filter(|l| !l.starts_with("# HELP underway_cloud_throttles")).map(|l| format!("{l}\n")).collect();

@@ -179,6 +179,12 @@ async fn a_secondary_eni_pod_needs_its_from_rule_and_check_says_so() {
         .find(|p| matches!(da.call(&Request::Check(key(&p.name))), Ok(Response::Checked(c)) if c.route_table.is_some()))
         .expect("a pod on a secondary ENI");
     assert!(reach(&far.ns.0, sec.addr), "reachable with its rule");
+    // The operator's view: each pod's address on its ENI's table, routed by its host veth.
+    let out = da.run_cmd(&["routes"]).unwrap();
+    let routes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(routes.lines().filter(|l| l.contains(" via uw")).count(), 3, "{routes}");
+    let line = routes.lines().find(|l| l.starts_with(&format!("{} ", sec.addr))).unwrap_or_default();
+    assert!(line.contains(" 101 ") && line.contains(&format!("default/{}", sec.name)), "{routes}");
     let drops = w.source_check_drops().unwrap();
 
     assert!(
