@@ -445,6 +445,11 @@ impl Config {
 
     /// Checks what types cannot: ranges, names and relations between fields.
     pub fn validate(&self) -> Result<(), IpamdError> {
+        // The sections a pool sets (`targets`, `eni`, `vpc_route`) are named as the pool's.
+        let pooled = |f: &str| match &self.pool {
+            Some(p) => format!("pools.{p}.{f}"),
+            None => f.to_string(),
+        };
         if self.cluster.is_empty()
             || self.cluster.len() > 63
             || !self.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
@@ -512,26 +517,33 @@ impl Config {
         }
         let t = &self.targets;
         if t.max_eni == Some(0) {
-            return Err(invalid("targets.max_eni", "must be at least 1 (the primary ENI)"));
+            return Err(invalid(&pooled("targets.max_eni"), "must be at least 1 (the primary ENI)"));
         }
         if t.prefix_mode && t.warm_ip_target.is_none() && t.minimum_ip_target.is_none() && t.warm_prefix_target == 0 {
-            return Err(invalid("targets.warm_prefix_target", "0 with no IP target keeps no free address at all"));
+            return Err(invalid(
+                &pooled("targets.warm_prefix_target"),
+                "0 with no IP target keeps no free address at all",
+            ));
         }
         for s in &self.eni.subnets {
-            underway_cloud::check_id("eni.subnets", s, "subnet-").map_err(|e| invalid("eni.subnets", e.to_string()))?;
+            underway_cloud::check_id("eni.subnets", s, "subnet-")
+                .map_err(|e| invalid(&pooled("eni.subnets"), e.to_string()))?;
         }
         if !self.eni.subnets.is_empty() && !self.eni.subnet_tags.is_empty() {
-            return Err(invalid("eni.subnet_tags", "give subnets by id or by tags, not both"));
+            return Err(invalid(&pooled("eni.subnet_tags"), "give subnets by id or by tags, not both"));
         }
         for g in &self.eni.security_groups {
             underway_cloud::check_id("eni.security_groups", g, "sg-")
-                .map_err(|e| invalid("eni.security_groups", e.to_string()))?;
+                .map_err(|e| invalid(&pooled("eni.security_groups"), e.to_string()))?;
         }
         if !(1..=30_000).contains(&self.eni.route_table_base) {
-            return Err(invalid("eni.route_table_base", "must be within 1..=30000 (tables 253–255 are the kernel's)"));
+            return Err(invalid(
+                &pooled("eni.route_table_base"),
+                "must be within 1..=30000 (tables 253–255 are the kernel's)",
+            ));
         }
         if !(576..=9001).contains(&self.eni.mtu) {
-            return Err(invalid("eni.mtu", format!("{} is outside 576..=9001", self.eni.mtu)));
+            return Err(invalid(&pooled("eni.mtu"), format!("{} is outside 576..=9001", self.eni.mtu)));
         }
         if self.add_wait_ms > 120_000 {
             return Err(invalid("add_wait_ms", "at most 120000: the runtime gives up on the CNI call before that"));
@@ -540,13 +552,16 @@ impl Config {
             return Err(invalid("reconcile_interval_ms", "must be > 0 and at least reconcile_min_interval_ms"));
         }
         if self.eni.pending_give_up_ms < self.eni.link_wait_ms {
-            return Err(invalid("eni.pending_give_up_ms", "at least eni.link_wait_ms"));
+            return Err(invalid(&pooled("eni.pending_give_up_ms"), "at least eni.link_wait_ms"));
         }
         if self.eni.recheck_interval_ms < 1_000 {
-            return Err(invalid("eni.recheck_interval_ms", "at least 1000 (each re-check is a describe call)"));
+            return Err(invalid(
+                &pooled("eni.recheck_interval_ms"),
+                "at least 1000 (each re-check is a describe call)",
+            ));
         }
         if self.eni.gc_interval_ms == 0 {
-            return Err(invalid("eni.gc_interval_ms", "must be > 0"));
+            return Err(invalid(&pooled("eni.gc_interval_ms"), "must be > 0"));
         }
         if self.veth_prefix.is_empty()
             || self.veth_prefix.len() > 4
@@ -556,13 +571,7 @@ impl Config {
         }
         if self.mode == Mode::VpcRoute {
             let v = &self.vpc_route;
-            let f = |f: &str| {
-                if self.pool.is_some() {
-                    format!("pools.{}.vpc_route.{f}", self.pool.as_deref().unwrap_or_default())
-                } else {
-                    format!("vpc_route.{f}")
-                }
-            };
+            let f = |f: &str| pooled(&format!("vpc_route.{f}"));
             match v.pod_cidr {
                 // With Kubernetes the Node's spec.podCIDR fills it in before the effective config
                 // is validated again (k8s::node::effective).
@@ -779,6 +788,16 @@ subnets = ["subnet-1a"]
             ("cluster = \"c\"\n[egress]\nmark = 3", &[], "egress.mark"),
             ("cluster = \"c\"\n[egress]\nmark = 65536", &[], "egress.mark"),
             ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
+            (
+                "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\n[pools.g.eni]\nmtu = 100",
+                &[],
+                "pools.g.eni.mtu",
+            ),
+            (
+                "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\n[pools.g.targets]\nmax_eni = 0",
+                &[],
+                "pools.g.targets.max_eni",
+            ),
             ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
             (
                 "cluster = \"c\"",

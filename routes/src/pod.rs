@@ -4,8 +4,9 @@
 //! ```text
 //! pod netns:  <ifname> 10.0.1.5/32, 169.254.1.1 dev <ifname> scope link,
 //!             default via 169.254.1.1, neigh 169.254.1.1 lladdr <host veth MAC> PERMANENT
-//! host:       <host veth> up, 10.0.1.5/32 dev <host veth> scope link,
-//!             [secondary ENI] rule 512: to 10.0.1.5 lookup main; rule 1536: from 10.0.1.5 lookup <table>
+//! host:       <host veth> up (alias underway/<network>/<attachment id>), 10.0.1.5/32 dev <host veth>
+//!             scope link, rule 512: to 10.0.1.5 lookup main (every pod),
+//!             [secondary ENI] rule 1536: from 10.0.1.5 lookup <table>
 //! ```
 
 use std::net::{IpAddr, Ipv4Addr};
