@@ -149,6 +149,26 @@ impl Ec2Cloud {
         Fut: Future<Output = std::result::Result<T, SdkError<E>>> + Send,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
+        self.call_with(op, class, true, send).await
+    }
+
+    /// [`Self::call`] for a request that is not safe to repeat when its fate is unknown
+    /// (`retry_transient = false`): only throttling (EC2 did nothing) is retried. A transient
+    /// failure — a 5xx, a connection closed without an answer — may have followed EC2 acting, and a
+    /// second AttachNetworkInterface of the same ENI is refused by AWS (the device index is in
+    /// use): the caller reads EC2's state instead (found by the fault test's lost replies).
+    async fn call_with<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        class: ApiClass,
+        retry_transient: bool,
+        send: F,
+    ) -> Result<T>
+    where
+        F: Fn() -> Fut + Send,
+        Fut: Future<Output = std::result::Result<T, SdkError<E>>> + Send,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
         let attempts = async {
             let mut delays = backon::ExponentialBuilder::default()
                 .with_min_delay(self.retry.initial_backoff)
@@ -165,6 +185,7 @@ impl Ec2Cloud {
                 let outcome = res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok);
                 self.stats.record(op, outcome);
                 match res {
+                    Err(e @ CloudError::Transient { .. }) if !retry_transient => return Err(e),
                     Err(e @ (CloudError::Throttled { .. } | CloudError::Transient { .. })) => match delays.next() {
                         Some(d) => {
                             tracing::debug!(op, error = %e, "cloud call failed; retrying in {d:?}");
@@ -594,7 +615,7 @@ impl Interfaces for Ec2Cloud {
             .network_interface_id(eni_id)
             .instance_id(instance_id)
             .device_index(device_index as i32);
-        let out = self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
+        let out = self.call_with(OP, ApiClass::Mutating, false, || call.clone().send()).await?;
         let attachment = out.attachment_id().ok_or_else(|| malformed(OP, "attachment id", None))?.to_string();
         // An ENI that outlives its instance is a leak: let EC2 delete it with the instance.
         let change =

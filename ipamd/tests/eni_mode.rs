@@ -540,3 +540,24 @@ async fn an_eni_whose_link_never_appears_is_given_up() {
     assert!(matches!(add(&p, "still-serving"), Response::Added(_)));
     assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
 }
+
+/// Found by the fault test: every AttachNetworkInterface acts in EC2 but its reply is lost. The
+/// cloud layer retried it, and AWS refuses a second attach of the ENI (its device index is in
+/// use). An attach whose fate is unknown is not repeated: ipamd reads EC2 and adopts the ENI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_attach_whose_reply_was_lost_is_not_repeated_but_adopted() {
+    let (w, n) = world("m5.large").await;
+    w.account().front.configure(|c| {
+        c.faults.reset_after = 1.0;
+        c.faults.actions = vec!["AttachNetworkInterface".into()];
+    });
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 12\n"));
+    p.wait_ready(12, Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", p.log_text()));
+    let records = w.account().front.records();
+    let attaches = records.iter().filter(|r| r.action == "AttachNetworkInterface").count();
+    assert_eq!(attaches, 1, "one attach, not one per retry");
+    assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
+    let errors = p.http_get(61781, "/v1/errors").unwrap();
+    assert!(errors.contains("adopted"), "{errors}");
+    assert_eq!(enis_in_ec2(&w, &n).await.len(), 2);
+}

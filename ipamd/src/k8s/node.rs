@@ -87,10 +87,15 @@ pub fn effective(base: &Config, node_name: &str, node: &NodeView, cr: Option<&Un
         }
     }
     cfg.validate().map_err(|e| match e {
-        IpamdError::Config { field, reason } if cr.is_some() && node.pool.is_some() => IpamdError::Config {
-            field: format!("UnderwayPool {}: {field}", node.pool.as_deref().unwrap_or_default()),
-            reason,
-        },
+        IpamdError::Config { field, reason } if cr.is_some() && node.pool.is_some() => {
+            // The object's own path: `spec.<section>.<field>` (the file's pools say `pools.<name>.`).
+            let name = node.pool.as_deref().unwrap_or_default();
+            let field = match field.strip_prefix(&format!("pools.{name}.")) {
+                Some(f) => format!("spec.{f}"),
+                None => field,
+            };
+            IpamdError::Config { field: format!("UnderwayPool {name}: {field}"), reason }
+        }
         e => e,
     })?;
     Ok(Resolved::Ready(Box::new(cfg)))
@@ -268,7 +273,7 @@ mod tests {
         let e = e.unwrap_err().to_string();
         assert!(e.contains("UnderwayPool routed: spec.vpc_route.pod_cidr"), "{e}");
         let e = effective(&file_pools, "node-a", &v(Some("gpu"), None), Some(&bad)).unwrap_err().to_string();
-        assert!(e.contains("UnderwayPool gpu: targets.max_eni"), "{e}");
+        assert!(e.contains("UnderwayPool gpu: spec.targets.max_eni"), "{e}");
     }
 
     #[test]
