@@ -519,7 +519,7 @@ impl Config {
         if t.max_eni == Some(0) {
             return Err(invalid(&pooled("targets.max_eni"), "must be at least 1 (the primary ENI)"));
         }
-        if t.prefix_mode && t.warm_ip_target.is_none() && t.minimum_ip_target.is_none() && t.warm_prefix_target == 0 {
+        if t.prefix_mode && !t.ip_targets() && t.warm_prefix_target == 0 {
             return Err(invalid(
                 &pooled("targets.warm_prefix_target"),
                 "0 with no IP target keeps no free address at all",

@@ -18,8 +18,9 @@ pub struct Targets {
     /// Whole ENIs' worth of free slots to keep (used when neither IP target is set).
     pub warm_eni_target: u32,
     /// Free addresses to keep; when set (or `minimum_ip_target` is), replaces `warm_eni_target`.
+    /// 0 means unset, as in the AWS VPC CNI (settings carried over keep their meaning).
     pub warm_ip_target: Option<u32>,
-    /// Addresses to hold in all, used or not.
+    /// Addresses to hold in all, used or not. 0 means unset, as in the AWS VPC CNI.
     pub minimum_ip_target: Option<u32>,
     /// At most this many ENIs (the instance type may allow fewer).
     pub max_eni: Option<u32>,
@@ -27,6 +28,11 @@ pub struct Targets {
     pub prefix_mode: bool,
     /// Prefix mode: free prefixes to keep (used when neither IP target is set).
     pub warm_prefix_target: u32,
+    /// Pods this node can ever run (kubelet's max pods): no target grows the pool past it (an
+    /// address beyond it could never be used, and it is the subnet's). Unset (or 0): with
+    /// Kubernetes, the Node's `status.capacity.pods`; standalone, no bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pods: Option<u32>,
 }
 
 impl Default for Targets {
@@ -38,6 +44,7 @@ impl Default for Targets {
             max_eni: None,
             prefix_mode: false,
             warm_prefix_target: 1,
+            max_pods: None,
         }
     }
 }
@@ -86,8 +93,9 @@ impl Targets {
         if self.prefix_mode { ADDRESSES_PER_PREFIX } else { 1 }
     }
 
-    fn ip_targets(&self) -> bool {
-        self.warm_ip_target.is_some() || self.minimum_ip_target.is_some()
+    /// IP-target mode: either IP target set to more than 0 (0 is unset, as in the AWS VPC CNI).
+    pub fn ip_targets(&self) -> bool {
+        self.warm_ip_target.unwrap_or(0) > 0 || self.minimum_ip_target.unwrap_or(0) > 0
     }
 
     /// ENIs this node may have.
@@ -135,7 +143,7 @@ impl Targets {
         let per_slot = self.per_slot();
         let slots_per_eni = limits.slots_per_eni();
         // How many addresses the pool should hold, and how many of its free ones it may keep.
-        let (want_total, keep_free) = if self.ip_targets() {
+        let (mut want_total, keep_free) = if self.ip_targets() {
             let warm = self.warm_ip_target.unwrap_or(0);
             let want = (s.assigned + s.cooling + warm).max(self.minimum_ip_target.unwrap_or(0));
             (want, want.saturating_sub(s.assigned + s.cooling))
@@ -147,6 +155,10 @@ impl Targets {
             };
             (s.assigned + s.cooling + warm, warm)
         };
+        // Never more than the node's pods can use (what is held already is kept).
+        if let Some(max) = self.max_pods.filter(|m| *m > 0) {
+            want_total = want_total.min(max.max(s.assigned + s.cooling));
+        }
         let mut d = Decision::default();
         if want_total > s.total {
             let mut need_slots = (want_total - s.total).div_ceil(per_slot);
@@ -154,8 +166,15 @@ impl Targets {
             need_slots -= d.grow;
             let room = self.max_enis(limits).saturating_sub(s.enis);
             while need_slots > 0 && (d.new_enis.len() as u32) < room {
-                // Without IP targets a new ENI comes full, as in the AWS VPC CNI.
-                let first = if self.ip_targets() { need_slots.min(slots_per_eni) } else { slots_per_eni };
+                // Without IP targets a new ENI comes full of secondary IPs, as in the AWS VPC CNI;
+                // prefixes come as many as needed (each takes 16 addresses from the subnet), and
+                // so does anything up to max pods.
+                let bounded = self.max_pods.is_some_and(|m| m > 0);
+                let first = if self.ip_targets() || self.prefix_mode || bounded {
+                    need_slots.min(slots_per_eni)
+                } else {
+                    slots_per_eni
+                };
                 d.new_enis.push(first);
                 need_slots = need_slots.saturating_sub(first);
             }
@@ -274,6 +293,48 @@ mod tests {
                 Targets { prefix_mode: true, ..ip(Some(20), None) },
                 stats(1, 0, 0, 0, 9),
                 d(2, &[], 0, None),
+            ),
+            (
+                "max pods 3 with 3 held: no more (it asked for two more ENIs' worth)",
+                Targets { max_pods: Some(3), ..Targets::default() },
+                stats(1, 3, 3, 0, 6),
+                d(0, &[], 0, None),
+            ),
+            (
+                "max pods 20 bounds warm IP 5: a new ENI with 2, not 5",
+                Targets { max_pods: Some(20), ..ip(Some(5), None) },
+                stats(2, 18, 17, 0, 0),
+                d(0, &[2], 0, None),
+            ),
+            (
+                "max pods below what is held: nothing given back for it",
+                Targets { max_pods: Some(4), ..ip(Some(2), None) },
+                stats(1, 6, 5, 0, 3),
+                d(0, &[], 0, None),
+            ),
+            (
+                "max pods 0 is unset",
+                Targets { max_pods: Some(0), ..Targets::default() },
+                stats(1, 9, 1, 0, 0),
+                d(0, &[9], 0, None),
+            ),
+            (
+                "warm_ip_target 0 is unset: a whole ENI, as with no IP target",
+                ip(Some(0), None),
+                stats(1, 9, 1, 0, 0),
+                d(0, &[9], 0, None),
+            ),
+            (
+                "minimum_ip_target 0 and warm 0 are unset: no release of the warm ENI",
+                ip(Some(0), Some(0)),
+                stats(2, 18, 1, 0, 0),
+                d(0, &[], 0, None),
+            ),
+            (
+                "prefix mode, primary full: a new ENI with the one prefix needed, not 9",
+                Targets { prefix_mode: true, ..Targets::default() },
+                stats(1, 144, 144, 0, 0),
+                d(0, &[1], 0, None),
             ),
             (
                 "prefix mode release whole prefixes only",

@@ -55,6 +55,7 @@ fn the_example_pools_apply_to_a_node() {
     let node = |pool: &str, cidr: Option<&str>| NodeView {
         pool: Some(pool.into()),
         pod_cidr: cidr.map(|c| c.parse().unwrap()),
+        max_pods: None,
     };
     let Resolved::Ready(general) = effective(&base, "n", &node("general", None), Some(&pools[0])).unwrap() else {
         panic!("an ENI pool waits for nothing")

@@ -24,6 +24,9 @@ pub struct NodeView {
     pub pool: Option<String>,
     /// The node's IPv4 pod CIDR (`spec.podCIDRs`, else `spec.podCIDR`), if one is allocated.
     pub pod_cidr: Option<Ipv4Net>,
+    /// Pods the kubelet runs at most (`status.capacity.pods`): bounds the warm pool unless
+    /// `targets.max_pods` is set.
+    pub max_pods: Option<u32>,
 }
 
 /// Reads a Node. A pod CIDR that does not parse as IPv4 is ignored (dual-stack lists carry IPv6
@@ -34,7 +37,13 @@ pub fn view(node: &Node, pool_label: &str) -> NodeView {
     let cidrs = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     let single = spec.and_then(|s| s.pod_cidr.clone());
     let pod_cidr = cidrs.iter().chain(single.iter()).find_map(|c| c.parse::<Ipv4Net>().ok());
-    NodeView { pool, pod_cidr }
+    let max_pods = node
+        .status
+        .as_ref()
+        .and_then(|s| s.capacity.as_ref())
+        .and_then(|c| c.get("pods"))
+        .and_then(|q| q.0.parse::<u32>().ok());
+    NodeView { pool, pod_cidr, max_pods }
 }
 
 /// The effective config, or what it still waits for.
@@ -78,6 +87,9 @@ pub fn effective(base: &Config, node_name: &str, node: &NodeView, cr: Option<&Un
         cfg.pools.insert(name.clone(), spec);
         cfg.pool = Some(name.clone());
         cfg.select_pool()?;
+    }
+    if cfg.targets.max_pods.unwrap_or(0) == 0 {
+        cfg.targets.max_pods = node.max_pods;
     }
     if cfg.mode == Mode::VpcRoute {
         match (node.pod_cidr, cfg.vpc_route.pod_cidr) {
@@ -214,7 +226,7 @@ mod tests {
     }
 
     fn v(pool: Option<&str>, cidr: Option<&str>) -> NodeView {
-        NodeView { pool: pool.map(Into::into), pod_cidr: cidr.map(|c| c.parse().unwrap()) }
+        NodeView { pool: pool.map(Into::into), pod_cidr: cidr.map(|c| c.parse().unwrap()), max_pods: None }
     }
 
     #[test]
@@ -228,6 +240,11 @@ mod tests {
         assert_eq!(view(&n, "example.com/pool"), v(None, Some("10.200.3.0/24")));
         let bare: Node = serde_json::from_value(json!({"metadata": {"name": "n"}})).unwrap();
         assert_eq!(view(&bare, "underway.dev/pool"), NodeView::default());
+        let with_capacity: Node = serde_json::from_value(
+            json!({"metadata": {"name": "n"}, "status": {"capacity": {"pods": "29", "cpu": "2"}}}),
+        )
+        .unwrap();
+        assert_eq!(view(&with_capacity, "underway.dev/pool").max_pods, Some(29));
     }
 
     #[test]
@@ -248,6 +265,12 @@ mod tests {
         // No label: the file's settings.
         let c = ready(effective(&file_pools, "node-a", &v(None, None), None));
         assert_eq!((c.mode, c.pool.clone()), (Mode::Eni, None));
+        // The Node's pod capacity bounds the pool, unless the config sets max_pods itself.
+        let capped = NodeView { max_pods: Some(29), ..v(None, None) };
+        assert_eq!(ready(effective(&file_pools, "node-a", &capped, None)).targets.max_pods, Some(29));
+        let mut own = file_pools.clone();
+        own.targets.max_pods = Some(17);
+        assert_eq!(ready(effective(&own, "node-a", &capped, None)).targets.max_pods, Some(17));
         // The label names a CR: the CR wins over a file pool of the same name.
         let c = ready(effective(&file_pools, "node-a", &v(Some("gpu"), None), Some(&enis)));
         assert_eq!((c.targets.warm_ip_target, c.eni.mtu, c.pool.as_deref()), (Some(9), 1500, Some("gpu")));
