@@ -542,8 +542,17 @@ impl Discovery for Ec2Cloud {
         let api = self.call(OP, ApiClass::Describe, || req.clone().send()).await.map(|out| {
             out.instance_types().first().and_then(|t| {
                 let n = t.network_info()?;
+                // ipamd attaches every ENI on network card 0 (no NetworkCardIndex): on a type with
+                // several cards (c6in.32xlarge: 16 interfaces as two cards of 8) card 0's maximum
+                // is the bound, not the instance's.
+                let all = n.maximum_network_interfaces()?;
+                let card0 = n
+                    .network_cards()
+                    .iter()
+                    .find(|c| c.network_card_index() == Some(0))
+                    .and_then(|c| c.maximum_network_interfaces());
                 Some(InstanceLimits {
-                    enis: n.maximum_network_interfaces()?.max(0) as u32,
+                    enis: card0.map_or(all, |c| c.min(all)).max(0) as u32,
                     ipv4_per_eni: n.ipv4_addresses_per_interface()?.max(0) as u32,
                     ipv6_per_eni: n.ipv6_addresses_per_interface().unwrap_or(0).max(0) as u32,
                     vcpus: t.v_cpu_info().and_then(|v| v.default_v_cpus()).unwrap_or(0).max(0) as u32,

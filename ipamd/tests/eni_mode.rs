@@ -561,3 +561,15 @@ async fn an_attach_whose_reply_was_lost_is_not_repeated_but_adopted() {
     assert!(errors.contains("adopted"), "{errors}");
     assert_eq!(enis_in_ec2(&w, &n).await.len(), 2);
 }
+
+/// Issue 17: an instance with several network cards (c6in.32xlarge: 16 interfaces as two cards of
+/// 8, as DescribeInstanceTypes says). ipamd attaches on card 0, so card 0's 8 is its limit (it
+/// took 16, and planned ENIs card 0 refuses; the strict front refuses them past 8 too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_type_with_several_network_cards_is_bound_by_card_0() {
+    let (w, n) = world("c6in.32xlarge").await;
+    let p = start(&w, &n, FAST);
+    p.wait_ready(1, Duration::from_secs(60)).unwrap();
+    let m = p.http_get(61780, "/metrics").unwrap();
+    assert_eq!(sample(&m, "underway_enis_limit"), Some(8.0), "{m}");
+}

@@ -301,8 +301,16 @@ async fn limits_of(c: &Client, instance_type: &str) -> Option<InstanceLimits> {
         .ok()?;
     let t = out.instance_types().first()?;
     let n = t.network_info()?;
+    // An attach without NetworkCardIndex goes to card 0, which holds its own maximum (EC2 User
+    // Guide, "Network cards"): past it, AttachmentLimitExceeded, whatever the instance's total.
+    let all = u32::try_from(n.maximum_network_interfaces()?).ok()?;
+    let card0 = n
+        .network_cards()
+        .iter()
+        .find(|c| c.network_card_index() == Some(0))
+        .and_then(|c| u32::try_from(c.maximum_network_interfaces()?).ok());
     Some(InstanceLimits {
-        enis: u32::try_from(n.maximum_network_interfaces()?).ok()?,
+        enis: card0.map_or(all, |c| c.min(all)),
         ipv4_per_eni: u32::try_from(n.ipv4_addresses_per_interface()?).ok()?,
         ipv6_per_eni: u32::try_from(n.ipv6_addresses_per_interface().unwrap_or(0)).unwrap_or(0),
         vcpus: t.v_cpu_info().and_then(|v| v.default_v_cpus()).and_then(|v| u32::try_from(v).ok()).unwrap_or(0),
