@@ -46,49 +46,29 @@ impl InstanceLimits {
     }
 }
 
-// (type, ENIs, IPv4 per ENI, IPv6 per ENI, vCPUs)
-const TABLE: &[(&str, u32, u32, u32, u32)] = &[
-    ("t3.nano", 2, 2, 2, 2),
-    ("t3.micro", 2, 2, 2, 2),
-    ("t3.small", 3, 4, 4, 2),
-    ("t3.medium", 3, 6, 6, 2),
-    ("t3.large", 3, 12, 12, 2),
-    ("t3.xlarge", 4, 15, 15, 4),
-    ("t3.2xlarge", 4, 15, 15, 8),
-    ("m5.large", 3, 10, 10, 2),
-    ("m5.xlarge", 4, 15, 15, 4),
-    ("m5.2xlarge", 4, 15, 15, 8),
-    ("m5.4xlarge", 8, 30, 30, 16),
-    ("m5.8xlarge", 8, 30, 30, 32),
-    ("m5.12xlarge", 8, 30, 30, 48),
-    ("m5.16xlarge", 15, 50, 50, 64),
-    ("m5.24xlarge", 15, 50, 50, 96),
-    ("c5.large", 3, 10, 10, 2),
-    ("c5.xlarge", 4, 15, 15, 4),
-    ("c5.2xlarge", 4, 15, 15, 8),
-    ("c5.4xlarge", 8, 30, 30, 16),
-    ("c5.9xlarge", 8, 30, 30, 36),
-    ("c5.12xlarge", 8, 30, 30, 48),
-    ("c5.18xlarge", 15, 50, 50, 72),
-    ("c5.24xlarge", 15, 50, 50, 96),
-    ("r5.large", 3, 10, 10, 2),
-    ("r5.xlarge", 4, 15, 15, 4),
-    ("r5.2xlarge", 4, 15, 15, 8),
-    ("r5.4xlarge", 8, 30, 30, 16),
-    ("r5.8xlarge", 8, 30, 30, 32),
-    ("r5.12xlarge", 8, 30, 30, 48),
-    ("r5.16xlarge", 15, 50, 50, 64),
-    ("r5.24xlarge", 15, 50, 50, 96),
-];
+#[path = "limits_table.rs"]
+mod generated;
 
-/// The embedded table's limits for a type, if it knows the type.
+/// The embedded table's limits for a type, if it knows the type: `enis` is what network card 0
+/// holds (ipamd attaches there). ~1,400 types, generated from public dumps of
+/// DescribeInstanceTypes by `cloud/limits/generate` (its header names the sources).
 pub fn static_limits(instance_type: &str) -> Option<InstanceLimits> {
-    TABLE.iter().find(|r| r.0 == instance_type).map(|&(_, enis, ipv4_per_eni, ipv6_per_eni, vcpus)| InstanceLimits {
-        enis,
-        ipv4_per_eni,
-        ipv6_per_eni,
-        vcpus,
-    })
+    let t = generated::TABLE;
+    let i = t.binary_search_by(|r| r.0.cmp(instance_type)).ok()?;
+    let (_, _, card0, _, ipv4_per_eni, ipv6_per_eni, vcpus) = t[i];
+    Some(InstanceLimits { enis: card0, ipv4_per_eni, ipv6_per_eni, vcpus })
+}
+
+/// Rows of the embedded table: (type, ENIs per instance, on card 0, network cards).
+pub fn static_cards(instance_type: &str) -> Option<(u32, u32, u32)> {
+    let t = generated::TABLE;
+    let i = t.binary_search_by(|r| r.0.cmp(instance_type)).ok()?;
+    Some((t[i].1, t[i].2, t[i].3))
+}
+
+/// Every type the table knows, sorted.
+pub fn static_types() -> impl Iterator<Item = &'static str> {
+    generated::TABLE.iter().map(|r| r.0)
 }
 
 #[cfg(test)]
@@ -116,5 +96,38 @@ mod tests {
     #[test]
     fn unknown_type() {
         assert_eq!(static_limits("x9.huge"), None);
+    }
+
+    /// The generated table against itself and against figures checked by hand in the EC2 User
+    /// Guide ("Maximum IP addresses per network interface"): sorted and unique (the lookup is a
+    /// binary search), every row sane, card 0 never above the instance's total, and the types
+    /// the hand-written table held before still say the same.
+    #[test]
+    fn the_generated_table_is_consistent() {
+        let t = generated::TABLE;
+        assert!(t.len() >= 1300, "{} types", t.len());
+        assert!(t.windows(2).all(|w| w[0].0 < w[1].0), "sorted, unique");
+        for &(ty, enis, card0, cards, ipv4, _, _) in t {
+            assert!(enis >= 1 && card0 >= 1 && card0 <= enis && cards >= 1 && ipv4 >= 1, "{ty}");
+            assert!(cards > 1 || card0 == enis, "{ty}: one card holds them all");
+        }
+        let known: [(&str, u32, u32, u32); 10] = [
+            ("t3.nano", 2, 2, 2),
+            ("t3.medium", 3, 6, 2),
+            ("m5.large", 3, 10, 2),
+            ("m5.4xlarge", 8, 30, 16),
+            ("m5.24xlarge", 15, 50, 96),
+            ("c5.18xlarge", 15, 50, 72),
+            ("r5.2xlarge", 4, 15, 8),
+            ("c6in.32xlarge", 8, 50, 128),
+            ("p4d.24xlarge", 15, 50, 96),
+            ("d3.xlarge", 4, 3, 4),
+        ];
+        for (ty, enis, ipv4, vcpus) in known {
+            let l = static_limits(ty).unwrap_or_else(|| panic!("{ty} missing"));
+            assert_eq!((l.enis, l.ipv4_per_eni, l.vcpus), (enis, ipv4, vcpus), "{ty}");
+        }
+        assert_eq!(static_cards("c6in.32xlarge"), Some((8, 8, 2)), "two cards of 8: card 0 holds 8");
+        assert_eq!(static_cards("p4d.24xlarge").map(|c| c.2), Some(4));
     }
 }

@@ -268,3 +268,31 @@ async fn impossible_requests_are_refused_before_any_call() {
     let made: u64 = snapshot.iter().filter(|((_, o), _)| *o != Outcome::Invalid).map(|(_, n)| n).sum();
     assert_eq!(made, calls_before, "no API call was made for a refused request: {snapshot:?}");
 }
+
+/// The static fallback table against the live source it stands in for: for every 20th type it
+/// holds, LocalStack's DescribeInstanceTypes (moto's dump of the real one) gives the same IPv4 per
+/// ENI and vCPUs, and its card 0 the same ENIs, as `instance_limits` reads them from the API.
+#[tokio::test]
+async fn the_static_table_agrees_with_describe_instance_types() {
+    let (_fx, cloud) = world().await;
+    let mut differ = Vec::new();
+    let mut checked = 0;
+    for ty in underway_cloud::limits::static_types().step_by(20) {
+        let Some(table) = underway_cloud::limits::static_limits(ty) else { continue };
+        match cloud.instance_limits(ty).await {
+            Ok((api, LimitsSource::Api)) => {
+                checked += 1;
+                let same = api.ipv4_per_eni == table.ipv4_per_eni
+                    && api.enis == table.enis
+                    && (table.vcpus == 0 || api.vcpus == table.vcpus);
+                if !same {
+                    differ.push(format!("{ty}: api {api:?}, table {table:?}"));
+                }
+            }
+            // LocalStack does not know every type the table holds.
+            _ => {}
+        }
+    }
+    assert!(checked >= 50, "only {checked} types compared");
+    assert!(differ.len() * 20 <= checked, "more than 5 % differ ({} of {checked}): {differ:#?}", differ.len());
+}
