@@ -279,18 +279,15 @@ async fn the_static_table_agrees_with_describe_instance_types() {
     let mut checked = 0;
     for ty in underway_cloud::limits::static_types().step_by(20) {
         let Some(table) = underway_cloud::limits::static_limits(ty) else { continue };
-        match cloud.instance_limits(ty).await {
-            Ok((api, LimitsSource::Api)) => {
-                checked += 1;
-                let same = api.ipv4_per_eni == table.ipv4_per_eni
-                    && api.enis == table.enis
-                    && (table.vcpus == 0 || api.vcpus == table.vcpus);
-                if !same {
-                    differ.push(format!("{ty}: api {api:?}, table {table:?}"));
-                }
+        // LocalStack does not know every type the table holds (those answer from the table).
+        if let Ok((api, LimitsSource::Api)) = cloud.instance_limits(ty).await {
+            checked += 1;
+            let same = api.ipv4_per_eni == table.ipv4_per_eni
+                && api.enis == table.enis
+                && (table.vcpus == 0 || api.vcpus == table.vcpus);
+            if !same {
+                differ.push(format!("{ty}: api {api:?}, table {table:?}"));
             }
-            // LocalStack does not know every type the table holds.
-            _ => {}
         }
     }
     assert!(checked >= 50, "only {checked} types compared");
