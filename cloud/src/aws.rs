@@ -627,11 +627,24 @@ impl Interfaces for Ec2Cloud {
         let out = self.call_with(OP, ApiClass::Mutating, false, || call.clone().send()).await?;
         let attachment = out.attachment_id().ok_or_else(|| malformed(OP, "attachment id", None))?.to_string();
         // An ENI that outlives its instance is a leak: let EC2 delete it with the instance.
-        let change =
-            NetworkInterfaceAttachmentChanges::builder().attachment_id(&attachment).delete_on_termination(true).build();
-        let call = self.client.modify_network_interface_attribute().network_interface_id(eni_id).attachment(change);
-        self.call("ModifyNetworkInterfaceAttribute", ApiClass::Mutating, || call.clone().send()).await?;
+        self.set_delete_on_termination(eni_id, &attachment).await?;
         Ok(attachment)
+    }
+
+    async fn set_delete_on_termination(&self, eni_id: &str, attachment_id: &str) -> Result<()> {
+        const OP: &str = "ModifyNetworkInterfaceAttribute";
+        if let Err(e) =
+            check_id("eni_id", eni_id, "eni-").and_then(|_| check_id("attachment_id", attachment_id, "eni-attach-"))
+        {
+            return self.refuse(OP, e);
+        }
+        let change = NetworkInterfaceAttachmentChanges::builder()
+            .attachment_id(attachment_id)
+            .delete_on_termination(true)
+            .build();
+        let call = self.client.modify_network_interface_attribute().network_interface_id(eni_id).attachment(change);
+        self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
+        Ok(())
     }
 
     async fn detach_eni(&self, attachment_id: &str, force: bool) -> Result<()> {

@@ -55,6 +55,9 @@ pub trait Interfaces: Send + Sync {
         device_index: u32,
     ) -> impl Future<Output = Result<String>> + Send;
     fn detach_eni(&self, attachment_id: &str, force: bool) -> impl Future<Output = Result<()>> + Send;
+    /// Lets EC2 delete the attached ENI with its instance (`attach_eni` does this itself; an ENI
+    /// adopted after an attach whose answer was lost needs it done).
+    fn set_delete_on_termination(&self, eni_id: &str, attachment_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Deletes an ENI, refusing (`InUse`) one that is attached, whatever the cloud would allow.
     fn delete_eni(&self, eni_id: &str) -> impl Future<Output = Result<()>> + Send;
     fn set_source_dest_check(&self, eni_id: &str, enabled: bool) -> impl Future<Output = Result<()>> + Send;

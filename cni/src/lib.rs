@@ -221,7 +221,22 @@ fn check(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf) -> Result<(), 
         result::check_prev(prev, &env.ifname, &env.netns, &alloc)
             .map_err(|why| CniError::config("prevResult", format!("{WHAT}: {why}")))?;
     }
-    let spec = spec_for(env, conf, &alloc);
+    let mut spec = spec_for(env, conf, &alloc);
+    // The attachment's veth as it is named on the node (a pod made before veths were named per
+    // pod keeps its old name); one whose alias names another attachment is not this pod's.
+    let found = rt
+        .block_on(underway_routes::attachment_veth(None, &conf.veth_prefix, &spec.host_veth, &spec.attachment))
+        .map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))?;
+    match found {
+        Some(name) => spec.host_veth = name,
+        None => {
+            return Err(CniError::new(
+                code::IO,
+                WHAT,
+                format!("no host veth of this attachment (expected {}, alias {})", spec.host_veth, spec.attachment),
+            ));
+        }
+    }
     rt.block_on(check_pod(None, Path::new(&env.netns), &spec)).map_err(|e| CniError::new(code::IO, WHAT, e.to_string()))
 }
 

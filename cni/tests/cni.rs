@@ -456,6 +456,18 @@ fn the_host_veth_is_named_per_pod_and_an_older_sandboxs_del_spares_the_newer() {
     assert!(node.sh(&format!("ip -br link show {want}")).0, "the newer sandbox's veth stays");
     assert!(node.sh(&format!("ping -c1 -W2 {new_ip}")).0, "and its pod still answers");
     assert_eq!(cni(Some(&node), &same_pod("CHECK", "sandbox02", new_ns), &c).status, 0);
+    // A pod made without the pod's name (as before veths were named per pod: its veth has the
+    // attachment's name): CHECK with the name still finds it by the alias.
+    let legacy_ns = TempNs::new("pod").unwrap();
+    let legacy_path: &'static str = Box::leak(legacy_ns.path().display().to_string().into());
+    let mut bare_add = env("ADD", "legacy01", legacy_path);
+    bare_add.retain(|(k, _)| *k != "CNI_ARGS");
+    assert_eq!(cni(Some(&node), &bare_add, &c).status, 0);
+    let r = cni(Some(&node), &same_pod("CHECK", "legacy01", legacy_path), &c);
+    assert_eq!(r.status, 0, "CHECK finds the attachment's veth by its alias: {}", r.raw);
+    let mut bare_del = env("DEL", "legacy01", legacy_path);
+    bare_del.retain(|(k, _)| *k != "CNI_ARGS");
+    assert_eq!(cni(Some(&node), &bare_del, &c).status, 0);
     // A DEL without the pod's name still finds its veth (by the alias).
     let mut bare = env("DEL", "sandbox02", new_ns);
     bare.retain(|(k, _)| *k != "CNI_ARGS");

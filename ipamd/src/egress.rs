@@ -67,7 +67,7 @@ async fn install_once<C: Discovery>(
     node: &Instance,
     macs: &Macs,
     installed: Option<&EgressSpec>,
-) -> Result<EgressSpec> {
+) -> Result<(EgressSpec, Option<String>)> {
     let cidrs = vpc_cidrs(cloud, node, macs).await?;
     let primary = match node.primary_ip {
         Some(ip) => underway_routes::egress::link_with_address(None, ip).await?.map(|l| (l, ip)),
@@ -80,17 +80,26 @@ async fn install_once<C: Discovery>(
         )));
     }
     let s = spec(cfg, primary, &cidrs);
+    // The primary ENI's rp_filter is checked every pass (a node agent may reset it); a failure
+    // is reported on its own and does not make the table be installed again.
+    let rp = |s: &EgressSpec| match &s.snat {
+        Some((link, _)) => underway_routes::egress::loose_rp_filter(None, link)
+            .err()
+            .map(|e| format!("loose rp_filter on {link} (replies to secondary-ENI pods' translated traffic): {e}")),
+        None => None,
+    };
     if installed == Some(&s) {
-        return Ok(s);
+        let warn = rp(&s);
+        return Ok((s, warn));
     }
     underway_routes::egress::apply(None, &s)?;
-    if let Some((link, _)) = &s.snat {
-        underway_routes::egress::loose_rp_filter(None, link)?;
+    if s.snat.is_some() {
         underway_routes::egress::ensure_main_rule(None, cfg.egress.mark).await?;
     } else {
         underway_routes::egress::remove_main_rule(None).await?;
     }
-    Ok(s)
+    let warn = rp(&s);
+    Ok((s, warn))
 }
 
 /// Installs the table, then keeps it in step with the VPC's blocks for as long as the task lives.
@@ -115,7 +124,10 @@ pub async fn run<C: Discovery>(
             None => Err(IpamdError::Identity("the node's identity is not known yet".into())),
         };
         match r {
-            Ok(s) => {
+            Ok((s, warn)) => {
+                if let Some(w) = warn {
+                    state.record_error(format!("egress: {w}"));
+                }
                 if current.as_ref().is_some_and(|c| c.exempt != s.exempt) {
                     tracing::info!("egress: the VPC's blocks changed; exempt now {:?}", s.exempt);
                 } else if current.is_none() {

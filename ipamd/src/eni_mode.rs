@@ -469,11 +469,23 @@ impl<C: Cloud + 'static> EniMode<C> {
             used.push(idx);
             if !self.known.contains_key(&e.id) && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster) {
                 state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
-                self.pending.insert(e.id.clone(), Pending::new(idx));
-                self.known.insert(e.id.clone(), e);
+                self.adopt(state, e, idx).await;
             }
         }
         Ok(used)
+    }
+
+    /// Tracks an ENI EC2 has attached to this node without ipamd hearing of it (an attach whose
+    /// answer was lost): waiting for its link, then in the pool. The attach's second step (delete
+    /// on termination) never ran for it: done now, or the ENI would outlive the instance.
+    async fn adopt(&mut self, state: &NodeState, eni: underway_cloud::Eni, idx: u32) {
+        if let Some(a) = eni.attachment.as_ref().filter(|a| !a.delete_on_termination)
+            && let Err(e) = self.cloud.set_delete_on_termination(&eni.id, &a.id).await
+        {
+            state.record_error(format!("{}: delete on termination not set ({e}); the leak GC covers it", eni.id));
+        }
+        self.pending.insert(eni.id.clone(), Pending::new(idx));
+        self.known.insert(eni.id.clone(), eni);
     }
 
     /// After a failed attach: an ENI EC2 has attached to this node is adopted (true); one it has
@@ -487,8 +499,7 @@ impl<C: Cloud + 'static> EniMode<C> {
                         state.record_error(format!(
                             "{eni_id}: the attach failed, yet EC2 has it attached at device {idx}: adopted"
                         ));
-                        self.pending.insert(eni_id.to_string(), Pending::new(idx));
-                        self.known.insert(eni_id.to_string(), e);
+                        self.adopt(state, e, idx).await;
                         return true;
                     }
                     Some(_) => {}

@@ -117,20 +117,24 @@ struct RouteView {
     eni: Option<String>,
     /// The table the pod's own traffic uses: its ENI's (`from <pod>` rule) or `main`.
     table: String,
-    /// The attachment id of the host veth routing the address on the node (`None`: no host route).
+    /// The host veth routing the address on the node now (`None`: no host route).
     host_veth: Option<String>,
+    /// Whether that veth is this assignment's attachment (`false`: another pod's veth routes it).
+    veth_matches: Option<bool>,
 }
 
 /// Each held address with the ENI and table its traffic uses, and the host veth that routes it
 /// (read from the node now: a pod whose route is missing shows here).
 async fn routes(State(h): State<Http>) -> Json<Vec<RouteView>> {
     let prefix = h.effective.get().unwrap_or(&h.config).veth_prefix.clone();
-    let on_host: std::collections::BTreeMap<std::net::Ipv4Addr, String> = underway_routes::pod_veths(None, &prefix)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .flat_map(|(id, addrs)| addrs.into_iter().map(move |a| (a, id.clone())))
-        .collect();
+    // address → (attachment id, veth name) of the host veth that routes it now.
+    let on_host: std::collections::BTreeMap<std::net::Ipv4Addr, (String, String)> =
+        underway_routes::pod_veths_named(None, &prefix)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|(id, name, addrs)| addrs.into_iter().map(move |a| (a, (id.clone(), name.clone()))))
+            .collect();
     Json(h.state.read(|b| {
         b.pool
             .held()
@@ -142,7 +146,12 @@ async fn routes(State(h): State<Http>) -> Json<Vec<RouteView>> {
                     pod: rec.and_then(|r| Some(format!("{}/{}", r.namespace.as_ref()?, r.name.as_ref()?))),
                     eni: eni.map(|e| e.id.clone()),
                     table: eni.and_then(|e| e.route_table).map_or("main".into(), |t| t.to_string()),
-                    host_veth: on_host.get(a).cloned(),
+                    host_veth: on_host.get(a).map(|(_, name)| name.clone()),
+                    // The veth routing the address is this attachment's (not another pod's).
+                    veth_matches: on_host.get(a).map(|(id, _)| {
+                        let ours = underway_routes::host_veth_name(&prefix, &k.container_id, &k.ifname);
+                        *id == ours || (k.network == crate::service::RECOVERED && *id == k.container_id)
+                    }),
                 }
             })
             .collect()

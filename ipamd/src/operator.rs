@@ -102,9 +102,10 @@ pub fn render(kind: Kind, v: &Value, now_ms: u64) -> String {
                         s(&r["pod"]),
                         s(&r["eni"]),
                         s(&r["table"]),
-                        match r["host_veth"].as_str() {
-                            Some(id) => format!("via {id}"),
-                            None => "MISSING".into(),
+                        match (r["host_veth"].as_str(), r["veth_matches"].as_bool()) {
+                            (Some(name), Some(false)) => format!("via {name} (ANOTHER POD'S)"),
+                            (Some(name), _) => format!("via {name}"),
+                            (None, _) => "MISSING".into(),
                         },
                     ]
                 })
@@ -216,11 +217,13 @@ mod tests {
             ),
             (
                 Kind::Routes,
-                json!([{"address": "10.0.2.20", "pod": "shop/cart-0", "eni": "eni-2", "table": "101", "host_veth": "uw0123456789abc"},
-                       {"address": "10.0.1.9", "pod": null, "eni": "eni-1", "table": "main", "host_veth": null}]),
+                json!([{"address": "10.0.2.20", "pod": "shop/cart-0", "eni": "eni-2", "table": "101", "host_veth": "uw0123456789a", "veth_matches": true},
+                       {"address": "10.0.1.9", "pod": null, "eni": "eni-1", "table": "main", "host_veth": null, "veth_matches": null},
+                       {"address": "10.0.1.7", "pod": "a/b", "eni": "eni-1", "table": "main", "host_veth": "uwfeed", "veth_matches": false}]),
                 "ADDRESS    POD          ENI    TABLE  HOST ROUTE\n\
-                 10.0.2.20  shop/cart-0  eni-2  101    via uw0123456789abc\n\
-                 10.0.1.9   -            eni-1  main   MISSING\n",
+                 10.0.2.20  shop/cart-0  eni-2  101    via uw0123456789a\n\
+                 10.0.1.9   -            eni-1  main   MISSING\n\
+                 10.0.1.7   a/b          eni-1  main   via uwfeed (ANOTHER POD'S)\n",
             ),
             (Kind::Errors, json!([]), "AGO  WHAT\n(none)\n"),
             (

@@ -155,9 +155,11 @@ impl Targets {
             };
             (s.assigned + s.cooling + warm, warm)
         };
-        // Never more than the node's pods can use (what is held already is kept).
+        // Never more than the node's pods can use, plus what is cooling (the kubelet counts
+        // running pods only: a deleted pod's cooling address does not free a pod's place), and
+        // what is held already is kept.
         if let Some(max) = self.max_pods.filter(|m| *m > 0) {
-            want_total = want_total.min(max.max(s.assigned + s.cooling));
+            want_total = want_total.min((max + s.cooling).max(s.assigned + s.cooling));
         }
         let mut d = Decision::default();
         if want_total > s.total {
@@ -305,6 +307,12 @@ mod tests {
                 Targets { max_pods: Some(20), ..ip(Some(5), None) },
                 stats(2, 18, 17, 0, 0),
                 d(0, &[2], 0, None),
+            ),
+            (
+                "max pods 20, 18 running and 2 cooling: room for the 2 pods still admitted",
+                Targets { max_pods: Some(20), ..ip(Some(2), None) },
+                stats(3, 20, 18, 2, 7),
+                d(2, &[], 0, None),
             ),
             (
                 "max pods below what is held: nothing given back for it",

@@ -560,6 +560,11 @@ async fn an_attach_whose_reply_was_lost_is_not_repeated_but_adopted() {
     let errors = p.http_get(61781, "/v1/errors").unwrap();
     assert!(errors.contains("adopted"), "{errors}");
     assert_eq!(enis_in_ec2(&w, &n).await.len(), 2);
+    // The attach's second step (delete on termination) never ran for it, the reply being lost
+    // before it: done on adoption, or the ENI would outlive its instance. (LocalStack ignores the
+    // attribute, so the front's record of the call is what can be checked.)
+    let modifies = records.iter().filter(|r| r.action == "ModifyNetworkInterfaceAttribute").count();
+    assert_eq!(modifies, 1, "delete on termination set for the adopted ENI");
 }
 
 /// Issue 17: an instance with several network cards (c6in.32xlarge: 16 interfaces as two cards of

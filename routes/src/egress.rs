@@ -186,9 +186,20 @@ pub fn apply(host: Option<&Path>, spec: &EgressSpec) -> Result<()> {
 /// traffic comes back by it, de-translated to the pod's address, and the reverse path of a
 /// secondary-ENI pod's address is its own ENI (rule 1536), so a strict check (Amazon Linux's
 /// default, 1) drops every reply. Pod veths stay strict (and the antispoof chain checks them).
+/// Reads first and writes only when needed, so it can run on every refresh (a node agent that
+/// reset it is corrected) and a read-only /proc/sys with the value already loose (the link's or
+/// `all`'s: the kernel uses the larger) is not an error.
 pub fn loose_rp_filter(host: Option<&Path>, link: &str) -> Result<()> {
     check_name("primary_link", link)?;
-    crate::netns::sysctl_in(host, &format!("net/ipv4/conf/{link}/rp_filter"), "2")
+    let key = format!("net/ipv4/conf/{link}/rp_filter");
+    let loose = |k: &str| crate::netns::sysctl_read(host, k).is_ok_and(|v| v.trim() == "2");
+    if loose(&key) {
+        return Ok(());
+    }
+    match crate::netns::sysctl_in(host, &key, "2") {
+        Err(_) if loose("net/ipv4/conf/all/rp_filter") => Ok(()),
+        r => r,
+    }
 }
 
 /// Removes the table; absent is fine.

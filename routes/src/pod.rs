@@ -197,8 +197,8 @@ async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
     // A veth of the same name is replaced: one left by an earlier, interrupted ADD of this
     // attachment, or an older sandbox's of the same pod (policy-engine names are per pod), with
     // the rules of the addresses it routed.
-    if link(h, &spec.host_veth).await?.is_some() {
-        remove_veth(h, &spec.host_veth, None).await?;
+    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
+        remove_link(h, &spec.host_veth, Some(idx), None).await?;
     }
     // The host route is this pod's alone: if the address already leads to another pod's veth,
     // fail before anything is made rather than take that pod's traffic (issue 14, item 1).
@@ -471,11 +471,17 @@ fn parse_alias(alias: &str) -> Option<(&str, Option<&str>)> {
 /// routed through it): what the node's own state says is in use (ipamd checks its store against
 /// it by attachment id, whatever the veth is named).
 pub async fn pod_veths(host: Option<&Path>, prefix: &str) -> Result<Vec<(String, Vec<Ipv4Addr>)>> {
+    Ok(pod_veths_named(host, prefix).await?.into_iter().map(|(id, _, addrs)| (id, addrs)).collect())
+}
+
+/// [`pod_veths`] with each veth's name: (attachment id, link name, addresses).
+pub async fn pod_veths_named(host: Option<&Path>, prefix: &str) -> Result<Vec<(String, String, Vec<Ipv4Addr>)>> {
     let host = handle_in(host)?;
     let h = &host.handle;
     let mut out = Vec::new();
     for v in host_veths(h, prefix).await? {
-        out.push((v.attachment, addresses_via(h, v.index).await?));
+        let addrs = addresses_via(h, v.index).await?;
+        out.push((v.attachment, v.name, addrs));
     }
     Ok(out)
 }
@@ -503,9 +509,16 @@ async fn remove(h: &Handle, spec: &PodSpec) -> Result<()> {
 
 /// Removes a host veth and the rules of every pod address routed through it (and of `also`).
 async fn remove_veth(h: &Handle, veth: &str, also: Option<Ipv4Addr>) -> Result<()> {
-    let found = link(h, veth).await?;
+    let found = link(h, veth).await?.map(|(idx, _)| idx);
+    remove_link(h, veth, found, also).await
+}
+
+/// Removes the link at index `found` (if any) and the rules of the addresses routed through it
+/// (and of `also`). By index: a link of the same name made since it was looked up is not touched
+/// (the index of a deleted link is gone: ENODEV, fine).
+async fn remove_link(h: &Handle, veth: &str, found: Option<u32>, also: Option<Ipv4Addr>) -> Result<()> {
     let mut addrs: Vec<Ipv4Addr> = also.into_iter().collect();
-    if let Some((idx, _)) = found {
+    if let Some(idx) = found {
         addrs.extend(addresses_via(h, idx).await?);
     }
     let rules: Vec<RuleMessage> =
@@ -513,7 +526,7 @@ async fn remove_veth(h: &Handle, veth: &str, also: Option<Ipv4Addr>) -> Result<(
     for r in rules.into_iter().filter(|r| addrs.iter().any(|a| is_pod_rule(r, *a))) {
         h.rule().del(r).execute().await.map_err(RoutesError::netlink("delete pod rule"))?;
     }
-    if let Some((idx, _)) = found {
+    if let Some(idx) = found {
         match h.link().del(idx).execute().await.map_err(RoutesError::netlink(format!("delete {veth}"))) {
             Err(e) if e.errno() == Some(ENODEV) => {}
             r => r?,
@@ -535,7 +548,19 @@ pub async fn teardown_attachment(
 ) -> Result<Option<String>> {
     let host = handle_in(host)?;
     let h = &host.handle;
-    // The common case costs one lookup by name; only a veth that is not ours costs a dump.
+    match find_attachment(h, prefix, host_veth, attachment).await? {
+        Some(v) => {
+            remove_link(h, &v.name, Some(v.index), None).await?;
+            Ok(Some(v.name))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The host veth of `attachment`: `host_veth` if its alias names the attachment (one lookup by
+/// name, the common case), else any of `prefix`'s veths whose alias does (a dump): a pod made
+/// before veths were named per pod, or a DEL without the pod's name.
+async fn find_attachment(h: &Handle, prefix: &str, host_veth: &str, attachment: &str) -> Result<Option<HostVeth>> {
     let named = match h.link().get().match_name(host_veth.to_string()).execute().try_next().await {
         Ok(Some(l)) => veth_of(l, prefix),
         Ok(None) => None,
@@ -544,17 +569,21 @@ pub async fn teardown_attachment(
             if e.errno() == Some(ENODEV) { None } else { return Err(e) }
         }
     };
-    let mine = match named.filter(|v| v.attachment == attachment) {
+    Ok(match named.filter(|v| v.attachment == attachment) {
         Some(v) => Some(v),
         None => host_veths(h, prefix).await?.into_iter().find(|v| v.attachment == attachment),
-    };
-    match mine {
-        Some(v) => {
-            remove_veth(h, &v.name, None).await?;
-            Ok(Some(v.name))
-        }
-        None => Ok(None),
-    }
+    })
+}
+
+/// The name of `attachment`'s host veth now (see [`teardown_attachment`]), if it has one.
+pub async fn attachment_veth(
+    host: Option<&Path>,
+    prefix: &str,
+    host_veth: &str,
+    attachment: &str,
+) -> Result<Option<String>> {
+    let host = handle_in(host)?;
+    Ok(find_attachment(&host.handle, prefix, host_veth, attachment).await?.map(|v| v.name))
 }
 
 /// Tears down by host veth name alone, whoever's it is (tests and tools).
