@@ -696,7 +696,9 @@ impl Interfaces for Ec2Cloud {
             .network_interface_id(&known.id)
             .set_secondary_private_ip_address_count((count.ips > 0).then_some(count.ips as i32))
             .set_ipv4_prefix_count((count.prefixes > 0).then_some(count.prefixes as i32));
-        let out = self.call(OP, ApiClass::Mutating, || call.clone().send()).await?;
+        // A count is not idempotent: repeated after a lost reply it assigns again (and past the
+        // type's limit AWS refuses it). The caller reads the ENI instead.
+        let out = self.call_with(OP, ApiClass::Mutating, false, || call.clone().send()).await?;
         let mut added = Assigned::default();
         for a in out.assigned_private_ip_addresses() {
             let ip = parse_ip(OP, a.private_ip_address())?;

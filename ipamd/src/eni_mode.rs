@@ -372,10 +372,14 @@ impl<C: Cloud + 'static> EniMode<C> {
                         known.subnet_id
                     )));
                 }
-                // The ENI holds more than ipamd knows: an earlier assign acted in EC2 but its reply
-                // was lost. Learn what EC2 has (those addresses are free: no Add ever got them)
-                // instead of waiting for the periodic re-check; the next step decides again.
-                Err(e @ CloudError::LimitReached { limit: LimitKind::AddressesPerEni, .. }) => {
+                // The ENI may hold more than ipamd knows: this assign (its fate unknown: a 5xx or
+                // a lost reply; the cloud layer does not repeat it) or an earlier one acted in EC2
+                // without ipamd hearing. Learn what EC2 has (those addresses are free: no Add ever
+                // got them) instead of waiting for the periodic re-check; the next step decides.
+                Err(
+                    e @ (CloudError::LimitReached { limit: LimitKind::AddressesPerEni, .. }
+                    | CloudError::Transient { .. }),
+                ) => {
                     let fresh = self.cloud.eni(&id).await?;
                     let more = |e: &CloudEni| e.secondary_ips.len() + 16 * e.prefixes.len();
                     if more(&fresh) <= more(&known) {

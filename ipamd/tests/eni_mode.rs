@@ -578,3 +578,26 @@ async fn a_type_with_several_network_cards_is_bound_by_card_0() {
     let m = p.http_get(61780, "/metrics").unwrap();
     assert_eq!(sample(&m, "underway_enis_limit"), Some(8.0), "{m}");
 }
+
+/// Found by the fault test in tests/run: an AssignPrivateIpAddresses whose reply was lost after
+/// EC2 acted was repeated by the cloud layer; a count is not idempotent, so the ENI got the
+/// addresses twice, and past the type's limit AWS refused the repeat. An assign whose fate is
+/// unknown is not repeated: ipamd reads the ENI and learns what EC2 gave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_assign_whose_reply_was_lost_is_not_repeated_but_learned() {
+    let (w, n) = world("m5.large").await;
+    w.account().front.configure(|c| {
+        c.faults.reset_after = 1.0;
+        c.faults.actions = vec!["AssignPrivateIpAddresses".into()];
+    });
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 5\n"));
+    p.wait_ready(5, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", p.log_text()));
+    let records = w.account().front.records();
+    let assigns = records.iter().filter(|r| r.action == "AssignPrivateIpAddresses").count();
+    assert_eq!(assigns, 1, "one assign, not one per retry");
+    assert!(w.account().front.unprovoked().is_empty(), "{:?}", w.account().front.unprovoked());
+    let enis = enis_in_ec2(&w, &n).await;
+    assert_eq!(enis[0].2.len(), 5, "EC2 gave 5 once: {enis:?}");
+    let errors = p.http_get(61781, "/v1/errors").unwrap();
+    assert!(errors.contains("reply was lost"), "{errors}");
+}
