@@ -191,8 +191,11 @@ async fn fifty_assignments_survive_a_kill_and_a_corrupt_store_is_survived() {
 async fn add_on_an_empty_pool_waits_out_a_slow_ec2() {
     let (w, n) = world("m5.large").await;
     // No warm addresses at all: every Add needs EC2.
-    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 0\n"));
+    // (warm_eni_target = 0: an IP target of 0 means unset, as in the AWS VPC CNI, which would
+    // bring a whole warm ENI.)
+    let p = start(&w, &n, &format!("{FAST}[targets]\nwarm_eni_target = 0\n"));
     p.wait_ready(0, Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // the reconciler has had its say: still nothing warm
     assert_eq!(status(&p).free, 0);
     // Every EC2 request of the account takes 2.5 s (the front's latency: per request, as the SDK
     // keeps its connection to the front open).
