@@ -26,22 +26,10 @@ pub fn gc(node_ns: &str, p: &IpamdProcess, valid: &[&str]) -> (i32, Value) {
 /// final result (`cached`). A plugin with `capabilities` gets the matching `runtime` entries as
 /// `runtimeConfig`. `underway` and `underway-probe` are this workspace's builds, other types
 /// Debian's in /usr/lib/cni. Returns the final result (ADD) or the failing plugin, code and output.
-pub fn chain(
-    node_ns: &str,
-    command: &str,
-    id: &str,
-    netns: &str,
-    conflist: &Value,
-    runtime: &Value,
-    cached: Option<&Value>,
-) -> Result<Value, (String, i32, Value)> {
-    chain_in(None, node_ns, command, id, netns, conflist, runtime, cached)
-}
-
-/// [`chain`] with the plugins found in `bin_dir` first (a node's CNI bin directory, where an
+/// Plugins are looked for in `bin_dir` first when given (a node's CNI bin directory, where an
 /// image's init container installed them).
 #[allow(clippy::too_many_arguments)]
-pub fn chain_in(
+pub fn chain(
     bin_dir: Option<&std::path::Path>,
     node_ns: &str,
     command: &str,

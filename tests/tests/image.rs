@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use underway_tests::cni::{address, chain_in, cni, conf};
+use underway_tests::cni::{address, chain, cni, conf};
 use underway_tests::ipamd::{IpamdProcess, bin_path};
 use underway_tests::localstack::{ensure_installed, venv};
 use underway_tests::netns::TempNs;
@@ -227,7 +227,7 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     let pod_a = TempNs::new("img").unwrap();
     let netns_a = pod_a.path().display().to_string();
     let runtime = serde_json::json!({});
-    let r = chain_in(Some(&cni_bin), &a.ns, "ADD", "imgpod", &netns_a, &conflist, &runtime, None)
+    let r = chain(Some(&cni_bin), &a.ns, "ADD", "imgpod", &netns_a, &conflist, &runtime, None)
         .unwrap_or_else(|e| panic!("ADD through the installed plugin: {e:?}\n{}", logs()));
     let pod_b = TempNs::new("img").unwrap();
     pb.wait_ready(1, Duration::from_secs(60)).unwrap();
@@ -241,7 +241,7 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     };
     assert!(ping(&pod_a.0, address(&vb)), "the image's pod reaches a pod on another node");
     assert!(ping(&pod_b.0, address(&r)), "and back");
-    chain_in(Some(&cni_bin), &a.ns, "DEL", "imgpod", &netns_a, &conflist, &runtime, Some(&r))
+    chain(Some(&cni_bin), &a.ns, "DEL", "imgpod", &netns_a, &conflist, &runtime, Some(&r))
         .unwrap_or_else(|e| panic!("DEL: {e:?}"));
     drop(_container);
     let _ = std::fs::remove_dir_all(&host);

@@ -114,7 +114,7 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
         .find_map(|i| {
             let ns = TempNs::new("hp").unwrap();
             let id = format!("hp{i}");
-            let r = chain(&a.ns, "ADD", &id, &ns.path().display().to_string(), &conflist, &runtime, None)
+            let r = chain(None, &a.ns, "ADD", &id, &ns.path().display().to_string(), &conflist, &runtime, None)
                 .unwrap_or_else(|e| panic!("chained ADD {id}: {e:?}"));
             let rules = String::from_utf8_lossy(&a.exec(&["ip", "rule"]).unwrap().stdout).to_string();
             let on_eth1 = rules.contains(&format!("from {} lookup", address(&r)));
@@ -140,15 +140,16 @@ async fn nodeport_reaches_a_secondary_eni_pod_in_every_kube_proxy_shape() {
     let mut wrong = result.clone();
     wrong["interfaces"][1]["sandbox"] = json!("/var/run/netns/another");
     let probe_only = json!({ "cniVersion": "1.0.0", "name": "underway", "plugins": [conflist["plugins"][2]] });
-    let e = chain(&a.ns, "CHECK", &hp, &hp_ns, &probe_only, &runtime, Some(&wrong)).unwrap_err();
+    let e = chain(None, &a.ns, "CHECK", &hp, &hp_ns, &probe_only, &runtime, Some(&wrong)).unwrap_err();
     assert_eq!(e.1, 1, "{e:?}");
     // CHECK through underway and the probe: Debian's portmap (1.1.1) fails CHECK on an IPv4-only
     // node ("could not check ipv6 dnat": it looks for the ip6tables chain its ADD never made);
     // kubelet and containerd never send CHECK.
     let mut no_portmap = conflist.clone();
     no_portmap["plugins"].as_array_mut().unwrap().remove(1);
-    chain(&a.ns, "CHECK", &hp, &hp_ns, &no_portmap, &runtime, Some(&result)).unwrap_or_else(|e| panic!("CHECK {e:?}"));
-    chain(&a.ns, "DEL", &hp, &hp_ns, &conflist, &runtime, Some(&result)).unwrap_or_else(|e| panic!("DEL {e:?}"));
+    chain(None, &a.ns, "CHECK", &hp, &hp_ns, &no_portmap, &runtime, Some(&result))
+        .unwrap_or_else(|e| panic!("CHECK {e:?}"));
+    chain(None, &a.ns, "DEL", &hp, &hp_ns, &conflist, &runtime, Some(&result)).unwrap_or_else(|e| panic!("DEL {e:?}"));
     let commands: Vec<String> = std::fs::read_to_string(&record)
         .unwrap()
         .lines()
