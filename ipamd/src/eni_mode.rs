@@ -4,7 +4,7 @@
 //! device index, wait (bounded) for its link, set it up, and only then offer its addresses;
 //! release surplus addresses through the release handshake; delete this node's leaked ENIs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,10 @@ pub struct EniMode<C> {
     paused: BTreeMap<String, u64>,
     /// Attached ENIs whose link is not set up yet: id → device index and since when.
     pending: BTreeMap<String, Pending>,
+    /// ENIs whose last assign has an unknown fate (a 5xx, a lost reply, a refusal at the limit)
+    /// and that EC2 has not been asked about since: nothing more is asked of them until it has
+    /// (an assign on a stale count goes past the ENI's limit: found by the fault test).
+    unsettled: BTreeSet<String>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
 }
@@ -81,6 +85,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             subnets: BTreeMap::new(),
             paused: BTreeMap::new(),
             pending: BTreeMap::new(),
+            unsettled: BTreeSet::new(),
             last_gc: None,
             last_recheck: None,
         }
@@ -288,7 +293,15 @@ impl<C: Cloud + 'static> EniMode<C> {
 
     /// Adds up to `n` slots to attached ENIs, lowest device first; returns how many it added.
     async fn grow(&mut self, state: &NodeState, mut n: u32) -> Result<(u32, Option<Blocker>)> {
+        // An earlier assign's fate is read from EC2 before anything more is asked (a failed read
+        // fails the step: the ENI is not assigned to on a count that may be stale).
         let asked = n;
+        for id in self.unsettled.clone() {
+            n = n.saturating_sub(self.settle(state, &id).await?);
+        }
+        if n == 0 {
+            return Ok((asked, None));
+        }
         let slots = self.limits.slots_per_eni();
         let prefix_mode = self.prefix_mode();
         // Room on an ENI is what EC2 counts, not only what the pool uses: an address EC2 gave
@@ -380,25 +393,53 @@ impl<C: Cloud + 'static> EniMode<C> {
                     e @ (CloudError::LimitReached { limit: LimitKind::AddressesPerEni, .. }
                     | CloudError::Transient { .. }),
                 ) => {
-                    let fresh = self.cloud.eni(&id).await?;
-                    let more = |e: &CloudEni| e.secondary_ips.len() + 16 * e.prefixes.len();
-                    if more(&fresh) <= more(&known) {
-                        return Err(e.into());
+                    self.unsettled.insert(id.clone());
+                    match self.settle(state, &id).await? {
+                        0 => return Err(e.into()),
+                        learned => n = n.saturating_sub(learned),
                     }
-                    let idx = fresh.attachment.as_ref().map_or(0, |a| a.device_index);
-                    let running = host_pods(&self.cfg.veth_prefix).await?;
-                    self.offer(state, &fresh, idx, &running);
-                    state.record_error(format!(
-                        "{id}: EC2 holds {} addresses, ipamd knew {}: an assign's reply was lost; learned them",
-                        fresh.secondary_ips.len(),
-                        known.secondary_ips.len()
-                    ));
-                    self.known.insert(id.clone(), fresh);
                 }
                 Err(e) => return Err(e.into()),
             }
         }
         Ok((asked - n, blocker))
+    }
+
+    /// Reads an unsettled ENI from EC2: it may hold more than ipamd knows (an assign acted without
+    /// ipamd hearing). What EC2 gave is offered (free: no Add ever got it). Returns the slots
+    /// learned; an ENI that is gone or no longer known is simply settled.
+    async fn settle(&mut self, state: &NodeState, id: &str) -> Result<u32> {
+        let Some(known) = self.known.get(id).cloned() else {
+            self.unsettled.remove(id);
+            return Ok(0);
+        };
+        let fresh = match self.cloud.eni(id).await {
+            Ok(f) => f,
+            Err(CloudError::NotFound { .. }) => {
+                self.unsettled.remove(id);
+                return Ok(0);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.unsettled.remove(id);
+        let prefix_mode = self.prefix_mode();
+        let slots = |e: &CloudEni| if prefix_mode { e.prefixes.len() } else { e.secondary_ips.len() };
+        let learned = slots(&fresh).saturating_sub(slots(&known)) as u32;
+        if learned == 0 {
+            return Ok(0);
+        }
+        if !self.pending.contains_key(id) {
+            let idx = fresh.attachment.as_ref().map_or(0, |a| a.device_index);
+            let running = host_pods(&self.cfg.veth_prefix).await?;
+            self.offer(state, &fresh, idx, &running);
+        }
+        state.record_error(format!(
+            "{id}: EC2 holds {} addresses, ipamd knew {}: an assign's reply was lost; learned them",
+            fresh.secondary_ips.len(),
+            known.secondary_ips.len()
+        ));
+        self.known.insert(id.to_string(), fresh);
+        Ok(learned)
     }
 
     /// Creates an ENI with `first` slots, attaches it, sets it up and offers its addresses.
@@ -537,7 +578,7 @@ impl<C: Cloud + 'static> EniMode<C> {
     async fn release(&mut self, state: &NodeState, n: u32) -> Result<()> {
         let prefix_mode = self.prefix_mode();
         // Per ENI: the prefixes (prefix mode) and every address that goes back.
-        let (picked, _) = state.change(|b| -> Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> {
+        let (picked, g) = state.change(|b| -> Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> {
             if prefix_mode {
                 let picked = b.pool.begin_release_prefixes(n);
                 picked
@@ -551,6 +592,35 @@ impl<C: Cloud + 'static> EniMode<C> {
                 b.pool.begin_release(n).into_iter().map(|(e, ips)| (e, Vec::new(), ips)).collect()
             }
         });
+        // On disk before EC2 is asked: a process stopped after the unassign acted must not leave
+        // a store that offers these addresses as free (issue 14; found by the kill storm).
+        state.commit(g).await?;
+        self.carry_out_release(state, picked).await
+    }
+
+    /// Finishes releases an earlier process (or a step whose confirmation failed) began: they
+    /// are unassigned again and confirmed, never offered in between.
+    async fn resume_releases(&mut self, state: &NodeState) -> Result<()> {
+        let open = state.read(|b| b.pool.releasing());
+        if open.is_empty() {
+            return Ok(());
+        }
+        let prefix_mode = self.prefix_mode();
+        let picked: Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> = open
+            .into_iter()
+            .filter(|(_, (prefixes, _))| !prefix_mode || !prefixes.is_empty())
+            .map(|(eni, (prefixes, ips))| (eni, prefixes, ips))
+            .collect();
+        tracing::info!("finishing {} releases begun before", picked.iter().map(|p| p.2.len()).sum::<usize>());
+        self.carry_out_release(state, picked).await
+    }
+
+    /// Unassigns what was picked (marked releasing, on disk) and records the outcome.
+    async fn carry_out_release(
+        &mut self,
+        state: &NodeState,
+        picked: Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)>,
+    ) -> Result<()> {
         for (eni, prefixes, ips) in picked {
             let r = if prefixes.is_empty() {
                 self.cloud.unassign_ips(&eni, &ips).await
@@ -564,7 +634,7 @@ impl<C: Cloud + 'static> EniMode<C> {
                     // anything is offered again (issue 14, item 3). What it no longer has is gone;
                     // the rest goes back to free. Unknown (EC2 unreachable): keep them out of use.
                     let Ok(now) = self.cloud.eni(&eni).await else {
-                        state.record_error(format!("{eni}: unassign failed ({e}) and EC2 cannot say what it did; the addresses stay out of use until the next check"));
+                        state.record_error(format!("{eni}: unassign failed ({e}) and EC2 cannot say what it did; the addresses stay out of use until a later step finishes the release"));
                         return Err(e.into());
                     };
                     let gone_prefixes: Vec<Ipv4Net> =
@@ -687,6 +757,10 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
         self.finish_pending(state).await?;
+        // Not fatal to the step: the addresses stay out of use meanwhile, and growth goes on.
+        if let Err(e) = self.resume_releases(state).await {
+            state.record_error(format!("finishing an earlier release: {e}"));
+        }
         let ((mut stats, waiting), _) = state.change(|b| {
             b.pool.expire(unix_ms());
             (b.pool.stats_with(self.limits.slots_per_eni(), self.prefix_mode()), b.waiting)

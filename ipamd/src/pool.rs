@@ -149,12 +149,9 @@ impl Pool {
             .filter(|(ip, s)| !want.contains(ip) || (quarantined.contains(ip) && !matches!(s, Slot::Assigned(_))))
             .map(|(ip, _)| *ip)
             .collect();
-        // A release the cloud did not carry out (ipamd stopped in between): the address is free again.
-        for (ip, s) in e.slots.iter_mut() {
-            if *s == Slot::Releasing && want.contains(ip) {
-                *s = Slot::Free;
-            }
-        }
+        // A release begun but not confirmed (ipamd stopped in between) stays releasing even if
+        // EC2 still lists the address: the unassign may yet act (sent just before the stop), so
+        // it is never offered again; the reconciler finishes the release (`releasing`).
         for ip in gone {
             match e.slots.remove(&ip) {
                 Some(Slot::Assigned(k)) => {
@@ -341,6 +338,28 @@ impl Pool {
                     left -= 1;
                 }
             }
+        }
+        out
+    }
+
+    /// Releases begun and not finished (an earlier process stopped, or EC2 could not say what it
+    /// did), by ENI: the prefixes whose addresses are all releasing (prefix mode) and every
+    /// releasing address.
+    pub fn releasing(&self) -> BTreeMap<String, (Vec<Ipv4Net>, Vec<Ipv4Addr>)> {
+        let mut out = BTreeMap::new();
+        for e in self.enis.values() {
+            let ips: Vec<Ipv4Addr> =
+                e.slots.iter().filter(|(_, s)| **s == Slot::Releasing).map(|(ip, _)| *ip).collect();
+            if ips.is_empty() {
+                continue;
+            }
+            let prefixes: Vec<Ipv4Net> = e
+                .prefixes
+                .iter()
+                .copied()
+                .filter(|p| prefix_addresses(*p).all(|ip| e.slots.get(&ip) == Some(&Slot::Releasing)))
+                .collect();
+            out.insert(e.id.clone(), (prefixes, ips));
         }
         out
     }
@@ -577,11 +596,15 @@ mod tests {
         p.finish_release_prefixes(&[b]);
         assert_eq!(p.enis().next().unwrap().prefixes, vec![a]);
         assert_eq!(p.stats().total, 16);
-        // Releasing slots still in the cloud after a restart become free again.
-        p.begin_release(1);
-        let cloud: Vec<Ipv4Addr> = prefix_addresses(a).collect();
+        // A release not confirmed before a restart stays releasing though EC2 still lists the
+        // address (its unassign may yet act): never offered again, listed to be finished.
+        let picked = p.begin_release(1);
+        let (eni, ips) = picked.iter().next().unwrap();
         p.sync_eni("eni-0", 0, None, &[], &[a]);
-        assert_eq!(p.stats().free(), 14, "{cloud:?}");
+        assert_eq!(p.stats().free(), 13, "16 - x - y - the releasing one");
+        assert_eq!(p.releasing(), BTreeMap::from([(eni.clone(), (vec![], ips.clone()))]));
+        p.finish_release(ips);
+        assert!(p.releasing().is_empty());
     }
 
     #[test]

@@ -17,9 +17,10 @@ use underway_ipamd::eni_mode::EniMode;
 use underway_ipamd::identity::Macs;
 use underway_ipamd::metrics::Metrics;
 use underway_ipamd::pool::Pool;
+use underway_ipamd::pool::Slot;
 use underway_ipamd::reconcile::Source;
 use underway_ipamd::state::{Book, NodeState, Status};
-use underway_ipamd::store::Store;
+use underway_ipamd::store::{Loaded, Store};
 
 const NS: &str = r#"xmlns="http://ec2.amazonaws.com/doc/2016-11-15/""#;
 
@@ -86,6 +87,21 @@ fn source(
     edit: impl FnOnce(&mut Config),
 ) -> (EniMode<Ec2Cloud>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "underway-ipamd-replay-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    source_in(dir, events, edit)
+}
+
+/// The same on the state directory `dir`, starting from what its store holds (a restart).
+fn source_in(
+    dir: std::path::PathBuf,
+    events: Vec<ReplayEvent>,
+    edit: impl FnOnce(&mut Config),
+) -> (EniMode<Ec2Cloud>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
     let replay = StaticReplayClient::new(events);
     let sdk = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
@@ -94,24 +110,17 @@ fn source(
         .http_client(replay.clone())
         .build();
     let cloud = Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config { max_attempts: 1, ..Ec2Config::default() }));
-    let dir = std::env::temp_dir().join(format!(
-        "underway-ipamd-replay-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
     let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), cooldown_ms: 0, ..Config::default() };
     edit(&mut cfg);
     cfg.validate().unwrap();
+    let store = Store::open(&dir).unwrap();
+    let (pool, pods) = match store.load().unwrap() {
+        Loaded::Ok(s) => (Pool::from_enis(0, s.enis), s.pods.into_iter().map(|p| (p.key.clone(), p)).collect()),
+        _ => (Pool::new(0), Default::default()),
+    };
     let state = Arc::new(NodeState::new(
-        Store::open(&dir).unwrap(),
-        Book {
-            mode: Config::default().mode,
-            pool: Pool::new(0),
-            pods: Default::default(),
-            waiting: 0,
-            deleted_veths: Default::default(),
-        },
+        store,
+        Book { mode: Config::default().mode, pool, pods, waiting: 0, deleted_veths: Default::default() },
         Status::default(),
     ));
     let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
@@ -246,5 +255,151 @@ async fn a_limit_refusal_from_a_lost_reply_is_learned_not_reported() {
     src.step(&state).await.expect("the refusal is learned from, not a failed step");
     assert_eq!(state.read(|b| b.pool.stats().free()), 9, "EC2's nine addresses serve");
     assert!(state.errors().iter().any(|e| e.what.contains("an assign's reply was lost")), "{:?}", state.errors());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn error(status: u16, code: &str) -> ReplayEvent {
+    ReplayEvent::new(
+        http::Request::builder().uri("https://ec2.us-east-1.amazonaws.com/").body(SdkBody::empty()).unwrap(),
+        http::Response::builder()
+            .status(status)
+            .header("content-type", "text/xml")
+            .body(SdkBody::from(format!(
+                "<Response><Errors><Error><Code>{code}</Code><Message>{code}</Message></Error></Errors>\
+                 <RequestID>r</RequestID></Response>"
+            )))
+            .unwrap(),
+    )
+}
+
+/// Found by the fault test (issue 14): an assign answered 5xx may have acted in EC2; the read that
+/// should learn what it did was throttled, the step failed, and the next step assigned again on
+/// the stale count — past the ENI's limit, which AWS refuses. Now the ENI stays unsettled until
+/// EC2 has been read: the next step reads it first and asks for nothing more.
+#[tokio::test]
+async fn an_assign_of_unknown_fate_is_read_from_ec2_before_the_next_assign() {
+    let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16", "10.0.1.17"];
+    let events = vec![
+        no_enis(),
+        primary(&[]),
+        subnet(4000),
+        error(500, "InternalError"),
+        error(503, "RequestLimitExceeded"),
+        primary_with(&[], &ips),
+        no_enis(),
+    ];
+    let (mut src, state, replay, dir) = source(events, |c| {
+        c.targets.warm_ip_target = Some(3);
+    });
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.expect_err("the assign's fate could not be read");
+    assert_eq!(state.read(|b| b.pool.stats().total), 0);
+    src.step(&state).await.expect("the ENI is read, then nothing more is needed");
+    assert_eq!(state.read(|b| b.pool.stats().free()), 7, "what the 5xx assign gave serves");
+    let actions: Vec<String> = replay
+        .actual_requests()
+        .map(|r| {
+            let body = String::from_utf8_lossy(r.body().bytes().unwrap()).into_owned();
+            body.split('&').find_map(|kv| kv.strip_prefix("Action=")).unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "DescribeNetworkInterfaces",
+            "DescribeNetworkInterfaces",
+            "DescribeSubnets",
+            "AssignPrivateIpAddresses",
+            "DescribeNetworkInterfaces",
+            "DescribeNetworkInterfaces",
+            "DescribeNetworkInterfaces",
+        ],
+        "one assign: the second step reads the ENI (then the leaked-ENI look) and assigns nothing more"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn unassigned() -> ReplayEvent {
+    ok(format!(
+        "<UnassignPrivateIpAddressesResponse {NS}><requestId>r</requestId><return>true</return></UnassignPrivateIpAddressesResponse>"
+    ))
+}
+
+/// The addresses each request of a replay named, by action (`PrivateIpAddress.N`).
+fn sent(replay: &StaticReplayClient) -> Vec<(String, Vec<String>)> {
+    replay
+        .actual_requests()
+        .map(|r| {
+            let body = String::from_utf8_lossy(r.body().bytes().unwrap()).into_owned();
+            let action = body.split('&').find_map(|kv| kv.strip_prefix("Action=")).unwrap_or_default().to_string();
+            let ips = body
+                .split('&')
+                .filter(|kv| kv.starts_with("PrivateIpAddress."))
+                .filter_map(|kv| kv.split_once('=').map(|(_, v)| v.to_string()))
+                .collect();
+            (action, ips)
+        })
+        .collect()
+}
+
+/// Found by the kill storm (issue 14): a release marked its addresses releasing in memory only,
+/// then asked EC2. A process stopped after the unassign acted left a store that listed them as
+/// free, and the next process handed one to a pod before its sync (its pod then held an address
+/// EC2 had taken back). Now the mark is on disk before EC2 is asked, a restarted ipamd never
+/// offers a releasing address (even while EC2 still lists it: the unassign may yet act), and the
+/// reconciler finishes the release.
+#[tokio::test]
+async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart() {
+    let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16"];
+    // The first process: its unassign's fate unknown (a 5xx) and EC2 cannot be read (throttled):
+    // the step fails with the addresses picked, as a process killed during the call would leave them.
+    let events =
+        vec![no_enis(), primary_with(&[], &ips), error(500, "InternalError"), error(503, "RequestLimitExceeded")];
+    let (mut src, state, replay, dir) = source(events, |c| {
+        c.targets.warm_ip_target = Some(2);
+    });
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.expect_err("the unassign's fate is unknown");
+    let mut picked: Vec<String> = sent(&replay).into_iter().find(|(a, _)| a == "UnassignPrivateIpAddresses").unwrap().1;
+    picked.sort();
+    assert!(!picked.is_empty());
+    let on_disk = match Store::open(&dir).unwrap().load().unwrap() {
+        Loaded::Ok(s) => s.enis,
+        other => panic!("{other:?}"),
+    };
+    let mut releasing: Vec<String> = on_disk
+        .iter()
+        .flat_map(|e| e.slots.iter())
+        .filter(|(_, s)| **s == Slot::Releasing)
+        .map(|(ip, _)| ip.to_string())
+        .collect();
+    releasing.sort();
+    assert_eq!(releasing, picked, "the store says releasing before EC2 is asked");
+    drop((src, state));
+
+    // A restart on that store; EC2 still lists every address (the unassign has not acted yet).
+    let events = vec![no_enis(), primary_with(&[], &ips), unassigned(), no_enis(), no_enis()];
+    let (mut src, state, replay, dir) = source_in(dir, events, |c| {
+        c.targets.warm_ip_target = Some(2);
+    });
+    src.sync(&state).await.unwrap();
+    let free = state.read(|b| b.pool.stats().free()) as usize;
+    assert_eq!(free, ips.len() - picked.len(), "releasing addresses are not offered again");
+    for i in 0..ips.len() {
+        let (got, _) = state.change(|b| b.pool.assign(&key(&format!("p{i}")), 0));
+        if let Ok(l) = got {
+            assert!(!picked.contains(&l.address.to_string()), "{} handed out while its release is open", l.address);
+            state.change(|b| b.pool.release(&key(&format!("p{i}")), 0));
+        }
+    }
+    src.step(&state).await.unwrap();
+    let requests = sent(&replay);
+    let unassign = requests.iter().find(|(a, _)| a.starts_with("Unassign")).expect("the release is finished");
+    let mut again = unassign.1.clone();
+    again.sort();
+    assert_eq!(again, picked, "the same addresses, unassigned again");
+    assert!(state.read(|b| b.pool.releasing().is_empty()));
+    let left: Vec<String> = state.read(|b| b.pool.enis().flat_map(|e| e.slots.keys().map(|a| a.to_string())).collect());
+    assert!(left.iter().all(|a| !picked.contains(a)), "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -100,6 +100,31 @@ pub async fn explicit(c: &Client, p: &Params) -> Option<Params> {
     Some(out)
 }
 
+/// What an address-changing request that EC2 carried out did, for the front's log: `eni-… +a,b`
+/// (assigned, the primary first for a new ENI) or `eni-… -a,b` (unassigned). `None` for others.
+pub fn trail(sent: &Params, reply: &str) -> Option<String> {
+    let values = |prefix: &str, suffix: &str| -> Vec<String> {
+        sent.0.iter().filter(|(k, _)| k.starts_with(prefix) && k.ends_with(suffix)).map(|(_, v)| v.clone()).collect()
+    };
+    let (sign, mut addrs) = match sent.action() {
+        "AssignPrivateIpAddresses" => ('+', values("PrivateIpAddress.", "")),
+        "UnassignPrivateIpAddresses" => ('-', values("PrivateIpAddress.", "")),
+        "CreateNetworkInterface" => ('+', values("PrivateIpAddresses.", ".PrivateIpAddress")),
+        _ => return None,
+    };
+    addrs.extend(values("Ipv4Prefix.", ""));
+    if addrs.is_empty() {
+        // A count LocalStack filled itself: the reply lists what it gave.
+        addrs = super::wire::all_texts(reply, "privateIpAddress");
+    }
+    let eni = sent
+        .get("NetworkInterfaceId")
+        .map(str::to_string)
+        .or_else(|| super::wire::first_text(reply, "networkInterfaceId").map(str::to_string))
+        .unwrap_or_default();
+    Some(format!("{eni} {sign}{}", addrs.join(",")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +144,34 @@ mod tests {
             }
         }
         assert_eq!(pick(subnet, &used, 10, &mut rng), None, "11 usable, 2 used: 9 free");
+    }
+
+    #[test]
+    fn the_trail_names_the_eni_and_each_address() {
+        let p = |pairs: &[(&str, &str)]| Params(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+        let assign = p(&[
+            ("Action", "AssignPrivateIpAddresses"),
+            ("NetworkInterfaceId", "eni-1"),
+            ("PrivateIpAddress.1", "10.0.0.7"),
+            ("PrivateIpAddress.2", "10.0.0.9"),
+        ]);
+        assert_eq!(trail(&assign, "").as_deref(), Some("eni-1 +10.0.0.7,10.0.0.9"));
+        let unassign = p(&[
+            ("Action", "UnassignPrivateIpAddresses"),
+            ("NetworkInterfaceId", "eni-1"),
+            ("PrivateIpAddress.1", "10.0.0.7"),
+        ]);
+        assert_eq!(trail(&unassign, "").as_deref(), Some("eni-1 -10.0.0.7"));
+        let create = p(&[
+            ("Action", "CreateNetworkInterface"),
+            ("PrivateIpAddresses.1.PrivateIpAddress", "10.0.0.5"),
+            ("PrivateIpAddresses.1.Primary", "true"),
+        ]);
+        let reply = "<x><networkInterfaceId>eni-2</networkInterfaceId></x>";
+        assert_eq!(trail(&create, reply).as_deref(), Some("eni-2 +10.0.0.5"));
+        let counted = p(&[("Action", "AssignPrivateIpAddresses"), ("NetworkInterfaceId", "eni-1")]);
+        let reply = "<a><privateIpAddress>10.0.0.8</privateIpAddress><privateIpAddress>10.0.0.6</privateIpAddress></a>";
+        assert_eq!(trail(&counted, reply).as_deref(), Some("eni-1 +10.0.0.8,10.0.0.6"));
+        assert_eq!(trail(&p(&[("Action", "DescribeSubnets")]), ""), None);
     }
 }

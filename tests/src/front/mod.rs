@@ -438,6 +438,20 @@ impl Shared {
     /// Records a request at the time it arrived (`at`), so windows count arrivals, not the
     /// moments LocalStack happened to answer.
     fn record(&self, at: Instant, action: &str, node: &str, mutating: bool, outcome: Outcome) {
+        self.record_with(at, action, node, mutating, outcome, None)
+    }
+
+    /// A record whose log line also names what it did to addresses (`detail`): the trail a
+    /// torture violation is explained from.
+    fn record_with(
+        &self,
+        at: Instant,
+        action: &str,
+        node: &str,
+        mutating: bool,
+        outcome: Outcome,
+        detail: Option<String>,
+    ) {
         let at_ms = at.saturating_duration_since(self.started).as_millis() as u64;
         if let Some(log) = &self.log {
             let wall =
@@ -446,7 +460,7 @@ impl Shared {
                 Outcome::Refused { rule, provoked, .. } => (Some(rule.name()), *provoked),
                 _ => (None, false),
             };
-            let line = serde_json::json!({
+            let mut line = serde_json::json!({
                 "t_ms": wall,
                 "account": self.account,
                 "node": node,
@@ -457,6 +471,9 @@ impl Shared {
                 "provoked": provoked,
                 "test": self.test,
             });
+            if let Some(d) = detail {
+                line["addresses"] = serde_json::Value::String(d);
+            }
             if let Ok(mut f) = log.lock() {
                 let _ = f.write_all(format!("{line}\n").as_bytes());
             }
@@ -593,6 +610,7 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
         Some(_) => addresses::explicit(&shared.direct, &params).await.map_or(body, |p| Bytes::from(p.encode())),
         None => body,
     };
+    let sent = Params::parse(&body, parts.uri.query());
 
     // 7. Forward.
     let (status, headers, bytes) = match forward(&shared.upstream, &parts, body).await {
@@ -620,11 +638,12 @@ async fn handle(shared: Arc<Shared>, node: String, req: Request<Incoming>) -> Re
             shared.idempotent.lock().expect("idem").insert(key, (status, bytes.clone()));
         }
     }
+    let detail = (status == 200).then(|| addresses::trail(&sent, &String::from_utf8_lossy(&bytes))).flatten();
     if plan == Some(Fault::ResetAfter) {
-        shared.record(arrived, &action, &node, mutating, Outcome::Fault(Fault::ResetAfter));
+        shared.record_with(arrived, &action, &node, mutating, Outcome::Fault(Fault::ResetAfter), detail);
         return Err(Reset);
     }
-    shared.record(arrived, &action, &node, mutating, Outcome::Forwarded(status));
+    shared.record_with(arrived, &action, &node, mutating, Outcome::Forwarded(status), detail);
     let mut resp = Response::builder().status(status);
     for (k, v) in headers.iter() {
         if !matches!(k.as_str(), "content-length" | "transfer-encoding" | "connection") {

@@ -74,6 +74,20 @@ pub fn first_text<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     Some(&xml[start..start + len])
 }
 
+/// The text of every `<tag>…</tag>` in `xml`, in order.
+pub fn all_texts(xml: &str, tag: &str) -> Vec<String> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        rest = &rest[i + open.len()..];
+        let Some(len) = rest.find(&close) else { break };
+        out.push(rest[..len].to_string());
+        rest = &rest[len + close.len()..];
+    }
+    out
+}
+
 /// Removes from `xml` each top-level `<item>` of the `<set>` element whose own `<key>` child (at
 /// the item's first level) is in `hide`. Nested items (addresses, tags) are kept as they are.
 pub fn drop_items(xml: &str, set: &str, key: &str, hide: &dyn Fn(&str) -> bool) -> String {
