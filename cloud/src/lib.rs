@@ -9,6 +9,7 @@
 pub mod aws;
 pub mod budget;
 pub mod error;
+pub mod fake;
 pub mod imds;
 pub mod limits;
 pub mod stats;

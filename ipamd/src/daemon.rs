@@ -256,7 +256,8 @@ async fn background(
     let (state, metrics) = (sh.state.clone(), sh.metrics.clone());
     match cfg.mode {
         Mode::Eni => {
-            let src = EniMode::new(cloud, cfg.clone(), node, macs, limits, metrics.clone());
+            let kernel = Arc::new(crate::node::Kernel { macs });
+            let src = EniMode::new(cloud, cfg.clone(), node, kernel, limits, metrics.clone());
             reconcile::run(src, state, cfg, metrics, stop).await;
         }
         Mode::VpcRoute => match VpcRouteMode::new(cloud, cfg.clone(), node, metrics.clone()) {

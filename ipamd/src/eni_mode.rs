@@ -7,30 +7,32 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ipnet::Ipv4Net;
 use underway_cloud::{
     AddressCount, Attachment, Cloud, CloudError, CreateEni, Eni as CloudEni, InstanceLimits, LimitKind, Subnet,
     TAG_CLUSTER, eni_tags,
 };
-use underway_routes::EniSpec;
 
 use crate::clock::unix_ms;
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
-use crate::host::{HostPods, host_pods};
-use crate::identity::Macs;
+use crate::host::HostPods;
 use crate::metrics::Metrics;
+use crate::node::{EniLink, Node};
 use crate::reconcile::{Source, Step};
 use crate::state::{Blocker, NodeState};
 use underway_cloud::Instance;
 
-pub struct EniMode<C> {
+pub struct EniMode<C, N> {
     cloud: Arc<C>,
+    /// The node's side effects: its links and its pods' veths.
+    node_ops: Arc<N>,
     cfg: Arc<Config>,
     node: Instance,
-    macs: Macs,
     limits: InstanceLimits,
     metrics: Arc<Metrics>,
     /// Attached ENIs as last seen (assign diffs against these).
@@ -44,6 +46,10 @@ pub struct EniMode<C> {
     /// and that EC2 has not been asked about since: nothing more is asked of them until it has
     /// (an assign on a stale count goes past the ENI's limit: found by the fault test).
     unsettled: BTreeSet<String>,
+    /// An ENI this process created whose attach was throttled or failed before acting: the next
+    /// new ENI is this one (creating another each time, and deleting the last, spent the budget
+    /// three times over while EC2 throttled; found by the in-memory EC2).
+    spare: Option<CloudEni>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
 }
@@ -65,20 +71,20 @@ fn slot_count(prefix_mode: bool, n: u32) -> AddressCount {
     if prefix_mode { AddressCount::prefixes(n) } else { AddressCount::ips(n) }
 }
 
-impl<C: Cloud + 'static> EniMode<C> {
+impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     pub fn new(
         cloud: Arc<C>,
         cfg: Arc<Config>,
         node: Instance,
-        macs: Macs,
+        node_ops: Arc<N>,
         limits: InstanceLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
         EniMode {
             cloud,
+            node_ops,
             cfg,
             node,
-            macs,
             limits,
             metrics,
             known: BTreeMap::new(),
@@ -86,6 +92,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             paused: BTreeMap::new(),
             pending: BTreeMap::new(),
             unsettled: BTreeSet::new(),
+            spare: None,
             last_gc: None,
             last_recheck: None,
         }
@@ -110,39 +117,16 @@ impl<C: Cloud + 'static> EniMode<C> {
         Ok(s)
     }
 
-    /// Waits (bounded) for the ENI's MAC and link, then sets the link and its route table up.
+    /// Waits (bounded) for the ENI's link, then sets the link and its route table up.
     async fn setup_link(&mut self, eni: &CloudEni, device_index: u32) -> Result<String> {
         let subnet = self.subnet(&eni.subnet_id).await?;
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.eni.link_wait_ms);
-        let ns = underway_routes::netns::handle_in(None)?;
-        let mut mac = None;
-        loop {
-            if mac.is_none() {
-                mac = self.macs.mac_of(&*self.cloud, &eni.id).await?;
-            }
-            if let Some(m) = mac
-                && underway_routes::eni::link_by_mac(&ns.handle, m).await?.is_some()
-            {
-                let spec = EniSpec {
-                    mac: m,
-                    mtu: self.cfg.eni.mtu,
-                    table: self.table_of(device_index).expect("secondary ENI"),
-                    primary_ip: eni.primary_ip,
-                    subnet: subnet.cidr.network(),
-                    subnet_prefix: subnet.cidr.prefix_len(),
-                };
-                return Ok(underway_routes::setup_eni(None, &spec).await?);
-            }
-            if Instant::now() >= deadline {
-                return Err(IpamdError::Routes(underway_routes::RoutesError::Missing(format!(
-                    "the link of {} (device {device_index}, MAC {}) after {} ms",
-                    eni.id,
-                    mac.map(|m| underway_routes::pod::mac_string(&m)).unwrap_or_else(|| "not yet in IMDS".into()),
-                    self.cfg.eni.link_wait_ms
-                ))));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let link = EniLink {
+            device_index,
+            table: self.table_of(device_index).expect("secondary ENI"),
+            mtu: self.cfg.eni.mtu,
+            subnet: subnet.cidr,
+        };
+        self.node_ops.setup_eni(eni, link, Duration::from_millis(self.cfg.eni.link_wait_ms)).await
     }
 
     /// Offers an attached, set-up ENI's addresses to the pool.
@@ -177,7 +161,7 @@ impl<C: Cloud + 'static> EniMode<C> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let running = host_pods(&self.cfg.veth_prefix).await?;
+        let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         for (id, p) in self.pending.clone() {
             let idx = p.device_index;
             let eni = self.known.get(&id).cloned().expect("pending ENIs are known");
@@ -430,7 +414,7 @@ impl<C: Cloud + 'static> EniMode<C> {
         }
         if !self.pending.contains_key(id) {
             let idx = fresh.attachment.as_ref().map_or(0, |a| a.device_index);
-            let running = host_pods(&self.cfg.veth_prefix).await?;
+            let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
             self.offer(state, &fresh, idx, &running);
         }
         state.record_error(format!(
@@ -444,11 +428,25 @@ impl<C: Cloud + 'static> EniMode<C> {
 
     /// Creates an ENI with `first` slots, attaches it, sets it up and offers its addresses.
     async fn new_eni(&mut self, state: &NodeState, first: u32) -> Result<Option<Blocker>> {
-        let subnet = match self.pick_subnet(self.per_slot()).await? {
+        if let Some(spare) = self.spare.take() {
+            let used = match self.device_indexes(state).await {
+                Ok(u) => u,
+                Err(e) => {
+                    self.spare = Some(spare);
+                    return Err(e);
+                }
+            };
+            let count = spare.secondary_ips.len() + spare.prefixes.len();
+            return self.attach_new(state, spare, &used, count as u32).await;
+        }
+        // A new ENI takes an address of the subnet for itself (its primary) besides its slots:
+        // asking for all the subnet has is refused (InsufficientFreeAddressesInSubnet; found by
+        // the in-memory EC2, which counts as AWS does).
+        let subnet = match self.pick_subnet(self.per_slot() + 1).await? {
             Ok(s) => s,
             Err(b) => return Ok(Some(b)),
         };
-        let count = first.min(subnet.available_addresses / self.per_slot()).max(1);
+        let count = first.min((subnet.available_addresses - 1) / self.per_slot()).max(1);
         let sgs = if self.cfg.eni.security_groups.is_empty() {
             self.node.security_groups.clone()
         } else {
@@ -463,7 +461,7 @@ impl<C: Cloud + 'static> EniMode<C> {
         };
         // Before creating: a failed describe must not leave a new ENI behind, detached.
         let used = self.device_indexes(state).await?;
-        let mut eni = match self.cloud.create_eni(&req).await {
+        let eni = match self.cloud.create_eni(&req).await {
             Ok(e) => e,
             Err(CloudError::LimitReached { limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, .. }) => {
                 self.pause(&subnet.id);
@@ -474,13 +472,30 @@ impl<C: Cloud + 'static> EniMode<C> {
             }
             Err(e) => return Err(e.into()),
         };
+        self.attach_new(state, eni, &used, count).await
+    }
+
+    /// Attaches a new (or spare) ENI at the lowest free device index and waits for its link.
+    async fn attach_new(
+        &mut self,
+        state: &NodeState,
+        mut eni: CloudEni,
+        used: &[u32],
+        count: u32,
+    ) -> Result<Option<Blocker>> {
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
         let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
+            // Refused before acting: the ENI stays as it is, for the next step to attach.
+            Err(e @ CloudError::Throttled { .. }) => {
+                self.spare = Some(eni);
+                return Err(e.into());
+            }
             Err(e) => {
                 // The attach may have happened all the same (a lost reply, or the
                 // delete-on-termination step after it failed): never leave the ENI untracked.
-                if self.settle_failed_attach(state, &eni.id).await {
+                let keep = matches!(e, CloudError::Transient { .. });
+                if self.settle_failed_attach(state, &eni, keep).await {
                     return Ok(None);
                 }
                 return Err(e.into());
@@ -493,7 +508,7 @@ impl<C: Cloud + 'static> EniMode<C> {
             status: "attached".into(),
             delete_on_termination: true,
         });
-        tracing::info!("created {} in {} with {count} slots, attached at device {idx}", eni.id, subnet.id);
+        tracing::info!("created {} in {} with {count} slots, attached at device {idx}", eni.id, eni.subnet_id);
         self.pending.insert(eni.id.clone(), Pending::new(idx));
         self.known.insert(eni.id.clone(), eni);
         Ok(None)
@@ -536,7 +551,8 @@ impl<C: Cloud + 'static> EniMode<C> {
     /// After a failed attach: an ENI EC2 has attached to this node is adopted (true); one it has
     /// not is deleted. EC2 is eventually consistent, so "not found" is asked again a few times;
     /// what cannot be settled is left to the leak GC (the ENI is tagged) and recorded.
-    async fn settle_failed_attach(&mut self, state: &NodeState, eni_id: &str) -> bool {
+    async fn settle_failed_attach(&mut self, state: &NodeState, eni: &CloudEni, keep: bool) -> bool {
+        let eni_id = eni.id.as_str();
         for _ in 0..8 {
             match self.cloud.eni(eni_id).await {
                 Ok(e) => match e.attachment.as_ref().map(|a| (a.instance_id.clone(), a.device_index)) {
@@ -548,6 +564,12 @@ impl<C: Cloud + 'static> EniMode<C> {
                         return true;
                     }
                     Some(_) => {}
+                    // Detached: a failure that did not act. Kept for the next step to attach
+                    // (a 5xx), or deleted (a refusal the next attach would meet again).
+                    None if keep => {
+                        self.spare = Some(e);
+                        return false;
+                    }
                     None => match self.cloud.delete_eni(eni_id).await {
                         // NotFound: a retried delete whose first answer was lost.
                         Ok(()) | Err(CloudError::NotFound { .. }) => return false,
@@ -598,21 +620,51 @@ impl<C: Cloud + 'static> EniMode<C> {
         self.carry_out_release(state, picked).await
     }
 
-    /// Finishes releases an earlier process (or a step whose confirmation failed) began: they
-    /// are unassigned again and confirmed, never offered in between.
+    /// Finishes releases an earlier process (or a step whose confirmation failed) began: EC2 is
+    /// read first (an unassign that acted after all is only recorded: asking again would be
+    /// refused), the rest is unassigned again; never offered in between.
     async fn resume_releases(&mut self, state: &NodeState) -> Result<()> {
         let open = state.read(|b| b.pool.releasing());
         if open.is_empty() {
             return Ok(());
         }
         let prefix_mode = self.prefix_mode();
-        let picked: Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> = open
-            .into_iter()
-            .filter(|(_, (prefixes, _))| !prefix_mode || !prefixes.is_empty())
-            .map(|(eni, (prefixes, ips))| (eni, prefixes, ips))
-            .collect();
-        tracing::info!("finishing {} releases begun before", picked.iter().map(|p| p.2.len()).sum::<usize>());
-        self.carry_out_release(state, picked).await
+        let mut again = Vec::new();
+        for (eni, (prefixes, ips)) in open {
+            if prefix_mode && prefixes.is_empty() {
+                continue;
+            }
+            let (held_ips, held_prefixes) = match self.cloud.eni(&eni).await {
+                Ok(now) => (now.secondary_ips, now.prefixes),
+                Err(CloudError::NotFound { .. }) => (Vec::new(), Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let (gone_p, still_p): (Vec<Ipv4Net>, Vec<Ipv4Net>) =
+                prefixes.iter().partition(|p| !held_prefixes.contains(p));
+            let (gone, still): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = if prefix_mode {
+                ips.iter().partition(|a| gone_p.iter().any(|p| p.contains(*a)))
+            } else {
+                ips.iter().partition(|a| !held_ips.contains(a))
+            };
+            if !gone.is_empty() {
+                let (_, g) = state.change(|b| {
+                    b.pool.finish_release(&gone);
+                    b.pool.finish_release_prefixes(&gone_p);
+                });
+                if let Some(k) = self.known.get_mut(&eni) {
+                    k.secondary_ips.retain(|a| !gone.contains(a));
+                    k.prefixes.retain(|p| !gone_p.contains(p));
+                }
+                state.commit(g).await?;
+            }
+            if !still.is_empty() {
+                again.push((eni, if prefix_mode { still_p } else { Vec::new() }, still));
+            }
+        }
+        if !again.is_empty() {
+            tracing::info!("finishing {} releases begun before", again.iter().map(|p| p.2.len()).sum::<usize>());
+        }
+        self.carry_out_release(state, again).await
     }
 
     /// Unassigns what was picked (marked releasing, on disk) and records the outcome.
@@ -679,7 +731,7 @@ impl<C: Cloud + 'static> EniMode<C> {
     async fn recheck(&mut self, state: &NodeState) -> Result<()> {
         let before = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
-        let running = host_pods(&self.cfg.veth_prefix).await?;
+        let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
             if self.pending.contains_key(&e.id) || !before.contains_key(&e.id) {
@@ -719,7 +771,7 @@ impl<C: Cloud + 'static> EniMode<C> {
     }
 }
 
-impl<C: Cloud + 'static> Source for EniMode<C> {
+impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
         // This process has created no ENI yet: a detached one tagged for this node is an earlier
         // run's, cut off between create and attach (a crash), and is deleted now rather than
@@ -727,7 +779,7 @@ impl<C: Cloud + 'static> Source for EniMode<C> {
         self.gc_detached(state, 0).await?;
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         // One look at the host for the whole sync: each offer marks the running pods' addresses.
-        let running = host_pods(&self.cfg.veth_prefix).await?;
+        let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         let mut seen = Vec::new();
         self.known.clear();
         for e in enis {

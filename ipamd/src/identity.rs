@@ -41,23 +41,21 @@ pub async fn node_info<C: Discovery>(cloud: &C, instance_id: &str) -> Result<Ins
 }
 
 impl Macs {
-    /// The MAC of an attached ENI, once the node knows it (`None` until then).
-    pub async fn mac_of<C: Discovery>(&self, cloud: &C, eni_id: &str) -> Result<Option<[u8; 6]>> {
+    /// The MAC of an attached ENI (`eni` as EC2 reported it), once the node knows it (`None`
+    /// until then).
+    pub async fn mac_of(&self, eni: &underway_cloud::Eni) -> Result<Option<[u8; 6]>> {
         match self {
             Macs::Imds(imds) => {
                 let id = imds.identity().await?;
-                Ok(id.interfaces.iter().find(|i| i.interface_id == eni_id).and_then(|i| parse_mac(&i.mac)))
+                Ok(id.interfaces.iter().find(|i| i.interface_id == eni.id).and_then(|i| parse_mac(&i.mac)))
             }
-            Macs::Api => {
-                let eni = cloud.eni(eni_id).await?;
-                match eni.mac() {
-                    Some(m) => Ok(Some(m)),
-                    None => Err(IpamdError::Identity(format!(
-                        "EC2 reports a malformed MAC {:?} for {eni_id}; use identity source \"imds\"",
-                        eni.mac_raw
-                    ))),
-                }
-            }
+            Macs::Api => match eni.mac() {
+                Some(m) => Ok(Some(m)),
+                None => Err(IpamdError::Identity(format!(
+                    "EC2 reports a malformed MAC {:?} for {}; use identity source \"imds\"",
+                    eni.mac_raw, eni.id
+                ))),
+            },
         }
     }
 }

@@ -8,6 +8,7 @@
 //!   cloud seam; [`host`]: the pods the node itself shows; [`orphans`]: assignments whose pod is
 //!   gone without a DEL;
 //! - [`egress`]: the node's nftables table (pod egress SNAT, anti-spoofing);
+//! - [`node`]: the node seam (links, veths) beside the cloud's;
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
 //! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
 //! - [`daemon`]: start-up and shutdown.
@@ -26,6 +27,7 @@ pub mod identity;
 pub mod install;
 pub mod k8s;
 pub mod metrics;
+pub mod node;
 pub mod operator;
 pub mod orphans;
 pub mod pool;

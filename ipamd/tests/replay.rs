@@ -16,6 +16,7 @@ use underway_ipamd::config::Config;
 use underway_ipamd::eni_mode::EniMode;
 use underway_ipamd::identity::Macs;
 use underway_ipamd::metrics::Metrics;
+use underway_ipamd::node::Kernel;
 use underway_ipamd::pool::Pool;
 use underway_ipamd::pool::Slot;
 use underway_ipamd::reconcile::Source;
@@ -85,7 +86,7 @@ fn key(c: &str) -> AttachmentKey {
 fn source(
     events: Vec<ReplayEvent>,
     edit: impl FnOnce(&mut Config),
-) -> (EniMode<Ec2Cloud>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
+) -> (EniMode<Ec2Cloud, Kernel>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "underway-ipamd-replay-{}-{}",
@@ -101,7 +102,7 @@ fn source_in(
     dir: std::path::PathBuf,
     events: Vec<ReplayEvent>,
     edit: impl FnOnce(&mut Config),
-) -> (EniMode<Ec2Cloud>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
+) -> (EniMode<Ec2Cloud, Kernel>, Arc<NodeState>, StaticReplayClient, std::path::PathBuf) {
     let replay = StaticReplayClient::new(events);
     let sdk = SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
@@ -136,7 +137,12 @@ fn source_in(
         state: "running".into(),
     };
     let limits = InstanceLimits { enis: 3, ipv4_per_eni: 10, ipv6_per_eni: 10, vcpus: 2 };
-    (EniMode::new(cloud, Arc::new(cfg), node, Macs::Api, limits, metrics), state, replay, dir)
+    (
+        EniMode::new(cloud, Arc::new(cfg), node, Arc::new(Kernel { macs: Macs::Api }), limits, metrics),
+        state,
+        replay,
+        dir,
+    )
 }
 
 #[tokio::test]
@@ -378,7 +384,8 @@ async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart()
     drop((src, state));
 
     // A restart on that store; EC2 still lists every address (the unassign has not acted yet).
-    let events = vec![no_enis(), primary_with(&[], &ips), unassigned(), no_enis(), no_enis()];
+    // The sync's look, the resumed release's look (EC2 still lists them), its unassign.
+    let events = vec![no_enis(), primary_with(&[], &ips), primary_with(&[], &ips), unassigned(), no_enis(), no_enis()];
     let (mut src, state, replay, dir) = source_in(dir, events, |c| {
         c.targets.warm_ip_target = Some(2);
     });

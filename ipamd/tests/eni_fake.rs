@@ -1,0 +1,313 @@
+//! ENI mode's reconciler without a cloud or a kernel (issue 17): `EniMode` against the in-memory
+//! EC2 (`underway_cloud::fake`, AWS's rules and error codes, the account's buckets on tokio's
+//! paused clock) and an in-memory node. Each scenario checks the pool against what EC2 holds and
+//! that nothing ipamd asked was refused by a rule AWS enforces.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use underway_api::AttachmentKey;
+use underway_cloud::budget::BucketConfig;
+use underway_cloud::fake::{FakeConfig, FakeEc2};
+use underway_cloud::{Discovery, Instance, Subnet, Tags, limits::static_limits};
+use underway_ipamd::config::Config;
+use underway_ipamd::eni_mode::EniMode;
+use underway_ipamd::metrics::Metrics;
+use underway_ipamd::node::MemoryNode;
+use underway_ipamd::pool::{Pool, Slot};
+use underway_ipamd::reconcile::{Source, blocker_of};
+use underway_ipamd::state::{Blocker, Book, NodeState, Status};
+use underway_ipamd::store::{Loaded, Store};
+
+struct Rig {
+    ec2: Arc<FakeEc2>,
+    node_ops: Arc<MemoryNode>,
+    node: Instance,
+    subnet: Subnet,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rig(instance_type: &str, subnet_cidr: &str, cfg: FakeConfig) -> Rig {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ec2 = Arc::new(FakeEc2::new(cfg));
+    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
+    let subnet = ec2.add_subnet(&vpc.id, subnet_cidr.parse().unwrap(), Tags::new());
+    let node = ec2.add_instance(instance_type, &subnet.id);
+    let dir = std::env::temp_dir().join(format!(
+        "underway-eni-fake-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Rig { ec2, node_ops: Arc::new(MemoryNode::default()), node, subnet, dir }
+}
+
+/// An ENI-mode source on the rig, its state loaded from the rig's store (a restart when one exists).
+fn source(r: &Rig, edit: impl FnOnce(&mut Config)) -> (EniMode<FakeEc2, MemoryNode>, Arc<NodeState>) {
+    let mut cfg = Config { cluster: "c1".into(), state_dir: r.dir.clone(), cooldown_ms: 0, ..Config::default() };
+    cfg.eni.subnets = vec![r.subnet.id.clone()];
+    edit(&mut cfg);
+    cfg.validate().unwrap();
+    let store = Store::open(&r.dir).unwrap();
+    let (pool, pods) = match store.load().unwrap() {
+        Loaded::Ok(s) => (Pool::from_enis(0, s.enis), s.pods.into_iter().map(|p| (p.key.clone(), p)).collect()),
+        _ => (Pool::new(0), Default::default()),
+    };
+    let state = Arc::new(NodeState::new(
+        store,
+        Book { mode: Config::default().mode, pool, pods, waiting: 0, deleted_veths: Default::default() },
+        Status::default(),
+    ));
+    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+    let limits = static_limits(&r.node.instance_type).unwrap();
+    let src = EniMode::new(r.ec2.clone(), Arc::new(cfg), r.node.clone(), r.node_ops.clone(), limits, metrics);
+    (src, state)
+}
+
+fn key(c: &str) -> AttachmentKey {
+    AttachmentKey { network: "underway".into(), container_id: c.into(), ifname: "eth0".into() }
+}
+
+/// Where the pool and EC2 disagree: an address the pool offers or holds that the ENI does not
+/// have in EC2, an ENI of the pool not attached at its index, an ENI attached to the node that
+/// the pool does not track.
+async fn disagreements(r: &Rig, state: &NodeState) -> Vec<String> {
+    let mut out = Vec::new();
+    let in_ec2: BTreeMap<String, underway_cloud::Eni> = r
+        .ec2
+        .all_enis()
+        .into_iter()
+        .filter(|e| e.attachment.as_ref().is_some_and(|a| a.instance_id == r.node.id))
+        .map(|e| (e.id.clone(), e))
+        .collect();
+    let pool: Vec<underway_ipamd::pool::Eni> = state.read(|b| b.pool.enis().cloned().collect());
+    for e in &pool {
+        let Some(c) = in_ec2.get(&e.id) else {
+            out.push(format!("{} is in the pool, not attached in EC2", e.id));
+            continue;
+        };
+        if c.attachment.as_ref().map(|a| a.device_index) != Some(e.device_index) {
+            out.push(format!("{} at device {} in the pool, {:?} in EC2", e.id, e.device_index, c.attachment));
+        }
+        for (ip, s) in &e.slots {
+            let held = c.secondary_ips.contains(ip) || c.prefixes.iter().any(|p| p.contains(ip));
+            if !held && *s != Slot::Releasing {
+                out.push(format!("{ip} is {s:?} in the pool on {}, which EC2 does not give it", e.id));
+            }
+        }
+    }
+    for (id, c) in &in_ec2 {
+        if c.attachment.as_ref().is_some_and(|a| a.device_index > 0) && !pool.iter().any(|e| &e.id == id) {
+            out.push(format!("{id} is attached to the node and not tracked"));
+        }
+    }
+    out
+}
+
+/// Refusals by a rule AWS enforces on what ipamd asks (limits and conflicts), by code.
+fn rule_refusals(ec2: &FakeEc2) -> BTreeMap<String, u64> {
+    ec2.counts().refused.into_iter().filter(|(code, _)| !code.ends_with(".NotFound")).collect()
+}
+
+/// Adds a pod (an Add served from the pool) when an address is free; returns its address.
+fn add(state: &NodeState, name: &str) -> Option<Ipv4Addr> {
+    let (r, g) = state.change(|b| b.pool.assign(&key(name), 0));
+    let _ = g;
+    r.ok().map(|l| l.address)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_pool_grows_across_enis_and_stops_at_the_types_limit() {
+    // t3.medium: 3 ENIs × 6 IPv4 → 15 pod addresses.
+    let r = rig("t3.medium", "10.0.0.0/24", FakeConfig::default());
+    let (mut src, state) = source(&r, |_| {});
+    src.sync(&state).await.unwrap();
+    let mut pods = 0;
+    for i in 0..60 {
+        src.step(&state).await.unwrap();
+        while add(&state, &format!("p{i}-{pods}")).is_some() {
+            pods += 1;
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    assert_eq!(pods, 15);
+    assert_eq!(r.ec2.all_enis().len(), 3, "the primary and two more");
+    state.change(|b| b.waiting = 1);
+    let step = src.step(&state).await.unwrap();
+    assert!(matches!(step.blocker, Some(Blocker::EniLimitReached(_))), "{:?}", step.blocker);
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+    assert!(rule_refusals(&r.ec2).is_empty(), "{:?}", r.ec2.counts());
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefix_mode_grows_by_whole_prefixes_without_a_refusal() {
+    let r = rig("t3.medium", "10.0.0.0/22", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| c.targets.prefix_mode = true);
+    src.sync(&state).await.unwrap();
+    let mut pods = 0;
+    for i in 0..80 {
+        src.step(&state).await.unwrap();
+        for _ in 0..3 {
+            if add(&state, &format!("p{i}-{pods}")).is_some() {
+                pods += 1;
+            }
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    // t3.medium in prefix mode: max pods 110 (of 15 × 16 addresses).
+    assert!(pods >= 110, "{pods}");
+    for e in r.ec2.all_enis() {
+        assert!(e.prefixes.iter().all(|p| p.prefix_len() == 28));
+    }
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+    assert!(rule_refusals(&r.ec2).is_empty(), "{:?}", r.ec2.counts());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_subnet_is_a_blocker_and_never_a_refused_request() {
+    // A /27: 27 usable addresses, one is the node's.
+    let r = rig("m5.xlarge", "10.0.0.0/27", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(40));
+    src.sync(&state).await.unwrap();
+    let mut last = None;
+    for _ in 0..20 {
+        last = src.step(&state).await.unwrap().blocker;
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    assert!(matches!(last, Some(Blocker::SubnetExhausted(_))), "{last:?}");
+    let s = &r.ec2.subnets(std::slice::from_ref(&r.subnet.id)).await.unwrap()[0];
+    assert!(s.available_addresses <= 1, "the pool took what the subnet had: {}", s.available_addresses);
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+    assert!(rule_refusals(&r.ec2).is_empty(), "{:?}", r.ec2.counts());
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_fails_steps_that_later_succeed() {
+    let cfg = FakeConfig { mutating: BucketConfig { qps: 0.5, burst: 1 }, ..FakeConfig::default() };
+    let r = rig("m5.large", "10.0.0.0/24", cfg);
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(20));
+    src.sync(&state).await.unwrap();
+    let mut throttled = 0;
+    for _ in 0..60 {
+        match src.step(&state).await {
+            Ok(_) => {}
+            Err(e) => {
+                assert!(matches!(blocker_of(&e), Blocker::Throttled(_)), "{e}");
+                throttled += 1;
+            }
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    assert!(throttled > 0);
+    assert!(state.read(|b| b.pool.stats().free()) >= 20, "the target is reached all the same");
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+    assert!(rule_refusals(&r.ec2).is_empty(), "{:?}", r.ec2.counts());
+}
+
+/// Failures before acting and replies lost after acting, on every mutating call, with pods
+/// coming and going: the windows the fault test opens on LocalStack, here in milliseconds and
+/// on several seeds. Then a calm spell: the pool must agree with EC2 and nothing was refused.
+#[tokio::test(start_paused = true)]
+async fn failures_and_lost_replies_leave_the_pool_agreeing_with_ec2() {
+    for seed in 1..=8u64 {
+        let cfg = FakeConfig { fail_rate: 0.15, lost_reply_rate: 0.25, seed, ..FakeConfig::default() };
+        let r = rig("m5.large", "10.0.0.0/24", cfg);
+        let (mut src, state) = source(&r, |c| {
+            c.targets.warm_ip_target = Some(3);
+            c.eni.recheck_interval_ms = 5_000;
+        });
+        while src.sync(&state).await.is_err() {}
+        let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let mut live: Vec<String> = Vec::new();
+        for i in 0..150 {
+            let _ = src.step(&state).await;
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            if rng % 3 != 0 && live.len() < 20 {
+                if add(&state, &format!("p{i}")).is_some() {
+                    live.push(format!("p{i}"));
+                }
+            } else if !live.is_empty() {
+                let k = live.remove((rng >> 8) as usize % live.len());
+                state.change(|b| b.pool.release(&key(&k), 0));
+            }
+            tokio::time::advance(Duration::from_millis(700)).await;
+        }
+        r.ec2.set_rates(0.0, 0.0);
+        for _ in 0..20 {
+            let _ = src.step(&state).await;
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(disagreements(&r, &state).await, Vec::<String>::new(), "seed {seed}");
+        assert!(rule_refusals(&r.ec2).is_empty(), "seed {seed}: {:?}", r.ec2.counts());
+        for k in &live {
+            assert!(state.read(|b| b.pool.lease_of(&key(k))).is_some(), "seed {seed}: {k} lost its address");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_on_the_store_syncs_without_a_mutating_call() {
+    let r = rig("m5.large", "10.0.0.0/24", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(12));
+    src.sync(&state).await.unwrap();
+    for i in 0..10 {
+        src.step(&state).await.unwrap();
+        add(&state, &format!("p{i}")).unwrap();
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    state.flush().await.unwrap();
+    let before = state.read(|b| b.pool.stats());
+    drop((src, state));
+    let mutating = r.ec2.counts().mutating;
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(12));
+    src.sync(&state).await.unwrap();
+    assert_eq!(r.ec2.counts().mutating, mutating, "a sync only reads");
+    assert_eq!(state.read(|b| b.pool.stats()), before);
+    for i in 0..10 {
+        assert!(state.read(|b| b.pool.lease_of(&key(&format!("p{i}")))).is_some());
+    }
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_eni_whose_link_never_comes_is_given_up_and_deleted() {
+    let r = rig("m5.large", "10.0.0.0/24", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| {
+        c.targets.warm_ip_target = Some(12);
+        c.eni.link_wait_ms = 200;
+        c.eni.pending_give_up_ms = 5_000;
+    });
+    src.sync(&state).await.unwrap();
+    // Every ENI made from now on never shows its link.
+    r.node_ops.hold_new_links.store(true, std::sync::atomic::Ordering::Relaxed);
+    let existing: Vec<String> = r.ec2.all_enis().into_iter().map(|e| e.id).collect();
+    for _ in 0..12 {
+        let _ = src.step(&state).await;
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    let made: Vec<String> =
+        r.ec2.counts().calls.get("CreateNetworkInterface").map(|n| vec![n.to_string()]).unwrap_or_default();
+    assert!(!made.is_empty(), "an ENI was made");
+    let gave_up = state.errors().iter().any(|e| e.what.contains("gave up on"));
+    assert!(gave_up, "{:?}", state.errors());
+    let left: Vec<String> = r.ec2.all_enis().into_iter().map(|e| e.id).filter(|id| !existing.contains(id)).collect();
+    // The last one made may still be within its bound; every earlier one is gone from EC2.
+    assert!(left.len() <= 1, "{left:?}");
+    // That one waits for its link (tracked as pending, not yet in the pool).
+    let d: Vec<String> = disagreements(&r, &state)
+        .await
+        .into_iter()
+        .filter(|d| !left.iter().any(|id| d.starts_with(id.as_str())))
+        .collect();
+    assert_eq!(d, Vec::<String>::new());
+}
