@@ -18,13 +18,13 @@ use aws_sdk_ec2::types::{
 };
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
-use backon::BackoffBuilder;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{ApiClass, BudgetConfig, RateBudget};
-use crate::error::{CloudError, Outcome, Result};
+use crate::budget::{ApiClass, BudgetConfig};
+use crate::error::{CloudError, Result};
 use crate::limits::{InstanceLimits, LimitsSource, static_limits};
+use crate::pace::{Pacer, RetryPolicy};
 use crate::stats::CallStats;
 use crate::types::*;
 use crate::{Discovery, Interfaces, RouteTables};
@@ -83,17 +83,8 @@ impl Ec2Config {
 #[derive(Debug, Clone)]
 pub struct Ec2Cloud {
     client: Client,
-    budget: Arc<RateBudget>,
-    stats: Arc<CallStats>,
-    retry: Retry,
-}
-
-/// How `call` retries.
-#[derive(Debug, Clone, Copy)]
-struct Retry {
-    max_attempts: u32,
-    initial_backoff: Duration,
-    call_timeout: Duration,
+    /// The node's budget, retries and statistics (`crate::pace`, shared with other clouds).
+    pacer: Pacer,
 }
 
 impl Ec2Cloud {
@@ -123,19 +114,20 @@ impl Ec2Cloud {
         }
         Ec2Cloud {
             client: Client::from_conf(conf.build()),
-            budget: Arc::new(RateBudget::new(cfg.rate_budget)),
-            stats: Arc::new(CallStats::default()),
-            retry: Retry {
-                max_attempts: cfg.max_attempts.max(1),
-                initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
-                call_timeout: Duration::from_millis(cfg.call_timeout_ms),
-            },
+            pacer: Pacer::new(
+                cfg.rate_budget,
+                RetryPolicy {
+                    max_attempts: cfg.max_attempts,
+                    initial_backoff: Duration::from_millis(cfg.initial_backoff_ms),
+                    call_timeout: Duration::from_millis(cfg.call_timeout_ms),
+                },
+            ),
         }
     }
 
     /// Calls made so far, by operation and outcome.
     pub fn stats(&self) -> &Arc<CallStats> {
-        &self.stats
+        self.pacer.stats()
     }
 
     /// One call: every attempt takes a token from the rate budget first (the SDK's own retries
@@ -169,51 +161,16 @@ impl Ec2Cloud {
         Fut: Future<Output = std::result::Result<T, SdkError<E>>> + Send,
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        let attempts = async {
-            let mut delays = backon::ExponentialBuilder::default()
-                .with_min_delay(self.retry.initial_backoff)
-                .with_max_delay(Duration::from_secs(20))
-                .with_factor(2.0)
-                .with_jitter()
-                .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
-                .build();
-            loop {
-                self.budget.acquire(class).await;
-                let started = std::time::Instant::now();
-                let res = send().await.map_err(|e| map_sdk_error(op, e));
-                self.stats.latency(op, started.elapsed().as_secs_f64());
-                let outcome = res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok);
-                self.stats.record(op, outcome);
-                match res {
-                    Err(e @ CloudError::Transient { .. }) if !retry_transient => return Err(e),
-                    Err(e @ (CloudError::Throttled { .. } | CloudError::Transient { .. })) => match delays.next() {
-                        Some(d) => {
-                            tracing::debug!(op, error = %e, "cloud call failed; retrying in {d:?}");
-                            tokio::time::sleep(d).await;
-                        }
-                        None => return Err(e),
-                    },
-                    other => return other,
-                }
-            }
+        let attempt = move || {
+            let sent = send();
+            async move { sent.await.map_err(|e| map_sdk_error(op, e)) }
         };
-        let res = match tokio::time::timeout(self.retry.call_timeout, attempts).await {
-            Ok(r) => r,
-            Err(_) => Err(CloudError::Transient {
-                op,
-                message: format!("no answer within {:?} (cloud.call_timeout_ms)", self.retry.call_timeout),
-            }),
-        };
-        if let Err(e) = &res {
-            tracing::debug!(op, error = %e, "cloud call failed");
-        }
-        res
+        self.pacer.call(op, class, retry_transient, attempt).await
     }
 
     /// Refused before any call: counted as an invalid outcome of `op`.
     fn refuse<T>(&self, op: &'static str, e: CloudError) -> Result<T> {
-        self.stats.record(op, e.outcome());
-        Err(e)
+        self.pacer.refuse(op, e)
     }
 
     async fn describe_enis(&self, filters: Vec<Filter>, ids: Vec<String>) -> Result<Vec<Eni>> {

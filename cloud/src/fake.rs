@@ -327,6 +327,14 @@ impl FakeEc2 {
         inst
     }
 
+    /// Tags a route table (underway changes only tables tagged for its cluster).
+    pub fn tag_table(&self, table_id: &str, key: &str, value: &str) {
+        let mut w = self.world.lock().expect("world");
+        if let Some(t) = w.tables.get_mut(table_id) {
+            t.tags.insert(key.into(), value.into());
+        }
+    }
+
     /// The next call of `op` fails with `e`, before acting.
     pub fn fail_next(&self, op: &'static str, e: CloudError) {
         self.world.lock().expect("world").queued.entry(op).or_default().push_back(e);
@@ -803,7 +811,8 @@ impl RouteTables for FakeEc2 {
                     ))
                 };
             }
-            if t.routes.len() >= max {
+            // The quota counts the routes added, not the VPC's local ones.
+            if t.routes.iter().filter(|r| r.target != RouteTarget::Other("local".into())).count() >= max {
                 return Err(limit(
                     OP,
                     LimitKind::RoutesPerTable,
@@ -853,7 +862,7 @@ impl RouteTables for FakeEc2 {
 /// A route AWS accepts: its destination outside every CIDR block of the VPC, its target an ENI
 /// that exists, or an instance with exactly one ENI (AWS refuses an instance target with more).
 fn route_to(w: &World, op: &'static str, vpc: &Vpc, destination: Ipv4Net, target: &RouteTarget) -> Result<Route> {
-    if vpc.cidrs.iter().any(|c| c.contains(&destination) || destination.contains(c)) {
+    if vpc.cidrs.iter().any(|c| c.contains(&destination)) {
         return Err(refused(
             op,
             "InvalidParameterValue",

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fake;
 pub mod imds;
 pub mod limits;
+pub mod pace;
 pub mod stats;
 pub mod types;
 

@@ -260,10 +260,12 @@ async fn background(
             let src = EniMode::new(cloud, cfg.clone(), node, kernel, limits, metrics.clone());
             reconcile::run(src, state, cfg, metrics, stop).await;
         }
-        Mode::VpcRoute => match VpcRouteMode::new(cloud, cfg.clone(), node, metrics.clone()) {
-            Ok(src) => reconcile::run(src, state, cfg, metrics, stop).await,
-            Err(e) => state.set_status(|s| s.waiting_for = Some(format!("a valid configuration: {e}"))),
-        },
+        Mode::VpcRoute => {
+            match VpcRouteMode::new(cloud, cfg.clone(), node, Arc::new(crate::node::Kernel { macs }), metrics.clone()) {
+                Ok(src) => reconcile::run(src, state, cfg, metrics, stop).await,
+                Err(e) => state.set_status(|s| s.waiting_for = Some(format!("a valid configuration: {e}"))),
+            }
+        }
     }
     // The elected GC gives its Lease up once stopped.
     if let Some(g) = gc {

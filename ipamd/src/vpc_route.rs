@@ -18,7 +18,9 @@
 //! those of nodes that are gone.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ipnet::Ipv4Net;
 use underway_cloud::{Cloud, CloudError, Route, RouteTable, RouteTarget, TAG_CLUSTER, Vpc};
@@ -26,12 +28,15 @@ use underway_cloud::{Cloud, CloudError, Route, RouteTable, RouteTarget, TAG_CLUS
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
 use crate::metrics::Metrics;
+use crate::node::Node;
 use crate::reconcile::{Source, Step};
 use crate::state::{Blocker, NodeState};
 use underway_cloud::Instance;
 
-pub struct VpcRouteMode<C> {
+pub struct VpcRouteMode<C, N> {
     cloud: Arc<C>,
+    /// The node's side effects (its pods' veths).
+    node_ops: Arc<N>,
     cfg: Arc<Config>,
     node: Instance,
     cidr: Ipv4Net,
@@ -114,14 +119,21 @@ fn counted(t: &RouteTable) -> usize {
     t.routes.iter().filter(|r| !matches!(&r.target, RouteTarget::Other(o) if o == "local")).count()
 }
 
-impl<C: Cloud + 'static> VpcRouteMode<C> {
-    pub fn new(cloud: Arc<C>, cfg: Arc<Config>, node: Instance, metrics: Arc<Metrics>) -> Result<Self> {
+impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
+    pub fn new(
+        cloud: Arc<C>,
+        cfg: Arc<Config>,
+        node: Instance,
+        node_ops: Arc<N>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         let cidr = cfg.vpc_route.pod_cidr.ok_or_else(|| IpamdError::Config {
             field: "vpc_route.pod_cidr".into(),
             reason: "required in vpc-route mode".into(),
         })?;
         Ok(VpcRouteMode {
             cloud,
+            node_ops,
             cfg,
             node,
             cidr,
@@ -222,7 +234,7 @@ impl<C: Cloud + 'static> VpcRouteMode<C> {
     }
 }
 
-impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
+impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
         let vpc = self.cloud.vpc(&self.node.vpc_id).await?;
         // Before any route call: a pod CIDR inside the VPC can never be routed on AWS.
@@ -243,7 +255,7 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         }
         // Assignments in the store stay whatever the routes say; new ones wait for the routes.
         let held = state.read(|b| b.pool.enis().count());
-        let running = crate::host::host_pods(&self.cfg.veth_prefix).await?;
+        let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         match self.ensure_all().await? {
             None => {
                 self.routed = true;
@@ -272,7 +284,7 @@ impl<C: Cloud + 'static> Source for VpcRouteMode<C> {
         let blocker = self.ensure_all().await?;
         if blocker.is_none() && !self.routed {
             self.routed = true;
-            self.offer(state, &crate::host::host_pods(&self.cfg.veth_prefix).await?);
+            self.offer(state, &self.node_ops.pods(&self.cfg.veth_prefix).await?);
         }
         Ok(Step { blocker, again: false })
     }

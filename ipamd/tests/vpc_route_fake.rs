@@ -1,0 +1,72 @@
+//! VPC-route mode's reconciler without a cloud or a kernel (issue 17): `VpcRouteMode` against the
+//! in-memory EC2 and node. The route table's capacity is the limit of this mode: what happens at
+//! node 51 of a 50-route table.
+
+use std::sync::{Arc, OnceLock};
+
+use underway_cloud::fake::{FakeConfig, FakeEc2};
+use underway_cloud::{RouteTables, RouteTarget, TAG_CLUSTER, Tags};
+use underway_ipamd::config::{Config, Mode};
+use underway_ipamd::metrics::Metrics;
+use underway_ipamd::node::MemoryNode;
+use underway_ipamd::pool::Pool;
+use underway_ipamd::reconcile::Source;
+use underway_ipamd::state::{Blocker, Book, NodeState, Status};
+use underway_ipamd::store::Store;
+use underway_ipamd::vpc_route::VpcRouteMode;
+
+#[tokio::test(start_paused = true)]
+async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() {
+    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
+    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
+    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/20".parse().unwrap(), Tags::new());
+    let table = ec2.tables()[0].id.clone();
+    ec2.tag_table(&table, TAG_CLUSTER, "c1");
+    let base = std::env::temp_dir().join(format!("underway-vpc-fake-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut outcomes = Vec::new();
+    for i in 0..51u32 {
+        let node = ec2.add_instance("t3.medium", &subnet.id);
+        let dir = base.join(i.to_string());
+        let mut cfg =
+            Config { cluster: "c1".into(), state_dir: dir.clone(), mode: Mode::VpcRoute, ..Config::default() };
+        cfg.vpc_route.pod_cidr = Some(format!("100.64.{i}.0/26").parse().unwrap());
+        cfg.vpc_route.route_tables = vec![table.clone()];
+        cfg.vpc_route.cluster_cidr = Some("100.64.0.0/16".parse().unwrap());
+        cfg.validate().unwrap();
+        let state = Arc::new(NodeState::new(
+            Store::open(&dir).unwrap(),
+            Book {
+                mode: Mode::VpcRoute,
+                pool: Pool::new(0),
+                pods: Default::default(),
+                waiting: 0,
+                deleted_veths: Default::default(),
+            },
+            Status::default(),
+        ));
+        let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+        let mut src =
+            VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, Arc::new(MemoryNode::default()), metrics).unwrap();
+        src.sync(&state).await.unwrap();
+        let step = src.step(&state).await.unwrap();
+        outcomes.push((state.read(|b| b.pool.stats().free()), step.blocker));
+        // The account's describe bucket refills between nodes joining.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    }
+    for (i, (free, blocker)) in outcomes.iter().take(50).enumerate() {
+        assert_eq!((*free, blocker), (62, &None), "node {i}");
+    }
+    let (free, blocker) = &outcomes[50];
+    assert_eq!(*free, 0, "no address is offered without a route");
+    match blocker {
+        Some(Blocker::RouteTableFull(m)) => {
+            assert!(m.contains(&table) && m.contains("50 routes") && m.contains("100.64.50.0/26"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let t = ec2.route_table(&table).await.unwrap();
+    assert_eq!(t.routes.iter().filter(|r| matches!(r.target, RouteTarget::Eni(_))).count(), 50);
+    assert!(ec2.counts().refused.is_empty(), "{:?}", ec2.counts());
+    std::fs::remove_dir_all(&base).unwrap();
+}
