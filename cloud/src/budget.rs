@@ -34,11 +34,21 @@ pub struct BucketConfig {
 pub struct BudgetConfig {
     pub mutating: BucketConfig,
     pub describe: BucketConfig,
+    /// Adapt each bucket's rate to the account's (AIMD): halve it, and drop the saved burst, on
+    /// every throttled answer; add a twentieth of the configured rate back on every answered
+    /// call, never above it. Every node spends from one account's budget, and thousands of
+    /// fixed per-node rates sum far above its refill (issue 17; the simulator's figures are in
+    /// docs/benchmarks.md). `false`: fixed rates.
+    pub adaptive: bool,
 }
 
 impl Default for BudgetConfig {
     fn default() -> Self {
-        BudgetConfig { mutating: BucketConfig { qps: 2.0, burst: 10 }, describe: BucketConfig { qps: 5.0, burst: 20 } }
+        BudgetConfig {
+            mutating: BucketConfig { qps: 2.0, burst: 10 },
+            describe: BucketConfig { qps: 5.0, burst: 20 },
+            adaptive: true,
+        }
     }
 }
 
@@ -62,23 +72,64 @@ impl BudgetConfig {
 #[derive(Debug)]
 pub struct TokenBucket {
     cfg: BucketConfig,
-    state: Mutex<(f64, Instant)>,
+    adaptive: bool,
+    state: Mutex<BucketState>,
 }
+
+#[derive(Debug)]
+struct BucketState {
+    level: f64,
+    at: Instant,
+    /// The rate now (the configured one unless adapted down).
+    qps: f64,
+}
+
+/// The lowest an adaptive rate goes, as a share of the configured one.
+const MIN_SHARE: f64 = 0.0005;
 
 impl TokenBucket {
     pub fn new(cfg: BucketConfig) -> Self {
-        TokenBucket { cfg, state: Mutex::new((f64::from(cfg.burst), Instant::now())) }
+        Self::with_adaptation(cfg, false)
+    }
+
+    pub fn with_adaptation(cfg: BucketConfig, adaptive: bool) -> Self {
+        let state = BucketState { level: f64::from(cfg.burst), at: Instant::now(), qps: cfg.qps };
+        TokenBucket { cfg, adaptive, state: Mutex::new(state) }
+    }
+
+    fn refill(&self, st: &mut BucketState) {
+        let now = Instant::now();
+        st.level =
+            (st.level + now.saturating_duration_since(st.at).as_secs_f64() * st.qps).min(f64::from(self.cfg.burst));
+        st.at = now;
     }
 
     /// Takes one token and says how long the caller must wait before using it.
     pub fn reserve(&self) -> Duration {
         let mut st = self.state.lock().expect("bucket lock");
-        let now = Instant::now();
-        let refill = now.saturating_duration_since(st.1).as_secs_f64() * self.cfg.qps;
-        st.0 = (st.0 + refill).min(f64::from(self.cfg.burst));
-        st.1 = now;
-        st.0 -= 1.0;
-        if st.0 >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-st.0 / self.cfg.qps) }
+        self.refill(&mut st);
+        st.level -= 1.0;
+        if st.level >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-st.level / st.qps) }
+    }
+
+    /// What the cloud answered a call that used a token (adaptive buckets only).
+    pub fn observe(&self, throttled: bool) {
+        if !self.adaptive {
+            return;
+        }
+        let mut st = self.state.lock().expect("bucket lock");
+        self.refill(&mut st);
+        if throttled {
+            st.qps = (st.qps / 2.0).max(self.cfg.qps * MIN_SHARE);
+            st.level = st.level.min(0.0);
+        } else {
+            st.qps = (st.qps + self.cfg.qps / 20.0).min(self.cfg.qps);
+        }
+    }
+
+    /// The rate now.
+    pub fn rate(&self) -> f64 {
+        self.state.lock().expect("bucket lock").qps
     }
 
     /// Waits for a token.
@@ -99,7 +150,27 @@ pub struct RateBudget {
 
 impl RateBudget {
     pub fn new(cfg: BudgetConfig) -> Self {
-        RateBudget { mutating: TokenBucket::new(cfg.mutating), describe: TokenBucket::new(cfg.describe) }
+        RateBudget {
+            mutating: TokenBucket::with_adaptation(cfg.mutating, cfg.adaptive),
+            describe: TokenBucket::with_adaptation(cfg.describe, cfg.adaptive),
+        }
+    }
+
+    fn bucket(&self, class: ApiClass) -> &TokenBucket {
+        match class {
+            ApiClass::Mutating => &self.mutating,
+            ApiClass::Describe => &self.describe,
+        }
+    }
+
+    /// What the cloud answered (adapts the class's rate when the budget is adaptive).
+    pub fn observe(&self, class: ApiClass, throttled: bool) {
+        self.bucket(class).observe(throttled);
+    }
+
+    /// The class's rate now.
+    pub fn rate(&self, class: ApiClass) -> f64 {
+        self.bucket(class).rate()
     }
 
     pub async fn acquire(&self, class: ApiClass) {
@@ -148,6 +219,7 @@ mod tests {
         let budget = Arc::new(RateBudget::new(BudgetConfig {
             mutating: BucketConfig { qps: 5.0, burst: 1 },
             describe: BucketConfig { qps: 100.0, burst: 100 },
+            adaptive: false,
         }));
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..10)
@@ -171,6 +243,26 @@ mod tests {
         let t1 = Instant::now();
         budget.acquire(ApiClass::Describe).await;
         assert_eq!(t1.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_rate_halves_on_throttling_and_climbs_back() {
+        let b = TokenBucket::with_adaptation(BucketConfig { qps: 2.0, burst: 10 }, true);
+        b.observe(true);
+        assert_eq!(b.rate(), 1.0);
+        // The saved burst is gone: the next call waits for a token at the new rate.
+        assert_eq!(b.reserve(), Duration::from_secs(1));
+        for _ in 0..5 {
+            b.observe(true);
+        }
+        assert_eq!(b.rate(), 2.0 / 64.0);
+        for _ in 0..100 {
+            b.observe(false);
+        }
+        assert_eq!(b.rate(), 2.0, "never above the configured rate");
+        let fixed = TokenBucket::new(BucketConfig { qps: 2.0, burst: 10 });
+        fixed.observe(true);
+        assert_eq!(fixed.rate(), 2.0);
     }
 
     #[test]

@@ -45,6 +45,11 @@ impl Pacer {
         }
     }
 
+    /// The rate budget (its rates now, for the simulator and metrics).
+    pub fn budget(&self) -> &RateBudget {
+        &self.budget
+    }
+
     /// Calls made so far, by operation and outcome.
     pub fn stats(&self) -> &Arc<CallStats> {
         &self.stats
@@ -79,6 +84,11 @@ impl Pacer {
                 let res = attempt().await;
                 self.stats.latency(op, started.elapsed().as_secs_f64());
                 self.stats.record(op, res.as_ref().map_or_else(CloudError::outcome, |_| Outcome::Ok));
+                match &res {
+                    Ok(_) => self.budget.observe(class, false),
+                    Err(CloudError::Throttled { .. }) => self.budget.observe(class, true),
+                    Err(_) => {}
+                }
                 match res {
                     Err(e @ CloudError::Transient { .. }) if !retry_transient => return Err(e),
                     Err(e @ (CloudError::Throttled { .. } | CloudError::Transient { .. })) => match delays.next() {

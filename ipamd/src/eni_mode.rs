@@ -761,6 +761,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             }
             match self.cloud.delete_eni(&e.id).await {
                 Ok(()) => {
+                    if self.spare.as_ref().is_some_and(|s| s.id == e.id) {
+                        self.spare = None;
+                    }
                     self.metrics.eni_deleted();
                     tracing::info!("deleted leaked ENI {} (detached past the grace)", e.id);
                 }

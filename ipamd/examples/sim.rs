@@ -1,0 +1,187 @@
+//! `underway-sim` (issue 17, a first cut): N nodes in one process, each running ipamd's real
+//! pool, targets, reconciler loop (`reconcile::run`) and budget and retry code (`cloud::pace`)
+//! against one account's in-memory EC2 (`cloud::fake`: AWS's rules, the account's buckets) and
+//! an in-memory node, on tokio's paused clock. Every node wants P pods at once (a scale-up
+//! wave); an Add waits for the pool as ipamd's does. Prints the time until every pod has an
+//! address, its ratio to the floor the account's mutating bucket allows, the calls made and
+//! throttled, and the simulator's peak memory per node.
+//!
+//! `cargo run --example sim -- [nodes] [pods per node] [ips|prefix] [instance type] [adaptive|fixed]`
+//! (defaults 100, 110, ips, m5.4xlarge, adaptive: the budget policy; `fixed` is the per-node
+//! bucket without adaptation, the baseline). State directories go to /dev/shm (tmpfs).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use underway_api::AttachmentKey;
+use underway_cloud::fake::{ACCOUNT_MUTATING, FakeConfig, FakeEc2};
+use underway_cloud::limits::static_limits;
+use underway_cloud::pace::{Paced, Pacer, RetryPolicy};
+use underway_cloud::{Instance, Tags};
+use underway_ipamd::config::Config;
+use underway_ipamd::eni_mode::EniMode;
+use underway_ipamd::metrics::Metrics;
+use underway_ipamd::node::MemoryNode;
+use underway_ipamd::pool::Pool;
+use underway_ipamd::state::{Book, NodeState, Status};
+use underway_ipamd::store::Store;
+
+struct Args {
+    nodes: u32,
+    pods: u32,
+    prefix: bool,
+    instance_type: String,
+    adaptive: bool,
+}
+
+fn args() -> Args {
+    let a: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    Args {
+        nodes: a.first().and_then(|v| v.parse().ok()).unwrap_or(100),
+        pods: a.get(1).and_then(|v| v.parse().ok()).unwrap_or(110),
+        prefix: a.get(2).is_some_and(|m| m == "prefix"),
+        instance_type: a.get(3).cloned().unwrap_or_else(|| "m5.4xlarge".into()),
+        adaptive: a.get(4).is_none_or(|b| b != "fixed"),
+    }
+}
+
+/// The fewest mutating calls one node needs for `pods` addresses, as ipamd makes them: one
+/// assign on the primary ENI, then per further ENI a create (with its first addresses) and an
+/// attach (delete-on-termination is set in the same call by the fake; EC2 takes a second).
+fn floor_calls(pods: u32, slots: u32, per_slot: u32) -> u32 {
+    let need = pods.div_ceil(per_slot);
+    let more_enis = need.saturating_sub(slots).div_ceil(slots);
+    1 + 2 * more_enis
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let a = args();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+    rt.block_on(run(a));
+}
+
+async fn run(a: Args) {
+    let limits = static_limits(&a.instance_type).expect("a known instance type");
+    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
+    let vpc = ec2.add_vpc(&["10.0.0.0/8".parse().unwrap()]);
+    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/8".parse().unwrap(), Tags::new());
+    let base = std::path::PathBuf::from(format!("/dev/shm/underway-sim-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let started = tokio::time::Instant::now();
+    let done = Arc::new(AtomicU64::new(0));
+    let last_ms = Arc::new(AtomicU64::new(0));
+    let waited = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut pacers = Vec::new();
+    for i in 0..a.nodes {
+        let node: Instance = ec2.add_instance(&a.instance_type, &subnet.id);
+        let dir = base.join(i.to_string());
+        let mut cfg = Config { cluster: "sim".into(), state_dir: dir.clone(), ..Config::default() };
+        cfg.targets.prefix_mode = a.prefix;
+        cfg.cloud.rate_budget.adaptive = a.adaptive;
+        cfg.validate().unwrap();
+        let cfg = Arc::new(cfg);
+        let state = Arc::new(NodeState::new(
+            Store::open(&dir).unwrap(),
+            Book {
+                mode: cfg.mode,
+                pool: Pool::new(cfg.cooldown_ms),
+                pods: Default::default(),
+                waiting: 0,
+                deleted_veths: Default::default(),
+            },
+            Status::default(),
+        ));
+        let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+        let pacer = Pacer::new(
+            cfg.cloud.rate_budget,
+            RetryPolicy {
+                max_attempts: cfg.cloud.max_attempts,
+                initial_backoff: Duration::from_millis(cfg.cloud.initial_backoff_ms),
+                call_timeout: Duration::from_millis(cfg.cloud.call_timeout_ms),
+            },
+        );
+        pacers.push(pacer.clone());
+        let cloud = Arc::new(Paced::new(ec2.clone(), pacer));
+        let src = EniMode::new(cloud, cfg.clone(), node, Arc::new(MemoryNode::default()), limits, metrics.clone());
+        tokio::spawn(underway_ipamd::reconcile::run(src, state.clone(), cfg, metrics, stop_rx.clone()));
+        // The node's pods, all wanted at once; each Add waits for the pool as ipamd's does.
+        let (done, last_ms, waited) = (done.clone(), last_ms.clone(), waited.clone());
+        let pods = a.pods;
+        tokio::spawn(async move {
+            let mut got = 0;
+            let mut counted_wait = false;
+            while got < pods {
+                let key =
+                    AttachmentKey { network: "sim".into(), container_id: format!("p{got}"), ifname: "eth0".into() };
+                let (r, _) = state.change(|b| b.pool.assign(&key, 0));
+                if r.is_ok() {
+                    got += 1;
+                    continue;
+                }
+                if !counted_wait {
+                    waited.fetch_add(u64::from(pods - got), Ordering::Relaxed);
+                    counted_wait = true;
+                }
+                let want = pods - got;
+                state.change(|b| b.waiting = want);
+                state.wake.notify_one();
+                tokio::select! {
+                    _ = state.freed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+            state.change(|b| b.waiting = 0);
+            done.fetch_add(1, Ordering::Relaxed);
+            last_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        });
+    }
+    while done.load(Ordering::Relaxed) < u64::from(a.nodes) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if started.elapsed() > Duration::from_secs(6 * 3600) {
+            eprintln!("gave up after 6 h of simulated time");
+            break;
+        }
+    }
+    let _ = stop_tx.send(true);
+    let wall = Duration::from_millis(last_ms.load(Ordering::Relaxed));
+    let c = ec2.counts();
+    let per_slot = if a.prefix { 16 } else { 1 };
+    let need = u64::from(a.nodes) * u64::from(floor_calls(a.pods, limits.slots_per_eni(), per_slot));
+    let floor_s = need.saturating_sub(u64::from(ACCOUNT_MUTATING.burst)) as f64 / ACCOUNT_MUTATING.qps;
+    let throttled_share = c.throttled_mutating as f64 / c.mutating.max(1) as f64;
+    println!(
+        "SIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={:.2} \
+         mutating={} ({:.1}/node, floor {}) throttled_mutating={:.1}% describe={} throttled_describe={} \
+         adds_waited={} refused={:?} peak_rss_per_node_kib={}",
+        a.nodes,
+        a.pods,
+        if a.prefix { "prefix" } else { "ips" },
+        a.instance_type,
+        if a.adaptive { "adaptive" } else { "fixed" },
+        wall.as_secs_f64(),
+        floor_s,
+        wall.as_secs_f64() / floor_s.max(1.0),
+        c.mutating,
+        c.mutating as f64 / f64::from(a.nodes),
+        need,
+        100.0 * throttled_share,
+        c.describe,
+        c.throttled_describe,
+        waited.load(Ordering::Relaxed),
+        c.refused,
+        peak_rss_kib() / u64::from(a.nodes.max(1)),
+    );
+    drop(pacers);
+    let _ = std::fs::remove_dir_all(&base);
+}
