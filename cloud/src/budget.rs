@@ -114,6 +114,18 @@ impl TokenBucket {
         if st.level >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-st.level / st.qps) }
     }
 
+    /// [`Self::reserve`], unless the wait would be longer than `max`: then nothing is taken.
+    pub fn reserve_within(&self, max: Duration) -> Option<Duration> {
+        let mut st = self.state.lock().expect("bucket lock");
+        self.refill(&mut st);
+        let wait = if st.level >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - st.level) / st.qps) };
+        if wait > max {
+            return None;
+        }
+        st.level -= 1.0;
+        Some(wait)
+    }
+
     /// What the cloud answered a call that used a token (adaptive buckets only).
     pub fn observe(&self, throttled: bool) {
         if !self.adaptive {
@@ -162,6 +174,20 @@ impl RateBudget {
         match class {
             ApiClass::Mutating => &self.mutating,
             ApiClass::Describe => &self.describe,
+        }
+    }
+
+    /// A token of `class` if one comes within `max` (then waits for it); `false` at once, taking
+    /// nothing, when it would come later.
+    pub async fn acquire_within(&self, class: ApiClass, max: Duration) -> bool {
+        match self.bucket(class).reserve_within(max) {
+            Some(wait) => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+                true
+            }
+            None => false,
         }
     }
 
@@ -262,6 +288,10 @@ mod tests {
             b.observe(false);
         }
         assert_eq!(b.rate(), 2.0, "never above the configured rate");
+        // A token that would come after the caller's deadline is not taken.
+        // (One token is owed: the next comes in 1 s at the full rate.)
+        assert_eq!(b.reserve_within(Duration::from_millis(500)), None);
+        assert_eq!(b.reserve_within(Duration::from_secs(1)), Some(Duration::from_secs(1)));
         let fixed = TokenBucket::new(BucketConfig { qps: 2.0, burst: 10 });
         fixed.observe(true);
         assert_eq!(fixed.rate(), 2.0);

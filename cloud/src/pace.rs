@@ -70,6 +70,7 @@ impl Pacer {
         F: Fn() -> Fut + Send,
         Fut: Future<Output = Result<T>> + Send,
     {
+        let deadline = tokio::time::Instant::now() + self.retry.call_timeout;
         let attempts = async {
             let mut delays = backon::ExponentialBuilder::default()
                 .with_min_delay(self.retry.initial_backoff)
@@ -79,7 +80,17 @@ impl Pacer {
                 .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
                 .build();
             loop {
-                self.budget.acquire(class).await;
+                // A token that would come after the deadline is not waited for: the call fails as
+                // throttled (nothing was sent), not as a timeout whose fate callers must read.
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if !self.budget.acquire_within(class, left).await {
+                    let e = CloudError::Throttled {
+                        op,
+                        code: "the node's rate budget (no token before the call's deadline)".into(),
+                    };
+                    self.stats.record(op, e.outcome());
+                    return Err(e);
+                }
                 let started = tokio::time::Instant::now();
                 let res = attempt().await;
                 self.stats.latency(op, started.elapsed().as_secs_f64());

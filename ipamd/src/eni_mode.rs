@@ -486,15 +486,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
         let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
-            // Refused before acting: the ENI stays as it is, for the next step to attach.
-            Err(e @ CloudError::Throttled { .. }) => {
-                self.spare = Some(eni);
-                return Err(e.into());
-            }
             Err(e) => {
                 // The attach may have happened all the same (a lost reply, or the
-                // delete-on-termination step after it failed): never leave the ENI untracked.
-                let keep = matches!(e, CloudError::Transient { .. });
+                // delete-on-termination step after it failed, even throttled): never leave the
+                // ENI untracked. Detached after a throttle or a 5xx, it is kept for the next step.
+                let keep = matches!(e, CloudError::Transient { .. } | CloudError::Throttled { .. });
                 if self.settle_failed_attach(state, &eni, keep).await {
                     return Ok(None);
                 }
@@ -684,7 +680,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 Err(e) => {
                     // The reply may be lost after EC2 acted: ask EC2 what the ENI still has before
                     // anything is offered again (issue 14, item 3). What it no longer has is gone;
-                    // the rest goes back to free. Unknown (EC2 unreachable): keep them out of use.
+                    // the rest stays releasing, never free: the unassign may still be on its way
+                    // (a deadline passed while it was sent) and act after this read. A later
+                    // step's `resume_releases` finishes them.
                     let Ok(now) = self.cloud.eni(&eni).await else {
                         state.record_error(format!("{eni}: unassign failed ({e}) and EC2 cannot say what it did; the addresses stay out of use until a later step finishes the release"));
                         return Err(e.into());
@@ -698,8 +696,6 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                     } else {
                         gone_prefixes.iter().flat_map(|p| crate::pool::prefix_addresses(*p)).collect()
                     };
-                    let kept: Vec<Ipv4Addr> = ips.iter().copied().filter(|a| !gone_ips.contains(a)).collect();
-                    state.change(|b| b.pool.abort_release(&kept));
                     if gone_ips.is_empty() && gone_prefixes.is_empty() {
                         return Err(e.into());
                     }
@@ -759,11 +755,14 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             if !crate::cluster_gc::detached_past_grace(&e, now, grace_ms) {
                 continue;
             }
-            match self.cloud.delete_eni(&e.id).await {
+            let deleted = self.cloud.delete_eni(&e.id).await;
+            if matches!(deleted, Ok(()) | Err(CloudError::NotFound { .. }))
+                && self.spare.as_ref().is_some_and(|s| s.id == e.id)
+            {
+                self.spare = None;
+            }
+            match deleted {
                 Ok(()) => {
-                    if self.spare.as_ref().is_some_and(|s| s.id == e.id) {
-                        self.spare = None;
-                    }
                     self.metrics.eni_deleted();
                     tracing::info!("deleted leaked ENI {} (detached past the grace)", e.id);
                 }

@@ -410,3 +410,23 @@ async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart()
     assert!(left.iter().all(|a| !picked.contains(a)), "{left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Found by review (issue 14): an unassign that failed (a 5xx, or a deadline while it was on its
+/// way) while a read right after still listed its addresses put them back as free; the unassign
+/// could still act after that read, taking an address a pod was then given. They stay releasing
+/// now, for a later step to finish.
+#[tokio::test]
+async fn an_unassign_of_unknown_fate_never_frees_its_addresses() {
+    let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16"];
+    let events = vec![no_enis(), primary_with(&[], &ips), error(500, "InternalError"), primary_with(&[], &ips)];
+    let (mut src, state, _replay, dir) = source(events, |c| {
+        c.targets.warm_ip_target = Some(2);
+    });
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.expect_err("the unassign failed");
+    let open = state.read(|b| b.pool.releasing());
+    let releasing: usize = open.values().map(|(_, ips)| ips.len()).sum();
+    assert!(releasing > 0, "the picked addresses stay releasing");
+    assert_eq!(state.read(|b| b.pool.stats().free()) as usize, ips.len() - releasing);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
