@@ -31,7 +31,7 @@ use underway_cloud::Instance;
 /// The store's content as the starting book, whether it was usable, and what to log about it.
 /// Standalone, the configured mode is adopted at once (a refused switch stops start-up); with
 /// Kubernetes the mode is the pool's, known only later, so the stored mode stands until then.
-fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
+pub fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)> {
     let empty = Book {
         mode: cfg.mode,
         pool: Pool::new(cfg.cooldown_ms),

@@ -643,15 +643,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 ips.iter().partition(|a| !held_ips.contains(a))
             };
             if !gone.is_empty() {
-                let (_, g) = state.change(|b| {
-                    b.pool.finish_release(&gone);
-                    b.pool.finish_release_prefixes(&gone_p);
-                });
-                if let Some(k) = self.known.get_mut(&eni) {
-                    k.secondary_ips.retain(|a| !gone.contains(a));
-                    k.prefixes.retain(|p| !gone_p.contains(p));
-                }
-                state.commit(g).await?;
+                self.forget_released(state, &eni, &gone, &gone_p).await?;
             }
             if !still.is_empty() {
                 again.push((eni, if prefix_mode { still_p } else { Vec::new() }, still));
@@ -661,6 +653,25 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             tracing::info!("finishing {} releases begun before", again.iter().map(|p| p.2.len()).sum::<usize>());
         }
         self.carry_out_release(state, again).await
+    }
+
+    /// EC2 took these back: out of the pool and of ipamd's view of the ENI, durably.
+    async fn forget_released(
+        &mut self,
+        state: &NodeState,
+        eni: &str,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Net],
+    ) -> Result<()> {
+        let (_, g) = state.change(|b| {
+            b.pool.finish_release(ips);
+            b.pool.finish_release_prefixes(prefixes);
+        });
+        if let Some(k) = self.known.get_mut(eni) {
+            k.secondary_ips.retain(|a| !ips.contains(a));
+            k.prefixes.retain(|p| !prefixes.contains(p));
+        }
+        state.commit(g).await
     }
 
     /// Unassigns what was picked (marked releasing, on disk) and records the outcome.
@@ -706,16 +717,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                     (gone_ips, gone_prefixes)
                 }
             };
-            let (ips, prefixes) = (gone_ips, gone_prefixes);
-            let (_, g) = state.change(|b| {
-                b.pool.finish_release(&ips);
-                b.pool.finish_release_prefixes(&prefixes);
-            });
-            if let Some(k) = self.known.get_mut(&eni) {
-                k.secondary_ips.retain(|a| !ips.contains(a));
-                k.prefixes.retain(|p| !prefixes.contains(p));
-            }
-            state.commit(g).await?;
+            self.forget_released(state, &eni, &gone_ips, &gone_prefixes).await?;
         }
         Ok(())
     }

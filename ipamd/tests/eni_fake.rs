@@ -16,10 +16,10 @@ use underway_ipamd::config::Config;
 use underway_ipamd::eni_mode::EniMode;
 use underway_ipamd::metrics::Metrics;
 use underway_ipamd::node::MemoryNode;
-use underway_ipamd::pool::{Pool, Slot};
+use underway_ipamd::pool::Slot;
 use underway_ipamd::reconcile::{Source, blocker_of};
-use underway_ipamd::state::{Blocker, Book, NodeState, Status};
-use underway_ipamd::store::{Loaded, Store};
+use underway_ipamd::state::{Blocker, NodeState, Status};
+use underway_ipamd::store::Store;
 
 struct Rig {
     ec2: Arc<FakeEc2>,
@@ -56,16 +56,10 @@ fn source(r: &Rig, edit: impl FnOnce(&mut Config)) -> (EniMode<FakeEc2, MemoryNo
     cfg.eni.subnets = vec![r.subnet.id.clone()];
     edit(&mut cfg);
     cfg.validate().unwrap();
-    let store = Store::open(&r.dir).unwrap();
-    let (pool, pods) = match store.load().unwrap() {
-        Loaded::Ok(s) => (Pool::from_enis(0, s.enis), s.pods.into_iter().map(|p| (p.key.clone(), p)).collect()),
-        _ => (Pool::new(0), Default::default()),
-    };
-    let state = Arc::new(NodeState::new(
-        store,
-        Book { mode: Config::default().mode, pool, pods, waiting: 0, deleted_veths: Default::default() },
-        Status::default(),
-    ));
+    let store = Store::open(&cfg.state_dir).unwrap();
+    // As the daemon starts: the store's book when it has one (a restart), else an empty one.
+    let (book, _, _) = underway_ipamd::daemon::load(&cfg, &store).unwrap();
+    let state = Arc::new(NodeState::new(store, book, Status::default()));
     let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
     let limits = static_limits(&r.node.instance_type).unwrap();
     let src = EniMode::new(r.ec2.clone(), Arc::new(cfg), r.node.clone(), r.node_ops.clone(), limits, metrics);

@@ -17,10 +17,9 @@ use underway_ipamd::eni_mode::EniMode;
 use underway_ipamd::identity::Macs;
 use underway_ipamd::metrics::Metrics;
 use underway_ipamd::node::Kernel;
-use underway_ipamd::pool::Pool;
 use underway_ipamd::pool::Slot;
 use underway_ipamd::reconcile::Source;
-use underway_ipamd::state::{Book, NodeState, Status};
+use underway_ipamd::state::{NodeState, Status};
 use underway_ipamd::store::{Loaded, Store};
 
 const NS: &str = r#"xmlns="http://ec2.amazonaws.com/doc/2016-11-15/""#;
@@ -114,16 +113,10 @@ fn source_in(
     let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), cooldown_ms: 0, ..Config::default() };
     edit(&mut cfg);
     cfg.validate().unwrap();
-    let store = Store::open(&dir).unwrap();
-    let (pool, pods) = match store.load().unwrap() {
-        Loaded::Ok(s) => (Pool::from_enis(0, s.enis), s.pods.into_iter().map(|p| (p.key.clone(), p)).collect()),
-        _ => (Pool::new(0), Default::default()),
-    };
-    let state = Arc::new(NodeState::new(
-        store,
-        Book { mode: Config::default().mode, pool, pods, waiting: 0, deleted_veths: Default::default() },
-        Status::default(),
-    ));
+    let store = Store::open(&cfg.state_dir).unwrap();
+    // As the daemon starts: the store's book when it has one (a restart), else an empty one.
+    let (book, _, _) = underway_ipamd::daemon::load(&cfg, &store).unwrap();
+    let state = Arc::new(NodeState::new(store, book, Status::default()));
     let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
     let node = Instance {
         id: "i-0a1b2c3d".into(),
