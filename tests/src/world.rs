@@ -139,6 +139,11 @@ pub fn router_link(node: usize, device: u32) -> String {
     format!("n{node}e{device}")
 }
 
+/// The node's end of a new ENI's link while it waits in the router's namespace.
+fn arriving_link(node: usize, device: u32) -> String {
+    format!("a{node}e{device}")
+}
+
 /// Derives the fabric from EC2 state. `nodes` maps instance id → node index.
 pub fn plan(snap: &Snapshot, nodes: &BTreeMap<String, usize>) -> Plan {
     let mut p = Plan::default();
@@ -642,6 +647,7 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
     let applied = &mut *guard;
     let router = &inner.router_ns;
     // Links: remove what EC2 no longer attaches, add what it newly does.
+    let mut arriving = Vec::new();
     for n in nodes {
         let want = p.links.get(&n.index).cloned().unwrap_or_default();
         let have = applied.links.entry(n.index).or_default();
@@ -658,32 +664,19 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
             if have.contains_key(dev) {
                 continue;
             }
-            let (eth, rl) = (format!("eth{dev}"), router_link(n.index, *dev));
+            // The pair is made whole inside the router and its node end moved to the node only
+            // once the router routes and admits the ENI's addresses (below): on EC2 an ENI's
+            // addresses are reachable by the time the instance's OS sees the device, and ipamd
+            // serves them as soon as it does.
+            let (tmp, rl) = (arriving_link(n.index, *dev), router_link(n.index, *dev));
+            let _ = netns::ip_in(router, &["link", "del", &tmp]); // left by a pass that failed
             let mac = eni.mac();
-            netns::ip_in(
-                &n.ns,
-                &["link", "add", &eth, "address", &mac, "type", "veth", "peer", "name", &rl, "netns", router],
-            )?;
+            netns::ip_in(router, &["link", "add", &tmp, "address", &mac, "type", "veth", "peer", "name", &rl])?;
             netns::ip_in(router, &["link", "set", &rl, "up"])?;
             netns::sysctl(router, &format!("net.ipv4.conf.{rl}.proxy_arp"), "1")?;
             netns::sysctl(router, &format!("net.ipv4.neigh.{rl}.proxy_delay"), "0")?;
             netns::sysctl(router, &format!("net.ipv4.conf.{rl}.rp_filter"), "0")?;
-            if *dev == 0 {
-                // The primary interface is configured by the instance's OS (DHCP on AWS).
-                let cidr = snap
-                    .subnets
-                    .get(&eni.subnet_id)
-                    .copied()
-                    .unwrap_or_else(|| Ipv4Net::new(eni.primary_ip, 16).expect("/16"));
-                let gw = first_host(cidr).to_string();
-                netns::ip_in(&n.ns, &["link", "set", &eth, "up"])?;
-                netns::ip_in(
-                    &n.ns,
-                    &["addr", "add", &format!("{}/{}", eni.primary_ip, cidr.prefix_len()), "dev", &eth],
-                )?;
-                netns::ip_in(&n.ns, &["route", "add", "default", "via", &gw, "dev", &eth])?;
-            }
-            have.insert(*dev, eni.id.clone());
+            arriving.push((n.clone(), *dev, eni.clone()));
         }
     }
     // Gateways on the router's loopback: it answers ARP for them on every link.
@@ -713,6 +706,23 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
     if nft != applied.nft {
         netns::nft(router, &nft)?;
         applied.nft = nft;
+    }
+    for (n, dev, eni) in arriving {
+        let eth = format!("eth{dev}");
+        netns::ip_in(router, &["link", "set", &arriving_link(n.index, dev), "netns", &n.ns, "name", &eth])?;
+        applied.links.entry(n.index).or_default().insert(dev, eni.id.clone());
+        if dev == 0 {
+            // The primary interface is configured by the instance's OS (DHCP on AWS).
+            let cidr = snap
+                .subnets
+                .get(&eni.subnet_id)
+                .copied()
+                .unwrap_or_else(|| Ipv4Net::new(eni.primary_ip, 16).expect("/16"));
+            let gw = first_host(cidr).to_string();
+            netns::ip_in(&n.ns, &["link", "set", &eth, "up"])?;
+            netns::ip_in(&n.ns, &["addr", "add", &format!("{}/{}", eni.primary_ip, cidr.prefix_len()), "dev", &eth])?;
+            netns::ip_in(&n.ns, &["route", "add", "default", "via", &gw, "dev", &eth])?;
+        }
     }
     applied.routes = p.routes.clone();
     applied.neighbours = p.neighbours.clone();

@@ -98,10 +98,12 @@ async fn pods_of_both_modes_reach_the_internet_as_their_node() {
     }
     let eth1 = on_eth1.expect("a pod on the secondary ENI");
     let eth0 = 0;
+    w.sync().await.unwrap(); // the test world's router has caught up with EC2 (it polls)
     for (what, p) in [("a primary-ENI pod", &pods[eth0]), ("a secondary-ENI pod", &pods[eth1])] {
         assert_eq!(seen_from(&p.ns.0).as_deref(), Some(public[0].to_string().as_str()), "{what} ({})", p.addr);
     }
     let rp = add(&routed_node, &r, "r0");
+    w.sync().await.unwrap();
     assert_eq!(seen_from(&rp.ns.0).as_deref(), Some(public[1].to_string().as_str()), "a VPC-route pod ({})", rp.addr);
     assert_eq!(net.untranslated_drops(), 0, "nothing untranslated reached the gateway");
     // The host in the VPC's second block sees each pod's own address; the secondary-ENI pod's
@@ -172,6 +174,9 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
     // A pod on the other node, serving the address it sees (a Service's endpoint in the VPC).
     let xp = add(&ex, &x, "x0");
     serve_peer_address(&xp.ns.0).unwrap();
+    // The router routes what EC2 holds as of one pass that began after the last Add (the test
+    // world's fabric follows EC2 by polling; EC2's own takes effect with the reply).
+    w.sync().await.unwrap();
     // kube-proxy in each shape: ClusterIP 172.20.0.10:80 → the internet host (outside the VPC:
     // translated, decided after the DNAT) and 172.20.0.11:80 → the pod on the other node (inside:
     // the pod's own address).
@@ -190,7 +195,14 @@ async fn snat_follows_dnat_exclusions_and_vpc_blocks_added_later() {
             "{shape}: a ClusterIP outside the VPC"
         );
         let pod_seen = connect_from(&pod.ns.0, inside);
-        assert_eq!(pod_seen, Some(pod.addr.to_string()), "{shape}: a ClusterIP on another node, the pod's own address");
+        assert_eq!(
+            pod_seen,
+            Some(pod.addr.to_string()),
+            "{shape}: a ClusterIP on another node ({}), the pod's own address\n{}\n{}",
+            xp.addr,
+            rules.install,
+            net.diagnose()
+        );
         assert!(n.exec(&["sh", "-c", &rules.remove]).unwrap().status.success(), "{shape}: {}", rules.remove);
     }
     // An excluded range (the peered network) keeps the pod's address; without the exclusion the
