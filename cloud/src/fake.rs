@@ -100,6 +100,9 @@ pub struct FakeCounts {
 struct SubnetState {
     subnet: Subnet,
     used: BTreeSet<Ipv4Addr>,
+    /// Where the next search for a free address starts (a thousand nodes' ENIs would otherwise
+    /// make every pick walk past every used address).
+    cursor: u32,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +114,10 @@ struct World {
     subnets: BTreeMap<String, SubnetState>,
     instances: BTreeMap<String, Instance>,
     enis: BTreeMap<String, Eni>,
+    /// Instance id → the ids of the ENIs attached to it (an index over `enis`' attachments).
+    attached: BTreeMap<String, BTreeSet<String>>,
+    /// (tag key, value) → the ids of the ENIs that carry it (EC2 filters by tag server-side).
+    tagged: BTreeMap<(String, String), BTreeSet<String>>,
     tables: BTreeMap<String, RouteTable>,
     next: u64,
     rng: u64,
@@ -143,21 +150,30 @@ impl World {
         self.enis.get(id).ok_or_else(|| not_found(op, "InvalidNetworkInterfaceID.NotFound", id))
     }
 
+    /// The ENIs attached to `instance_id`.
+    fn on_instance<'a>(&'a self, instance_id: &str) -> impl Iterator<Item = &'a Eni> + 'a {
+        self.attached.get(instance_id).into_iter().flatten().filter_map(|id| self.enis.get(id))
+    }
+
     fn limits_of_eni(&self, eni: &Eni) -> Option<InstanceLimits> {
         let a = eni.attachment.as_ref()?;
         static_limits(&self.instances.get(&a.instance_id)?.instance_type)
     }
 
-    /// `n` free addresses of a subnet, lowest first (EC2 picks at random; order does not matter
-    /// to callers, and determinism helps the table tests).
+    /// `n` free addresses of a subnet, in address order from where the last pick ended, wrapping
+    /// around (EC2 picks at random; order does not matter to callers, and determinism helps the
+    /// table tests).
     fn pick(&mut self, op: &'static str, subnet_id: &str, n: usize) -> Result<Vec<Ipv4Addr>> {
         let s = self.subnet(op, subnet_id)?;
         let (first, last) = usable(s.subnet.cidr);
-        let out: Vec<Ipv4Addr> = (first..=last).map(Ipv4Addr::from).filter(|a| !s.used.contains(a)).take(n).collect();
+        let start = s.cursor.clamp(first, last);
+        let out: Vec<Ipv4Addr> =
+            (start..=last).chain(first..start).map(Ipv4Addr::from).filter(|a| !s.used.contains(a)).take(n).collect();
         if out.len() < n {
             return Err(limit(op, LimitKind::SubnetAddresses, "InsufficientFreeAddressesInSubnet", subnet_id));
         }
         s.used.extend(&out);
+        s.cursor = out.last().map_or(start, |a| u32::from(*a).saturating_add(1));
         Ok(out)
     }
 
@@ -165,14 +181,19 @@ impl World {
     fn pick_prefixes(&mut self, op: &'static str, subnet_id: &str, n: usize) -> Result<Vec<Ipv4Net>> {
         let s = self.subnet(op, subnet_id)?;
         let mut out = Vec::new();
-        for p in s.subnet.cidr.subnets(28).into_iter().flatten() {
+        // The subnet's /28s from the one the last pick ended at, wrapping around.
+        let (net, bcast) = (u32::from(s.subnet.cidr.network()), u32::from(s.subnet.cidr.broadcast()));
+        let count = (u64::from(bcast - net) + 1) / 16;
+        let from = u64::from(s.cursor.clamp(net, bcast) - net) / 16;
+        for i in (from..count).chain(0..from) {
             if out.len() == n {
                 break;
             }
-            let (lo, hi) = (u32::from(p.network()), u32::from(p.broadcast()));
+            let lo = net + (i * 16) as u32;
+            let hi = lo + 15;
             let (first, last) = usable(s.subnet.cidr);
             if lo >= first && hi <= last && (lo..=hi).all(|a| !s.used.contains(&Ipv4Addr::from(a))) {
-                out.push(p);
+                out.push(Ipv4Net::new(Ipv4Addr::from(lo), 28).expect("a /28"));
             }
         }
         if out.len() < n {
@@ -181,6 +202,7 @@ impl World {
         for p in &out {
             s.used.extend(p.hosts().chain([p.network(), p.broadcast()]));
         }
+        s.cursor = out.last().map_or(s.cursor, |p| u32::from(p.broadcast()).saturating_add(1));
         Ok(out)
     }
 
@@ -275,7 +297,7 @@ impl FakeEc2 {
             available_addresses: 0,
             tags,
         };
-        w.subnets.insert(id, SubnetState { subnet: subnet.clone(), used: BTreeSet::new() });
+        w.subnets.insert(id, SubnetState { subnet: subnet.clone(), used: BTreeSet::new(), cursor: 0 });
         subnet
     }
 
@@ -312,6 +334,7 @@ impl FakeEc2 {
                 tags: Tags::new(),
             },
         );
+        w.attached.entry(id.clone()).or_default().insert(eni_id.clone());
         let inst = Instance {
             id: id.clone(),
             instance_type: instance_type.into(),
@@ -482,12 +505,7 @@ impl Discovery for FakeEc2 {
 
     async fn enis_of_instance(&self, instance_id: &str) -> Result<Vec<Eni>> {
         self.call("DescribeNetworkInterfaces", ApiClass::Describe, |w| {
-            let mut v: Vec<Eni> = w
-                .enis
-                .values()
-                .filter(|e| e.attachment.as_ref().is_some_and(|a| a.instance_id == instance_id))
-                .cloned()
-                .collect();
+            let mut v: Vec<Eni> = w.on_instance(instance_id).cloned().collect();
             v.sort_by_key(|e| e.attachment.as_ref().map(|a| a.device_index));
             Ok(v)
         })
@@ -496,7 +514,25 @@ impl Discovery for FakeEc2 {
 
     async fn enis_by_tags(&self, tags: &Tags) -> Result<Vec<Eni>> {
         self.call("DescribeNetworkInterfaces", ApiClass::Describe, |w| {
-            Ok(w.enis.values().filter(|e| tags_match(&e.tags, tags)).cloned().collect())
+            // The narrowest tag's ENIs, checked against the rest.
+            let narrowest = tags
+                .iter()
+                .map(|(k, v)| w.tagged.get(&(k.clone(), v.clone())).map_or(0, BTreeSet::len))
+                .zip(tags.iter())
+                .min_by_key(|(n, _)| *n)
+                .map(|(_, kv)| kv);
+            Ok(match narrowest {
+                Some((k, v)) => w
+                    .tagged
+                    .get(&(k.clone(), v.clone()))
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|id| w.enis.get(id))
+                    .filter(|e| tags_match(&e.tags, tags))
+                    .cloned()
+                    .collect(),
+                None => w.enis.values().cloned().collect(),
+            })
         })
         .await
     }
@@ -552,6 +588,9 @@ impl Interfaces for FakeEc2 {
                 security_groups: req.security_groups.clone(),
                 tags: req.tags.clone(),
             };
+            for (k, v) in &eni.tags {
+                w.tagged.entry((k.clone(), v.clone())).or_default().insert(id.clone());
+            }
             w.enis.insert(id, eni.clone());
             Ok(eni)
         })
@@ -579,11 +618,8 @@ impl Interfaces for FakeEc2 {
                 ipv6_per_eni: 0,
                 vcpus: 1,
             });
-            let on: Vec<u32> = w
-                .enis
-                .values()
-                .filter_map(|e| e.attachment.as_ref().filter(|a| a.instance_id == instance_id).map(|a| a.device_index))
-                .collect();
+            let on: Vec<u32> =
+                w.on_instance(instance_id).filter_map(|e| e.attachment.as_ref().map(|a| a.device_index)).collect();
             if on.contains(&device_index) {
                 return Err(refused(
                     OP,
@@ -619,6 +655,7 @@ impl Interfaces for FakeEc2 {
                 delete_on_termination: true,
             });
             e.status = "in-use".into();
+            w.attached.entry(instance_id.to_string()).or_default().insert(eni_id.to_string());
             Ok(att)
         })
         .await
@@ -635,8 +672,12 @@ impl Interfaces for FakeEc2 {
             if e.attachment.as_ref().is_some_and(|a| a.device_index == 0) {
                 return Err(refused(OP, "OperationNotPermitted", "The primary network interface cannot be detached"));
             }
-            e.attachment = None;
+            let was = e.attachment.take().map(|a| a.instance_id);
             e.status = "available".into();
+            let id = e.id.clone();
+            if let Some(set) = was.and_then(|i| w.attached.get_mut(&i)) {
+                set.remove(&id);
+            }
             Ok(())
         })
         .await
@@ -672,6 +713,11 @@ impl Interfaces for FakeEc2 {
             ips.push(e.primary_ip);
             w.free(&e.subnet_id, &ips, &e.prefixes);
             w.enis.remove(eni_id);
+            for (k, v) in &e.tags {
+                if let Some(set) = w.tagged.get_mut(&(k.clone(), v.clone())) {
+                    set.remove(eni_id);
+                }
+            }
             Ok(())
         })
         .await
@@ -874,8 +920,7 @@ fn route_to(w: &World, op: &'static str, vpc: &Vpc, destination: Ipv4Net, target
     let via_eni = match target {
         RouteTarget::Eni(id) => Some(w.eni(op, id)?.id.clone()),
         RouteTarget::Instance(id) => {
-            let on: Vec<&Eni> =
-                w.enis.values().filter(|e| e.attachment.as_ref().is_some_and(|a| &a.instance_id == id)).collect();
+            let on: Vec<&Eni> = w.on_instance(id).collect();
             match on.as_slice() {
                 [] => return Err(not_found(op, "InvalidInstanceID.NotFound", id)),
                 [one] => Some(one.id.clone()),

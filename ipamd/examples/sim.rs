@@ -138,7 +138,7 @@ async fn run(a: Args) {
                 state.wake.notify_one();
                 tokio::select! {
                     _ = state.freed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
                 }
             }
             state.change(|b| b.waiting = 0);
