@@ -42,6 +42,34 @@ pub struct BudgetConfig {
     /// calls, whatever the rate) it drove a node's describe rate to its floor and the node's Adds
     /// past their wait; a random throttle is not a full bucket, and AIMD cannot tell them apart.
     pub adaptive: bool,
+    /// How many nodes spend from the account (the cluster's size, or more when other clusters
+    /// or tools share it). When set, a throttled answer drops its class (and a throttled
+    /// describe the mutating class too) to this node's share of the account's refill
+    /// (`account`), at a random phase within one share's interval; each answered call raises
+    /// the rate by 5 % up to the configured one. A node that is never throttled keeps its
+    /// configured rate. In a wave of thousands of nodes, a fixed or halving rate cannot learn
+    /// its share from the handful of mutating calls each node makes. Measured in the simulator
+    /// (docs/benchmarks.md): it all but ends throttling, and makes the wave slower, since a
+    /// node's describes then wait for their share too. Off by default; ipamd does not yet
+    /// derive it from the cluster's size.
+    pub share_of: Option<u32>,
+    /// The account's refill rates the share is taken from (EC2's defaults: 5 mutating and 20
+    /// describe calls per second).
+    pub account: AccountRates,
+}
+
+/// An account's refill rates per class (calls per second).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccountRates {
+    pub mutating_qps: f64,
+    pub describe_qps: f64,
+}
+
+impl Default for AccountRates {
+    fn default() -> Self {
+        AccountRates { mutating_qps: 5.0, describe_qps: 20.0 }
+    }
 }
 
 impl Default for BudgetConfig {
@@ -50,6 +78,8 @@ impl Default for BudgetConfig {
             mutating: BucketConfig { qps: 2.0, burst: 10 },
             describe: BucketConfig { qps: 5.0, burst: 20 },
             adaptive: false,
+            share_of: None,
+            account: AccountRates::default(),
         }
     }
 }
@@ -65,6 +95,14 @@ impl BudgetConfig {
                 return Err(format!("rate_budget.{name}.burst must be at least 1"));
             }
         }
+        if self.share_of == Some(0) {
+            return Err("rate_budget.share_of must be at least 1 (the nodes spending from the account)".into());
+        }
+        for (name, q) in [("mutating_qps", self.account.mutating_qps), ("describe_qps", self.account.describe_qps)] {
+            if !(q.is_finite() && q > 0.0) {
+                return Err(format!("rate_budget.account.{name} must be a positive number, got {q}"));
+            }
+        }
         Ok(())
     }
 }
@@ -75,6 +113,8 @@ impl BudgetConfig {
 pub struct TokenBucket {
     cfg: BucketConfig,
     adaptive: bool,
+    /// This node's share of the account's refill (calls per second), when the budget shares.
+    share: Option<f64>,
     state: Mutex<BucketState>,
 }
 
@@ -98,7 +138,23 @@ impl TokenBucket {
 
     pub fn with_adaptation(cfg: BucketConfig, adaptive: bool) -> Self {
         let state = BucketState { level: f64::from(cfg.burst), at: Instant::now(), qps: cfg.qps };
-        TokenBucket { cfg, adaptive, state: Mutex::new(state) }
+        TokenBucket { cfg, adaptive, share: None, state: Mutex::new(state) }
+    }
+
+    /// A bucket that drops to `share` calls per second when the account throttles (see
+    /// [`BudgetConfig::share_of`]).
+    pub fn sharing(cfg: BucketConfig, share: f64) -> Self {
+        TokenBucket { share: Some(share.min(cfg.qps)), ..Self::new(cfg) }
+    }
+
+    /// Down to the share (never up to it), the saved burst dropped, and the next token at a
+    /// random point of one share's interval: the nodes a wave throttled together come back
+    /// spread over it instead of together.
+    fn to_share(&self, st: &mut BucketState, share: f64) {
+        if st.qps > share || st.level > 0.0 {
+            st.qps = st.qps.min(share);
+            st.level = st.level.min(0.0) - fastrand::f64();
+        }
     }
 
     fn refill(&self, st: &mut BucketState) {
@@ -130,16 +186,37 @@ impl TokenBucket {
 
     /// What the cloud answered a call that used a token (adaptive buckets only).
     pub fn observe(&self, throttled: bool) {
-        if !self.adaptive {
+        if !self.adaptive && self.share.is_none() {
             return;
         }
         let mut st = self.state.lock().expect("bucket lock");
         self.refill(&mut st);
+        if let Some(share) = self.share {
+            if throttled {
+                // Halved, and never above the share: a node throttled again at its share
+                // backs off further (another client spends from the account too), to a quarter.
+                let q = (st.qps / 2.0).min(share).max(share / 4.0);
+                self.to_share(&mut st, share);
+                st.qps = q;
+            } else {
+                st.qps = (st.qps * 1.05).min(self.cfg.qps);
+            }
+            return;
+        }
         if throttled {
             st.qps = (st.qps / 2.0).max(self.cfg.qps * MIN_SHARE);
             st.level = st.level.min(0.0);
         } else {
             st.qps = (st.qps + self.cfg.qps / 20.0).min(self.cfg.qps);
+        }
+    }
+
+    /// The account throttled a call of the other class: this one drops to its share too.
+    fn account_busy(&self) {
+        if let Some(share) = self.share {
+            let mut st = self.state.lock().expect("bucket lock");
+            self.refill(&mut st);
+            self.to_share(&mut st, share);
         }
     }
 
@@ -166,9 +243,15 @@ pub struct RateBudget {
 
 impl RateBudget {
     pub fn new(cfg: BudgetConfig) -> Self {
-        RateBudget {
-            mutating: TokenBucket::with_adaptation(cfg.mutating, cfg.adaptive),
-            describe: TokenBucket::with_adaptation(cfg.describe, cfg.adaptive),
+        match cfg.share_of {
+            Some(n) => RateBudget {
+                mutating: TokenBucket::sharing(cfg.mutating, cfg.account.mutating_qps / f64::from(n.max(1))),
+                describe: TokenBucket::sharing(cfg.describe, cfg.account.describe_qps / f64::from(n.max(1))),
+            },
+            None => RateBudget {
+                mutating: TokenBucket::with_adaptation(cfg.mutating, cfg.adaptive),
+                describe: TokenBucket::with_adaptation(cfg.describe, cfg.adaptive),
+            },
         }
     }
 
@@ -196,6 +279,12 @@ impl RateBudget {
     /// What the cloud answered (adapts the class's rate when the budget is adaptive).
     pub fn observe(&self, class: ApiClass, throttled: bool) {
         self.bucket(class).observe(throttled);
+        // A throttled describe warns before this node's first mutating call: in a wave every
+        // node describes first. (The other way round slowed the simulated wave by a third: a
+        // node's describes sit on its critical path between mutating calls.)
+        if throttled && class == ApiClass::Describe {
+            self.mutating.account_busy();
+        }
     }
 
     /// The class's rate now.
@@ -249,7 +338,7 @@ mod tests {
         let budget = Arc::new(RateBudget::new(BudgetConfig {
             mutating: BucketConfig { qps: 5.0, burst: 1 },
             describe: BucketConfig { qps: 100.0, burst: 100 },
-            adaptive: false,
+            ..BudgetConfig::default()
         }));
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..10)
@@ -273,6 +362,45 @@ mod tests {
         let t1 = Instant::now();
         budget.acquire(ApiClass::Describe).await;
         assert_eq!(t1.elapsed(), Duration::ZERO);
+    }
+
+    /// `share_of`: untouched until the account throttles; then the node's share (5 calls/s over
+    /// 100 nodes: 0.05/s) with the burst gone and the next token at a random point of one
+    /// share's interval; a throttled describe brings the mutating class down before its first
+    /// call; answers climb back by 5 % each, never above the configured rate.
+    #[tokio::test(start_paused = true)]
+    async fn a_shared_budget_drops_to_its_share_when_the_account_throttles() {
+        let cfg = BudgetConfig { share_of: Some(100), ..BudgetConfig::default() };
+        let b = RateBudget::new(cfg);
+        for _ in 0..5 {
+            b.observe(ApiClass::Mutating, false);
+        }
+        assert_eq!(
+            (b.rate(ApiClass::Mutating), b.rate(ApiClass::Describe)),
+            (2.0, 5.0),
+            "never throttled: as configured"
+        );
+        b.observe(ApiClass::Describe, true);
+        assert_eq!(b.rate(ApiClass::Describe), 0.2, "describe: 20/s over 100 nodes");
+        assert_eq!(b.rate(ApiClass::Mutating), 0.05, "mutating too, before its first call");
+        let wait = b.mutating.reserve();
+        assert!(
+            wait > Duration::from_secs(20) && wait <= Duration::from_secs(40),
+            "burst dropped, random phase: {wait:?}"
+        );
+        b.observe(ApiClass::Mutating, true);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.025, "throttled at its share: halved");
+        for _ in 0..3 {
+            b.observe(ApiClass::Mutating, true);
+        }
+        assert_eq!(b.rate(ApiClass::Mutating), 0.0125, "to a quarter of the share at most");
+        b.observe(ApiClass::Mutating, false);
+        assert!((b.rate(ApiClass::Mutating) - 0.0125 * 1.05).abs() < 1e-12);
+        for _ in 0..200 {
+            b.observe(ApiClass::Mutating, false);
+        }
+        assert_eq!(b.rate(ApiClass::Mutating), 2.0, "back to the configured rate, not above");
+        assert!(BudgetConfig { share_of: Some(0), ..cfg }.validate().unwrap_err().contains("rate_budget.share_of"));
     }
 
     #[tokio::test(start_paused = true)]

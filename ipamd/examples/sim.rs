@@ -6,9 +6,11 @@
 //! address, its ratio to the floor the account's mutating bucket allows, the calls made and
 //! throttled, and the simulator's peak memory per node.
 //!
-//! `cargo run --example sim -- [nodes] [pods per node] [ips|prefix] [instance type] [adaptive|fixed]`
-//! (defaults 100, 110, ips, m5.4xlarge, adaptive: the budget policy; `fixed` is the per-node
-//! bucket without adaptation, the baseline). State directories go to /dev/shm (tmpfs).
+//! `cargo run --example sim -- [nodes] [pods per node] [ips|prefix] [instance type] [fixed|adaptive|share]`
+//! (defaults 100, 110, ips, m5.4xlarge, share: the budget policy. `fixed` is the per-node
+//! bucket without adaptation, the baseline; `adaptive` halves on a throttle and adds back on
+//! an answer (AIMD); `share` drops to the node's share of the account's refill, the node count
+//! known, on the first throttle). State directories go to /dev/shm (tmpfs).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -32,7 +34,7 @@ struct Args {
     pods: u32,
     prefix: bool,
     instance_type: String,
-    adaptive: bool,
+    policy: String,
 }
 
 fn args() -> Args {
@@ -42,7 +44,7 @@ fn args() -> Args {
         pods: a.get(1).and_then(|v| v.parse().ok()).unwrap_or(110),
         prefix: a.get(2).is_some_and(|m| m == "prefix"),
         instance_type: a.get(3).cloned().unwrap_or_else(|| "m5.4xlarge".into()),
-        adaptive: a.get(4).is_none_or(|b| b != "fixed"),
+        policy: a.get(4).cloned().unwrap_or_else(|| "share".into()),
     }
 }
 
@@ -88,7 +90,12 @@ async fn run(a: Args) {
         let dir = base.join(i.to_string());
         let mut cfg = Config { cluster: "sim".into(), state_dir: dir.clone(), ..Config::default() };
         cfg.targets.prefix_mode = a.prefix;
-        cfg.cloud.rate_budget.adaptive = a.adaptive;
+        match a.policy.as_str() {
+            "fixed" => {}
+            "adaptive" => cfg.cloud.rate_budget.adaptive = true,
+            "share" => cfg.cloud.rate_budget.share_of = Some(a.nodes),
+            p => panic!("unknown budget policy {p:?}: fixed, adaptive or share"),
+        }
         cfg.validate().unwrap();
         let cfg = Arc::new(cfg);
         let state = Arc::new(NodeState::new(
@@ -161,14 +168,15 @@ async fn run(a: Args) {
     let floor_s = need.saturating_sub(u64::from(ACCOUNT_MUTATING.burst)) as f64 / ACCOUNT_MUTATING.qps;
     let throttled_share = c.throttled_mutating as f64 / c.mutating.max(1) as f64;
     println!(
-        "SIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={:.2} \
+        "calls {:?}\nSIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={:.2} \
          mutating={} ({:.1}/node, floor {}) throttled_mutating={:.1}% describe={} throttled_describe={} \
          adds_waited={} refused={:?} peak_rss_per_node_kib={}",
+        c.calls,
         a.nodes,
         a.pods,
         if a.prefix { "prefix" } else { "ips" },
         a.instance_type,
-        if a.adaptive { "adaptive" } else { "fixed" },
+        a.policy,
         wall.as_secs_f64(),
         floor_s,
         wall.as_secs_f64() / floor_s.max(1.0),
