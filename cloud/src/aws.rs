@@ -530,6 +530,9 @@ impl Discovery for Ec2Cloud {
 }
 
 impl Interfaces for Ec2Cloud {
+    fn mutating_wait(&self) -> std::time::Duration {
+        self.pacer.budget().wait(crate::budget::ApiClass::Mutating)
+    }
     async fn create_eni(&self, req: &CreateEni) -> Result<Eni> {
         const OP: &str = "CreateNetworkInterface";
         let checked = check_id("subnet_id", &req.subnet_id, "subnet-")

@@ -225,6 +225,13 @@ impl TokenBucket {
         self.state.lock().expect("bucket lock").qps
     }
 
+    /// How long until a token would be free, taking nothing.
+    pub fn wait(&self) -> Duration {
+        let mut st = self.state.lock().expect("bucket lock");
+        self.refill(&mut st);
+        if st.level >= 1.0 { Duration::ZERO } else { Duration::from_secs_f64((1.0 - st.level) / st.qps) }
+    }
+
     /// Waits for a token.
     pub async fn acquire(&self) {
         let wait = self.reserve();
@@ -290,6 +297,11 @@ impl RateBudget {
     /// The class's rate now.
     pub fn rate(&self, class: ApiClass) -> f64 {
         self.bucket(class).rate()
+    }
+
+    /// How long until the class's next token, taking nothing.
+    pub fn wait(&self, class: ApiClass) -> Duration {
+        self.bucket(class).wait()
     }
 
     pub async fn acquire(&self, class: ApiClass) {

@@ -47,6 +47,12 @@ pub trait Discovery: Send + Sync {
 
 /// ENI lifecycle and addresses.
 pub trait Interfaces: Send + Sync {
+    /// How long until this node's rate budget would let a mutating call go (zero for a cloud
+    /// without one). A step that cannot make its mutating call soon skips the describes that
+    /// would precede it: at thousands of nodes those are the scarcer budget.
+    fn mutating_wait(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
     /// Creates an ENI with its first addresses in the same call.
     fn create_eni(&self, req: &CreateEni) -> impl Future<Output = Result<Eni>> + Send;
     /// Attaches at a device index (≥ 1) with delete-on-termination set, and returns the attachment id.

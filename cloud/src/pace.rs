@@ -183,6 +183,9 @@ impl<C: Discovery> Discovery for Paced<C> {
 }
 
 impl<C: Interfaces> Interfaces for Paced<C> {
+    fn mutating_wait(&self) -> Duration {
+        self.pacer.budget().wait(M)
+    }
     async fn create_eni(&self, req: &CreateEni) -> Result<Eni> {
         self.pacer.call("CreateNetworkInterface", M, false, || self.inner.create_eni(req)).await
     }

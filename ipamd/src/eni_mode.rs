@@ -823,9 +823,20 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         });
         stats.assigned += waiting;
         stats.enis += self.pending.len() as u32;
-        let d = self.cfg.targets.decide(&stats, &self.limits);
+        let mut d = self.cfg.targets.decide(&stats, &self.limits);
         let mut blocker = None;
         let mut acted = false;
+        // Growth whose mutating call the node's budget would refuse anyway (no token before
+        // the call's deadline) waits for a later step without spending describes on it: with
+        // thousands of nodes sharing one account those are the scarcer budget.
+        let wait = self.cloud.mutating_wait();
+        if (d.grow > 0 || !d.new_enis.is_empty()) && wait > Duration::from_millis(self.cfg.cloud.call_timeout_ms) {
+            blocker = Some(Blocker::Throttled(format!(
+                "this node's EC2 budget: its next mutating call in {} s (cloud.rate_budget)",
+                wait.as_secs()
+            )));
+            (d.grow, d.new_enis) = (0, Vec::new());
+        }
         if d.grow > 0 {
             let (added, b) = self.grow(state, d.grow).await?;
             blocker = b;

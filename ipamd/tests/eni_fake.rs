@@ -305,3 +305,49 @@ async fn an_eni_whose_link_never_comes_is_given_up_and_deleted() {
         .collect();
     assert_eq!(d, Vec::<String>::new());
 }
+
+/// A step whose growth the node's own budget would refuse (no mutating token before the call's
+/// deadline) spends no describe on it: it reports the wait as its blocker, and grows once the
+/// token is near. At thousands of nodes on one account the describes are the scarcer budget.
+#[tokio::test(start_paused = true)]
+async fn growth_the_budget_would_refuse_spends_no_describes() {
+    use underway_cloud::budget::BudgetConfig;
+    use underway_cloud::pace::{Paced, Pacer, RetryPolicy};
+    let r = rig("m5.large", "10.0.0.0/24", FakeConfig::default());
+    let budget = BudgetConfig { mutating: BucketConfig { qps: 0.01, burst: 1 }, ..BudgetConfig::default() };
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff: Duration::from_millis(100),
+        call_timeout: Duration::from_secs(40),
+    };
+    let cloud = Arc::new(Paced::new(r.ec2.clone(), Pacer::new(budget, retry)));
+    let mut cfg = Config { cluster: "c1".into(), state_dir: r.dir.clone(), cooldown_ms: 0, ..Config::default() };
+    cfg.eni.subnets = vec![r.subnet.id.clone()];
+    cfg.targets.warm_ip_target = Some(20);
+    let store = Store::open(&cfg.state_dir).unwrap();
+    let (book, _, _) = underway_ipamd::daemon::load(&cfg, &store).unwrap();
+    let state = Arc::new(NodeState::new(store, book, Status::default()));
+    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+    let limits = static_limits(&r.node.instance_type).unwrap();
+    let mut src = EniMode::new(cloud, Arc::new(cfg), r.node.clone(), r.node_ops.clone(), limits, metrics);
+    src.sync(&state).await.unwrap();
+    // The first step spends the one token (an assign on the primary ENI; its new ENI then
+    // finds no token before the deadline); the next token is 100 s away, beyond the 40 s.
+    let _ = src.step(&state).await;
+    assert_eq!(r.ec2.counts().mutating, 1);
+    let before = r.ec2.counts();
+    let step = src.step(&state).await.unwrap();
+    let after = r.ec2.counts();
+    assert!(
+        matches!(&step.blocker, Some(Blocker::Throttled(m)) if m.contains("next mutating call")),
+        "{:?}",
+        step.blocker
+    );
+    let subnets = |c: &underway_cloud::fake::FakeCounts| c.calls.get("DescribeSubnets").copied().unwrap_or(0);
+    assert_eq!((subnets(&after), after.mutating), (subnets(&before), before.mutating), "no growth call at all");
+    // Once the token is within the deadline, the step grows again.
+    tokio::time::advance(Duration::from_secs(70)).await;
+    let _ = src.step(&state).await; // creates the ENI; its attach waits for the token after
+    assert!(subnets(&r.ec2.counts()) > subnets(&after), "growth described its subnet again");
+    assert!(r.ec2.counts().mutating > after.mutating, "and grew once the token was near");
+}
