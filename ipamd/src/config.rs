@@ -676,6 +676,21 @@ impl Config {
         Ok(())
     }
 
+    /// The ENI mode's periodic describes (the leaked-ENI sweep, the drift re-check), as
+    /// intervals. With `rate_budget.share_of` set they are stretched so that all the nodes'
+    /// periodic describes together take at most a quarter of the account's describe refill:
+    /// at the defaults (one sweep a minute, one re-check per 5 minutes: 0.02 describes/s per
+    /// node) 1,000 nodes alone would spend all of EC2's 20/s (docs/benchmarks.md).
+    pub fn periodic_describes(&self) -> (std::time::Duration, std::time::Duration) {
+        let (gc, recheck) = (self.eni.gc_interval_ms as f64 / 1000.0, self.eni.recheck_interval_ms as f64 / 1000.0);
+        let b = &self.cloud.rate_budget;
+        let stretch = match b.share_of {
+            Some(n) => (f64::from(n) * (1.0 / gc + 1.0 / recheck) / (0.25 * b.account.describe_qps)).max(1.0),
+            None => 1.0,
+        };
+        (std::time::Duration::from_secs_f64(gc * stretch), std::time::Duration::from_secs_f64(recheck * stretch))
+    }
+
     /// The tags that mark this node's ENIs (GC looks for these).
     pub fn node_tags(&self, instance_id: &str) -> underway_cloud::Tags {
         underway_cloud::Tags::from([
@@ -688,6 +703,27 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn periodic_describes_stretch_with_the_nodes_sharing_the_account() {
+        let secs = |c: &Config| {
+            let (g, r) = c.periodic_describes();
+            (g.as_secs(), r.as_secs())
+        };
+        // (case, share_of, (sweep, re-check) in seconds)
+        let cases = [
+            ("not sharing: as configured", None, (60, 300)),
+            ("100 nodes: 2/s of periodic describes, under 5/s", Some(100), (60, 300)),
+            ("250 nodes: exactly a quarter of 20/s", Some(250), (60, 300)),
+            ("1,000 nodes: four times longer", Some(1000), (240, 1200)),
+            ("5,000 nodes: twenty times", Some(5000), (1200, 6000)),
+        ];
+        for (name, share_of, want) in cases {
+            let mut c = Config::default();
+            c.cloud.rate_budget.share_of = share_of;
+            assert_eq!(secs(&c), want, "{name}");
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()

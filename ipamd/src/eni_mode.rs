@@ -864,15 +864,13 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         if d.release > 0 {
             self.release(state, d.release).await?;
         }
-        if self.last_gc.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.gc_interval_ms)) {
+        let (gc_every, recheck_every) = self.cfg.periodic_describes();
+        if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every) {
             self.last_gc = Some(Instant::now());
             self.gc_leaked(state).await?;
         }
         // Not in a step that changed EC2: a describe right after a change may not show it yet.
-        if !acted
-            && d.release == 0
-            && self.last_recheck.is_none_or(|t| t.elapsed() >= Duration::from_millis(self.cfg.eni.recheck_interval_ms))
-        {
+        if !acted && d.release == 0 && self.last_recheck.is_none_or(|t| t.elapsed() >= recheck_every) {
             self.last_recheck = Some(Instant::now());
             self.recheck(state).await?;
         }
