@@ -131,9 +131,12 @@ pub async fn run<S: Source>(
             Ok(step) => {
                 metrics.reconcile_run("ok", started.elapsed());
                 delays = backoff();
+                let before = state.status().blocker.map(|b| std::mem::discriminant(&b));
                 state.set_status(|s| s.blocker = step.blocker.clone());
-                if step.blocker.is_some() {
-                    // Nothing can change until something does: let waiting Adds fail with the reason.
+                if step.blocker.as_ref().is_some_and(|b| Some(std::mem::discriminant(b)) != before) {
+                    // Nothing can change until something does: waiting Adds look at the new
+                    // reason. Only when the reason is new: a waiting Add wakes the reconciler
+                    // again, and the two would otherwise keep each other busy.
                     state.freed.notify_waiters();
                 }
                 if step.again {
@@ -157,6 +160,64 @@ pub async fn run<S: Source>(
 mod tests {
     use super::*;
     use underway_api::ErrorKind;
+
+    /// A source that is always blocked (as while the node waits for its EC2 budget), counting
+    /// its steps.
+    struct Blocked(Arc<std::sync::atomic::AtomicU32>);
+
+    impl Source for Blocked {
+        async fn sync(&mut self, _: &NodeState) -> Result<()> {
+            Ok(())
+        }
+        async fn step(&mut self, _: &NodeState) -> Result<Step> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Step { blocker: Some(Blocker::Throttled("budget".into())), again: false })
+        }
+    }
+
+    /// One Add waiting as the service's does (wakes the reconciler, sleeps on `freed` or 250 ms)
+    /// beside an always-blocked source: the two used to wake each other every 20 ms (a step
+    /// with a blocker woke the Adds, each Add woke the reconciler), about 500 steps in 10 s;
+    /// found by the simulator, where it cost most of a 1,000-node run's time.
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_pool_and_a_waiting_add_do_not_keep_each_other_busy() {
+        let dir = std::env::temp_dir().join(format!("underway-reconcile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let cfg = Arc::new(Config { cluster: "c".into(), state_dir: dir.clone(), ..Config::default() });
+        let store = crate::store::Store::open(&dir).unwrap();
+        let (book, _, _) = crate::daemon::load(&cfg, &store).unwrap();
+        let state = Arc::new(NodeState::new(store, book, crate::state::Status::default()));
+        let metrics = Arc::new(Metrics::new(
+            state.clone(),
+            Arc::new(std::sync::OnceLock::new()),
+            Arc::new(std::sync::OnceLock::new()),
+        ));
+        let steps = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run(Blocked(steps.clone()), state.clone(), cfg, metrics, stop_rx));
+        let add = {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let freed = state.freed.notified();
+                    state.wake.notify_one();
+                    tokio::select! {
+                        _ = freed => {}
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let n = steps.load(std::sync::atomic::Ordering::Relaxed);
+        add.abort();
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        let _ = std::fs::remove_dir_all(&dir);
+        // One step per 250 ms wake-up of the Add, give or take the first.
+        assert!(n <= 45, "{n} steps in 10 s");
+        assert!(n >= 30, "{n} steps in 10 s: the waiting Add must still drive steps");
+    }
 
     #[test]
     fn each_cloud_failure_reaches_the_pod_as_its_own_kind() {
