@@ -196,8 +196,9 @@ impl TokenBucket {
                 // Down to the share, not below: at its share a node collides with others now
                 // and then (their phases are random), and a node halved below it would finish
                 // last (a floor of a quarter share made the simulated 1,000-node wave 4.9× the
-                // account's floor instead of 1.9×). The next token is phased anew.
-                self.to_share(&mut st, share);
+                // account's floor instead of 1.9×). The next token is phased anew, once per
+                // throttle.
+                st.qps = st.qps.min(share);
                 st.level = st.level.min(0.0) - fastrand::f64();
             } else {
                 st.qps = (st.qps * 1.05).min(self.cfg.qps);
@@ -402,6 +403,12 @@ mod tests {
             wait > Duration::from_secs(20) && wait <= Duration::from_secs(40),
             "burst dropped, random phase: {wait:?}"
         );
+        // A node's own throttle, not through a describe: the next token within two intervals
+        // (the one just taken, then a random phase of at most one more).
+        let own = RateBudget::new(cfg);
+        own.observe(ApiClass::Mutating, true);
+        let wait = own.mutating.reserve();
+        assert!(wait > Duration::from_secs(20) && wait <= Duration::from_secs(40), "one phase per throttle: {wait:?}");
         for _ in 0..3 {
             b.observe(ApiClass::Mutating, true);
         }

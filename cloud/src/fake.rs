@@ -166,6 +166,10 @@ impl World {
     fn pick(&mut self, op: &'static str, subnet_id: &str, n: usize) -> Result<Vec<Ipv4Addr>> {
         let s = self.subnet(op, subnet_id)?;
         let (first, last) = usable(s.subnet.cidr);
+        if first > last {
+            // Below a /29 no address is usable (EC2 has no subnet below /28 at all).
+            return Err(limit(op, LimitKind::SubnetAddresses, "InsufficientFreeAddressesInSubnet", subnet_id));
+        }
         let start = s.cursor.clamp(first, last);
         let out: Vec<Ipv4Addr> =
             (start..=last).chain(first..start).map(Ipv4Addr::from).filter(|a| !s.used.contains(a)).take(n).collect();
@@ -1034,6 +1038,10 @@ mod tests {
         assert_eq!(made, 25);
         let s = &ec2.subnets(std::slice::from_ref(&subnet.id)).await.unwrap()[0];
         assert_eq!(s.available_addresses, 0);
+        // A subnet with no usable address at all (a /30) is a refusal too, not a panic.
+        let tiny = ec2.add_subnet(&subnet.vpc_id, "10.0.9.0/30".parse().unwrap(), Tags::new());
+        let e = ec2.create_eni(&create(&tiny, AddressCount::ips(1))).await.unwrap_err();
+        assert!(matches!(e, CloudError::LimitReached { limit: LimitKind::SubnetAddresses, .. }), "{e}");
     }
 
     #[tokio::test(start_paused = true)]
