@@ -95,6 +95,9 @@ impl BudgetConfig {
                 return Err(format!("rate_budget.{name}.burst must be at least 1"));
             }
         }
+        if self.adaptive && self.share_of.is_some() {
+            return Err("rate_budget.adaptive and rate_budget.share_of are two policies: set one".into());
+        }
         if self.share_of == Some(0) {
             return Err("rate_budget.share_of must be at least 1 (the nodes spending from the account)".into());
         }
@@ -420,6 +423,7 @@ mod tests {
         }
         assert_eq!(b.rate(ApiClass::Mutating), 2.0, "back to the configured rate, not above");
         assert!(BudgetConfig { share_of: Some(0), ..cfg }.validate().unwrap_err().contains("rate_budget.share_of"));
+        assert!(BudgetConfig { adaptive: true, ..cfg }.validate().unwrap_err().contains("set one"));
     }
 
     #[tokio::test(start_paused = true)]

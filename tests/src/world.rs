@@ -669,7 +669,10 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
             // addresses are reachable by the time the instance's OS sees the device, and ipamd
             // serves them as soon as it does.
             let (tmp, rl) = (arriving_link(n.index, *dev), router_link(n.index, *dev));
-            let _ = netns::ip_in(router, &["link", "del", &tmp]); // left by a pass that failed
+            // Left by a pass that failed: the waiting end, or a moved one whose set-up failed
+            // (deleting either end of a pair deletes both).
+            let _ = netns::ip_in(router, &["link", "del", &tmp]);
+            let _ = netns::ip_in(&n.ns, &["link", "del", &format!("eth{dev}")]);
             let mac = eni.mac();
             netns::ip_in(router, &["link", "add", &tmp, "address", &mac, "type", "veth", "peer", "name", &rl])?;
             netns::ip_in(router, &["link", "set", &rl, "up"])?;
@@ -710,7 +713,6 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
     for (n, dev, eni) in arriving {
         let eth = format!("eth{dev}");
         netns::ip_in(router, &["link", "set", &arriving_link(n.index, dev), "netns", &n.ns, "name", &eth])?;
-        applied.links.entry(n.index).or_default().insert(dev, eni.id.clone());
         if dev == 0 {
             // The primary interface is configured by the instance's OS (DHCP on AWS).
             let cidr = snap
@@ -723,6 +725,8 @@ fn apply(inner: &Inner, nodes: &[Arc<Node>], p: &Plan, snap: &Snapshot) -> Resul
             netns::ip_in(&n.ns, &["addr", "add", &format!("{}/{}", eni.primary_ip, cidr.prefix_len()), "dev", &eth])?;
             netns::ip_in(&n.ns, &["route", "add", "default", "via", &gw, "dev", &eth])?;
         }
+        // Recorded once whole: a link whose set-up failed is made again on the next pass.
+        applied.links.entry(n.index).or_default().insert(dev, eni.id.clone());
     }
     applied.routes = p.routes.clone();
     applied.neighbours = p.neighbours.clone();
