@@ -433,13 +433,14 @@ mod tests {
 
     /// Issue 14, torture: the state directory's disk is full. Add fails with a clear error and
     /// leaves nothing behind (the address is free again, no pod recorded); once space is freed,
-    /// the next Add succeeds without a restart. A real tmpfs of 64 KiB (needs root).
+    /// the next Add succeeds without a restart. Once the store's file exists, a full disk no
+    /// longer stops Adds: saves overwrite its preallocated slots. A real tmpfs of 1 MiB (needs root).
     #[tokio::test]
     async fn a_full_disk_fails_add_cleanly_and_recovers_when_space_returns() {
         let dir = std::env::temp_dir().join(format!("underway-diskfull-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
             .arg(&dir)
             .status()
             .unwrap();
@@ -485,6 +486,24 @@ mod tests {
         assert!(matches!(r, Response::Added(_)), "{r:?}");
         match crate::store::Store::open(&state_dir).unwrap().load().unwrap() {
             crate::store::Loaded::Ok(s) => assert_eq!(s.pods.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        // Full again: the next pod's Add is recorded in place, in the file's other slot.
+        svc.state.change(|b| b.pool.add_addresses("eni-0", &["10.0.0.6".parse().unwrap()]).unwrap());
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 4096]).is_ok() {}
+            let _ = f.sync_all();
+        }
+        let mut second = add(None);
+        if let Request::Add(a) = &mut second {
+            a.key.container_id = "c2".into();
+        }
+        let r = svc.handle(second).await;
+        assert!(matches!(r, Response::Added(_)), "{r:?}");
+        match crate::store::Store::open(&state_dir).unwrap().load().unwrap() {
+            crate::store::Loaded::Ok(s) => assert_eq!(s.pods.len(), 2),
             other => panic!("{other:?}"),
         }
     }
