@@ -4,17 +4,15 @@
 //! a fresh pod netns (not timed), then times ADD and DEL of each plugin, alternating which goes
 //! first. Both binaries are started directly in the same node namespace (setns before exec).
 //! underway talks to the in-test ipamd (warm pool in memory, no fsync): the figure is the CNI
-//! binary and its datapath, not ipamd's store.
+//! binary and its datapath, not ipamd's store. The same comparison through the real ipamd on a
+//! test-world node, store on disk, is in `cargo bench -p underway-ipamd --bench node`.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use underway_tests::cni::{plugin_command, quantile, timed_in};
 use underway_tests::netns::TempNs;
 
 struct Plugin {
@@ -26,45 +24,11 @@ struct Plugin {
 }
 
 fn run(node: &std::fs::File, bin: &str, conf: &str, command: &str, id: &str, netns: &str) -> Duration {
-    let fd = node.as_raw_fd();
-    let mut c = Command::new(bin);
-    c.env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: setns is a plain system call, safe between fork and exec.
-    unsafe {
-        c.pre_exec(move || {
-            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
-    }
-    let t0 = Instant::now();
-    let mut child = c.spawn().expect("spawn");
-    child.stdin.take().unwrap().write_all(conf.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let took = t0.elapsed();
-    assert!(
-        out.status.success(),
-        "{bin} {command}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    took
+    timed_in(node, plugin_command(bin, command, id, netns), conf)
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
-    v.sort();
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
+    quantile(v, p)
 }
 
 fn ms(d: Duration) -> f64 {

@@ -1,8 +1,12 @@
-//! ipamd on the test world: EC2 calls per 100 pods, RSS with 250 assignments, restart → serving.
+//! ipamd on the test world: EC2 calls per 100 pods, RSS with 250 assignments, restart → serving,
+//! CNI ADD/DEL through this ipamd against ptp + host-local, and a burst of 110 concurrent ADDs
+//! from a cold pool.
 //!
-//! `cargo bench -p underway-ipamd --bench node` (root; release build; LocalStack is started by
-//! the harness when `UNDERWAY_LOCALSTACK_ENDPOINT` is unset). Each figure is printed beside its
-//! target as a ratio. A measurement, not a test: `cargo test` does not run it.
+//! `cargo build --release -p underway-cni && cargo bench -p underway-ipamd --bench node [-- SECTION…]`
+//! (root; LocalStack is started by the harness when `UNDERWAY_LOCALSTACK_ENDPOINT` is unset).
+//! Sections: `calls`, `rss`, `kubernetes`, `add_del`, `burst`; all when none is named. Each
+//! figure is printed beside its target as a ratio. A measurement, not a test: `cargo test` does
+//! not run it.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -11,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use support::*;
 use underway_api::{Request, Response};
+use underway_tests::cni::{plugin_command, quantile, timed_in};
 use underway_tests::ipamd::{MUTATING, calls_by_operation as calls};
+use underway_tests::netns::TempNs;
 
 /// A `/proc/<pid>/status` figure in KiB (`VmRSS`, `RssAnon`, `RssFile`).
 fn status_kib(pid: u32, field: &str) -> u64 {
@@ -55,71 +61,284 @@ async fn ec2_calls_for_100_pods(instance_type: &str, extra: &str) -> (f64, f64, 
     (mutating, describe, detail)
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
-async fn main() {
-    println!("## EC2 calls for 100 pods from an empty node (target: ≤ 10 mutating)");
-    for (ty, extra, label) in [
-        ("m5.4xlarge", "", "default targets (warm_eni_target = 1)"),
-        ("m5.4xlarge", "[targets]\nwarm_ip_target = 10\n", "warm_ip_target = 10"),
-        ("m5.24xlarge", "", "default targets (warm_eni_target = 1)"),
-    ] {
-        let (m, d, detail) = ec2_calls_for_100_pods(ty, extra).await;
-        println!("{ty}, {label}: {m} mutating (ratio to target {:.2}), {d} describe — {detail}", m / 10.0);
+/// The release `underway` CNI binary beside this bench, checked to be newer than its sources.
+fn cni_binary() -> String {
+    let bin = underway_tests::ipamd::bin_path("underway")
+        .unwrap_or_else(|e| panic!("{e}: run `cargo build --release -p underway-cni` first"));
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for dir in ["cni/src", "ipamd/api/src", "routes/src"] {
+        for f in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            let changed = f.metadata().and_then(|m| m.modified()).unwrap();
+            assert!(
+                changed <= built,
+                "{} is older than {}: run `cargo build --release -p underway-cni` first",
+                bin.display(),
+                f.path().display()
+            );
+        }
     }
+    bin.display().to_string()
+}
 
-    println!("\n## RSS with 250 assignments and restart → serving (targets: ≤ 20 MiB, ≤ 200 ms)");
-    let (w, n) = world("m5.24xlarge").await;
-    let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
-    p.wait_ready(10, Duration::from_secs(60)).unwrap();
-    let idle = rss_kib(p.pid().unwrap());
-    pods(&p, "r", 250);
-    std::thread::sleep(Duration::from_secs(2));
-    let full = rss_kib(p.pid().unwrap());
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A Prometheus histogram's `_sum` over all its series (e.g. seconds spent in cloud calls).
+fn histogram_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}_sum")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// ADD and DEL through the underway CNI binary and this (release) ipamd on a test-world node,
+/// the store on disk, against Debian's ptp + host-local in the same node namespace: `n` cycles,
+/// alternating which plugin goes first, a fresh pod netns per cycle (not timed). Also times
+/// `ip link del` of a veth pair into a pod netns: DEL's own work is DEL minus that.
+async fn add_del(n: usize) {
     println!(
-        "RSS: {:.1} MiB idle, {:.1} MiB with 250 assignments (ratio to 20 MiB: {:.2}; {})",
+        "\n## CNI ADD/DEL through the real ipamd (release, store on disk) vs ptp + host-local, {n} cycles \
+         (targets: ADD ≤ 0.5× at p50 and p99; DEL's own work above the veth teardown ≤ 3 ms at p50)"
+    );
+    let underway = cni_binary();
+    let (w, node) = world("m5.4xlarge").await;
+    let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
+    p.wait_ready(10, Duration::from_secs(60)).unwrap();
+    let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
+    let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
+    let confs = [
+        serde_json::json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket})
+            .to_string(),
+        serde_json::json!({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": false,
+            "ipam": {"type": "host-local", "subnet": "10.98.0.0/16", "dataDir": host_local}})
+        .to_string(),
+    ];
+    let bins = [underway.as_str(), "/usr/lib/cni/ptp"];
+    let mut times: [[Vec<Duration>; 2]; 2] = Default::default();
+    let mut veth_del = Vec::new();
+    let before = p.http_get(61780, "/metrics").unwrap();
+    for i in 0..n {
+        for k in 0..2 {
+            let which = (i + k) % 2;
+            let pod = TempNs::new("bpod").unwrap();
+            let netns = pod.path().display().to_string();
+            let id = format!("bench{i}");
+            times[which][0].push(timed_in(&ns, plugin_command(bins[which], "ADD", &id, &netns), &confs[which]));
+            times[which][1].push(timed_in(&ns, plugin_command(bins[which], "DEL", &id, &netns), &confs[which]));
+        }
+        let pod = TempNs::new("bveth").unwrap();
+        let veth = format!("bv{i}");
+        underway_tests::netns::ip_in(
+            &node.ns,
+            &["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.0],
+        )
+        .unwrap();
+        let mut del = std::process::Command::new("ip");
+        del.args(["link", "del", &veth]);
+        veth_del.push(timed_in(&ns, del, ""));
+    }
+    let _ = std::fs::remove_dir_all(&host_local);
+    let after = p.http_get(61780, "/metrics").unwrap();
+    let mut rows = Vec::new();
+    for (name, [add, del]) in ["underway + ipamd", "ptp + host-local"].iter().zip(times.iter_mut()) {
+        let f = [quantile(add, 0.5), quantile(add, 0.99), quantile(del, 0.5), quantile(del, 0.99)];
+        println!(
+            "{name:<18} ADD p50 {:>5.1} ms  p99 {:>5.1} ms   DEL p50 {:>5.1} ms  p99 {:>5.1} ms",
+            ms(f[0]),
+            ms(f[1]),
+            ms(f[2]),
+            ms(f[3])
+        );
+        rows.push(f);
+    }
+    let veth = quantile(&mut veth_del, 0.5);
+    let (u, r) = (rows[0], rows[1]);
+    println!(
+        "ratio underway/ptp: ADD p50 {:.2}  ADD p99 {:.2}  DEL p50 {:.2}  DEL p99 {:.2}",
+        ms(u[0]) / ms(r[0]),
+        ms(u[1]) / ms(r[1]),
+        ms(u[2]) / ms(r[2]),
+        ms(u[3]) / ms(r[3])
+    );
+    println!(
+        "`ip link del` of a pod's veth pair: p50 {:.1} ms → underway DEL's own work {:.1} ms at p50 (ratio to 3 ms: {:.2})",
+        ms(veth),
+        ms(u[2]) - ms(veth),
+        (ms(u[2]) - ms(veth)) / 3.0
+    );
+    let adds = sample(&after, "underway_add_seconds_count{result=\"ok\"}").unwrap_or(0.0)
+        - sample(&before, "underway_add_seconds_count{result=\"ok\"}").unwrap_or(0.0);
+    let inside = sample(&after, "underway_add_seconds_sum{result=\"ok\"}").unwrap_or(0.0)
+        - sample(&before, "underway_add_seconds_sum{result=\"ok\"}").unwrap_or(0.0);
+    println!(
+        "inside ipamd (request in → durable answer out): mean {:.2} ms over {adds} Adds",
+        inside / adds.max(1.0) * 1000.0
+    );
+}
+
+/// `n` concurrent CNI ADDs on a node whose pool is cold (`warm_eni_target = 0`, nothing warm),
+/// so the pool grows through several ENIs while they wait, against `n` concurrent ptp ADDs.
+async fn burst(n: usize) {
+    println!(
+        "\n## {n} concurrent CNI ADDs from a cold pool (m5.4xlarge: 30 addresses per ENI; all must succeed), vs ptp + host-local"
+    );
+    let underway = cni_binary();
+    let (w, node) = world("m5.4xlarge").await;
+    let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_eni_target = 0\n"));
+    p.wait_ready(0, Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let free = status(&p).free;
+    let idle = rss_kib(p.pid().unwrap());
+    let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
+    let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
+    let confs = [
+        serde_json::json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket})
+            .to_string(),
+        serde_json::json!({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": false,
+            "ipam": {"type": "host-local", "subnet": "10.98.0.0/16", "dataDir": host_local}})
+        .to_string(),
+    ];
+    let bins = [underway.as_str(), "/usr/lib/cni/ptp"];
+    let before = p.http_get(61780, "/metrics").unwrap();
+    let mut walls = [Duration::ZERO; 2];
+    for which in 0..2 {
+        let pods: Vec<TempNs> = (0..n).map(|_| TempNs::new("burst").unwrap()).collect();
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for (i, pod) in pods.iter().enumerate() {
+                let (ns, bin, conf) = (&ns, bins[which], &confs[which]);
+                s.spawn(move || {
+                    let netns = pod.path().display().to_string();
+                    timed_in(ns, plugin_command(bin, "ADD", &format!("burst{i}"), &netns), conf)
+                });
+            }
+        });
+        walls[which] = t0.elapsed();
+        std::thread::scope(|s| {
+            for (i, pod) in pods.iter().enumerate() {
+                let (ns, bin, conf) = (&ns, bins[which], &confs[which]);
+                s.spawn(move || {
+                    let netns = pod.path().display().to_string();
+                    timed_in(ns, plugin_command(bin, "DEL", &format!("burst{i}"), &netns), conf)
+                });
+            }
+        });
+    }
+    let _ = std::fs::remove_dir_all(&host_local);
+    let after = p.http_get(61780, "/metrics").unwrap();
+    let delta = |a: &[(String, f64)], b: &[(String, f64)], op: &str| {
+        a.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1) - b.iter().find(|(o, _)| o == op).map_or(0.0, |x| x.1)
+    };
+    let (ca, cb) = (calls(&after), calls(&before));
+    let ops: Vec<String> = ca.iter().map(|(o, _)| o.clone()).collect();
+    let mutating: f64 = ops.iter().filter(|o| MUTATING.contains(&o.as_str())).map(|o| delta(&ca, &cb, o)).sum();
+    let describe: f64 = ops.iter().filter(|o| !MUTATING.contains(&o.as_str())).map(|o| delta(&ca, &cb, o)).sum();
+    let ec2_secs =
+        histogram_sum(&after, "underway_cloud_call_seconds") - histogram_sum(&before, "underway_cloud_call_seconds");
+    println!(
+        "underway: all {n} succeeded in {:.2} s ({free} free at the start); ptp + host-local {:.2} s; ratio {:.2}",
+        walls[0].as_secs_f64(),
+        walls[1].as_secs_f64(),
+        walls[0].as_secs_f64() / walls[1].as_secs_f64()
+    );
+    println!(
+        "EC2 during the burst and its release: {mutating} mutating + {describe} describe calls, {:.2} s in calls ({:.0} % of the underway wall)",
+        ec2_secs,
+        ec2_secs / walls[0].as_secs_f64() * 100.0
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    println!(
+        "RSS: {:.1} MiB before the burst, {:.1} MiB 3 s after its DELs ({})",
         idle as f64 / 1024.0,
-        full as f64 / 1024.0,
-        full as f64 / 1024.0 / 20.0,
+        rss_kib(p.pid().unwrap()) as f64 / 1024.0,
         split(p.pid().unwrap())
     );
-    let mut first = Vec::new();
-    let mut synced = Vec::new();
-    for _ in 0..5 {
-        p.kill9();
-        let t = Instant::now();
-        p.spawn().unwrap();
-        while !matches!(p.call(&Request::Check(key("r00-0"))), Ok(Response::Checked(_))) {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        first.push(t.elapsed());
-        while status(&p).reason != "serving" {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        synced.push(t.elapsed());
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 4)]
+async fn main() {
+    let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let want = |s: &str| named.is_empty() || named.iter().any(|n| n == s);
+    if want("add_del") {
+        add_del(100).await;
     }
-    first.sort();
-    synced.sort();
-    let med = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1000.0;
-    println!(
-        "restart (SIGKILL) → answering from the store: median {:.0} ms of 5 (ratio to 200 ms: {:.2}); → synced with EC2 and the host: median {:.0} ms",
-        med(&first),
-        med(&first) / 200.0,
-        med(&synced)
-    );
-    let rss_after = rss_kib(p.pid().unwrap());
-    println!("RSS after the restarts (250 assignments from the store): {:.1} MiB", rss_after as f64 / 1024.0);
-
-    drop(p);
-    drop(w);
-
-    println!("\n## RSS with the Kubernetes side on, by cluster size (target: ≤ 20 MiB, not growing with the cluster)");
-    for nodes in [10, 5000] {
-        let (rss, parts, requests) = rss_with_kubernetes(nodes).await;
+    if want("burst") {
+        burst(110).await;
+    }
+    if !(want("calls") || want("rss") || want("kubernetes")) {
+        return;
+    }
+    if want("calls") {
+        println!("## EC2 calls for 100 pods from an empty node (target: ≤ 10 mutating)");
+        for (ty, extra, label) in [
+            ("m5.4xlarge", "", "default targets (warm_eni_target = 1)"),
+            ("m5.4xlarge", "[targets]\nwarm_ip_target = 10\n", "warm_ip_target = 10"),
+            ("m5.24xlarge", "", "default targets (warm_eni_target = 1)"),
+        ] {
+            let (m, d, detail) = ec2_calls_for_100_pods(ty, extra).await;
+            println!("{ty}, {label}: {m} mutating (ratio to target {:.2}), {d} describe — {detail}", m / 10.0);
+        }
+    }
+    if want("rss") {
+        println!("\n## RSS with 250 assignments and restart → serving (targets: ≤ 20 MiB, ≤ 200 ms)");
+        let (w, n) = world("m5.24xlarge").await;
+        let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
+        p.wait_ready(10, Duration::from_secs(60)).unwrap();
+        let idle = rss_kib(p.pid().unwrap());
+        pods(&p, "r", 250);
+        std::thread::sleep(Duration::from_secs(2));
+        let full = rss_kib(p.pid().unwrap());
         println!(
-            "{nodes} Nodes: RSS {:.1} MiB with its Node watched, the Lease held and 250 assignments (ratio to 20 MiB: {:.2}; {parts}); {requests} API requests",
-            rss as f64 / 1024.0,
-            rss as f64 / 1024.0 / 20.0
+            "RSS: {:.1} MiB idle, {:.1} MiB with 250 assignments (ratio to 20 MiB: {:.2}; {})",
+            idle as f64 / 1024.0,
+            full as f64 / 1024.0,
+            full as f64 / 1024.0 / 20.0,
+            split(p.pid().unwrap())
         );
+        let mut first = Vec::new();
+        let mut synced = Vec::new();
+        for _ in 0..5 {
+            p.kill9();
+            let t = Instant::now();
+            p.spawn().unwrap();
+            while !matches!(p.call(&Request::Check(key("r00-0"))), Ok(Response::Checked(_))) {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            first.push(t.elapsed());
+            while status(&p).reason != "serving" {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            synced.push(t.elapsed());
+        }
+        first.sort();
+        synced.sort();
+        let med = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1000.0;
+        println!(
+            "restart (SIGKILL) → answering from the store: median {:.0} ms of 5 (ratio to 200 ms: {:.2}); → synced with EC2 and the host: median {:.0} ms",
+            med(&first),
+            med(&first) / 200.0,
+            med(&synced)
+        );
+        let rss_after = rss_kib(p.pid().unwrap());
+        println!("RSS after the restarts (250 assignments from the store): {:.1} MiB", rss_after as f64 / 1024.0);
+
+        drop(p);
+        drop(w);
+    }
+    if want("kubernetes") {
+        println!(
+            "\n## RSS with the Kubernetes side on, by cluster size (target: ≤ 20 MiB, not growing with the cluster)"
+        );
+        for nodes in [10, 5000] {
+            let (rss, parts, requests) = rss_with_kubernetes(nodes).await;
+            println!(
+                "{nodes} Nodes: RSS {:.1} MiB with its Node watched, the Lease held and 250 assignments (ratio to 20 MiB: {:.2}; {parts}); {requests} API requests",
+                rss as f64 / 1024.0,
+                rss as f64 / 1024.0 / 20.0
+            );
+        }
     }
 }
 

@@ -6,8 +6,11 @@
 //! address, its ratio to the floor the account's mutating bucket allows, the calls made and
 //! throttled, and the simulator's peak memory per node.
 //!
-//! `cargo run --example sim -- [nodes] [pods per node] [ips|prefix] [instance type] [fixed|adaptive|share]`
-//! (defaults 100, 110, ips, m5.4xlarge, share: the budget policy. `fixed` is the per-node
+//! `cargo run --example sim -- [nodes] [pods per node] [ips|prefix|route] [instance type] [fixed|adaptive|share]`
+//! (defaults 100, 110, ips, m5.4xlarge, share. `route` is VPC-route mode: each node a /24 of
+//! 100.64.0.0/10 and one route in the VPC's main table, whose quota (50 routes, AWS's default)
+//! is the limit: nodes past it stay without addresses, and the run reports them with the
+//! reason ipamd gives. The last word is the budget policy. `fixed` is the per-node
 //! bucket without adaptation, the baseline; `adaptive` halves on a throttle and adds back on
 //! an answer (AIMD); `share` drops to the node's share of the account's refill, the node count
 //! known, on the first throttle). State directories go to /dev/shm (tmpfs).
@@ -17,22 +20,25 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use underway_api::AttachmentKey;
+use underway_cloud::TAG_CLUSTER;
 use underway_cloud::fake::{ACCOUNT_MUTATING, FakeConfig, FakeEc2};
 use underway_cloud::limits::static_limits;
 use underway_cloud::pace::{Paced, Pacer, RetryPolicy};
 use underway_cloud::{Instance, Tags};
-use underway_ipamd::config::Config;
+use underway_ipamd::config::{Config, Mode};
 use underway_ipamd::eni_mode::EniMode;
 use underway_ipamd::metrics::Metrics;
 use underway_ipamd::node::MemoryNode;
 use underway_ipamd::pool::Pool;
 use underway_ipamd::state::{Book, NodeState, Status};
 use underway_ipamd::store::Store;
+use underway_ipamd::vpc_route::VpcRouteMode;
 
 struct Args {
     nodes: u32,
     pods: u32,
     prefix: bool,
+    route: bool,
     instance_type: String,
     policy: String,
 }
@@ -43,6 +49,7 @@ fn args() -> Args {
         nodes: a.first().and_then(|v| v.parse().ok()).unwrap_or(100),
         pods: a.get(1).and_then(|v| v.parse().ok()).unwrap_or(110),
         prefix: a.get(2).is_some_and(|m| m == "prefix"),
+        route: a.get(2).is_some_and(|m| m == "route"),
         instance_type: a.get(3).cloned().unwrap_or_else(|| "m5.4xlarge".into()),
         policy: a.get(4).cloned().unwrap_or_else(|| "share".into()),
     }
@@ -77,6 +84,9 @@ async fn run(a: Args) {
     let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
     let vpc = ec2.add_vpc(&["10.0.0.0/8".parse().unwrap()]);
     let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/8".parse().unwrap(), Tags::new());
+    let table = ec2.tables()[0].id.clone();
+    ec2.tag_table(&table, TAG_CLUSTER, "sim");
+    let mut states = Vec::new();
     let base = std::path::PathBuf::from(format!("/dev/shm/underway-sim-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let started = tokio::time::Instant::now();
@@ -90,6 +100,12 @@ async fn run(a: Args) {
         let dir = base.join(i.to_string());
         let mut cfg = Config { cluster: "sim".into(), state_dir: dir.clone(), ..Config::default() };
         cfg.targets.prefix_mode = a.prefix;
+        if a.route {
+            cfg.mode = Mode::VpcRoute;
+            cfg.vpc_route.pod_cidr = Some(format!("100.{}.{}.0/24", 64 + i / 256, i % 256).parse().unwrap());
+            cfg.vpc_route.cluster_cidr = Some("100.64.0.0/10".parse().unwrap());
+            cfg.vpc_route.route_tables = vec![table.clone()];
+        }
         match a.policy.as_str() {
             "fixed" => {}
             "adaptive" => cfg.cloud.rate_budget.adaptive = true,
@@ -119,9 +135,16 @@ async fn run(a: Args) {
             },
         );
         pacers.push(pacer.clone());
+        states.push(state.clone());
         let cloud = Arc::new(Paced::new(ec2.clone(), pacer));
-        let src = EniMode::new(cloud, cfg.clone(), node, Arc::new(MemoryNode::default()), limits, metrics.clone());
-        tokio::spawn(underway_ipamd::reconcile::run(src, state.clone(), cfg, metrics, stop_rx.clone()));
+        let host = Arc::new(MemoryNode::default());
+        if a.route {
+            let src = VpcRouteMode::new(cloud, cfg.clone(), node, host, metrics.clone()).unwrap();
+            tokio::spawn(underway_ipamd::reconcile::run(src, state.clone(), cfg, metrics, stop_rx.clone()));
+        } else {
+            let src = EniMode::new(cloud, cfg.clone(), node, host, limits, metrics.clone());
+            tokio::spawn(underway_ipamd::reconcile::run(src, state.clone(), cfg, metrics, stop_rx.clone()));
+        }
         // The node's pods, all wanted at once; each Add waits for the pool as ipamd's does.
         let (done, last_ms, waited) = (done.clone(), last_ms.clone(), waited.clone());
         let pods = a.pods;
@@ -153,28 +176,62 @@ async fn run(a: Args) {
             last_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         });
     }
+    // Until every node is done, or nothing finished for 30 simulated minutes (a node that can
+    // never get addresses, e.g. past the route table's quota), or 6 simulated hours.
+    let mut last_done = (0, tokio::time::Instant::now());
     while done.load(Ordering::Relaxed) < u64::from(a.nodes) {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let d = done.load(Ordering::Relaxed);
+        if d != last_done.0 {
+            last_done = (d, tokio::time::Instant::now());
+        }
         if started.elapsed() > Duration::from_secs(6 * 3600) {
             eprintln!("gave up after 6 h of simulated time");
             break;
         }
+        if last_done.1.elapsed() > Duration::from_secs(1800) {
+            eprintln!("no node finished for 30 simulated minutes: stopping");
+            break;
+        }
+    }
+    // The nodes left without all their pods, and what ipamd says about each (its status reason).
+    let mut stuck: std::collections::BTreeMap<String, (Vec<usize>, String)> = Default::default();
+    for (i, s) in states.iter().enumerate() {
+        if s.read(|b| b.waiting) > 0 {
+            let line = s.status().line();
+            let kind = line.split(':').next().unwrap_or_default().to_string();
+            stuck.entry(kind).or_insert_with(|| (Vec::new(), line)).0.push(i);
+        }
+    }
+    for (nodes, first) in stuck.values() {
+        println!("STUCK {} nodes, e.g. node {}: {first}", nodes.len(), nodes[0]);
     }
     let _ = stop_tx.send(true);
     let wall = Duration::from_millis(last_ms.load(Ordering::Relaxed));
     let c = ec2.counts();
     let per_slot = if a.prefix { 16 } else { 1 };
-    let need = u64::from(a.nodes) * u64::from(floor_calls(a.pods, limits.slots_per_eni(), per_slot));
+    // VPC-route mode: one CreateRoute per node, for the nodes the table can take.
+    let need = if a.route {
+        u64::from(a.nodes.min(50))
+    } else {
+        u64::from(a.nodes) * u64::from(floor_calls(a.pods, limits.slots_per_eni(), per_slot))
+    };
     let floor_s = need.saturating_sub(u64::from(ACCOUNT_MUTATING.burst)) as f64 / ACCOUNT_MUTATING.qps;
     let throttled_share = c.throttled_mutating as f64 / c.mutating.max(1) as f64;
     println!(
         "calls {:?}\nSIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={:.2} \
          mutating={} ({:.1}/node, floor {}) throttled_mutating={:.1}% describe={} throttled_describe={} \
-         adds_waited={} refused={:?} peak_rss_per_node_kib={}",
+         adds_waited={} refused={:?} peak_rss_per_node_kib={} nodes_done={} nodes_stuck={}",
         c.calls,
         a.nodes,
         a.pods,
-        if a.prefix { "prefix" } else { "ips" },
+        if a.route {
+            "route"
+        } else if a.prefix {
+            "prefix"
+        } else {
+            "ips"
+        },
         a.instance_type,
         a.policy,
         wall.as_secs_f64(),
@@ -189,6 +246,8 @@ async fn run(a: Args) {
         waited.load(Ordering::Relaxed),
         c.refused,
         peak_rss_kib() / u64::from(a.nodes.max(1)),
+        done.load(Ordering::Relaxed),
+        stuck.values().map(|(n, _)| n.len()).sum::<usize>(),
     );
     drop(pacers);
     let _ = std::fs::remove_dir_all(&base);

@@ -130,3 +130,57 @@ pub fn address(result: &Value) -> Ipv4Addr {
     let a = result["ips"][0]["address"].as_str().unwrap_or_else(|| panic!("no address in {result}"));
     a.split('/').next().unwrap().parse().unwrap()
 }
+
+/// Runs `cmd` inside the namespace `node` (an open `/run/netns/<name>` file) as a container
+/// runtime starts a plugin: `setns` between fork and exec, no `ip netns exec` (whose mount
+/// namespace and /sys remount cost milliseconds a runtime does not pay). Feeds `stdin`; returns
+/// the time from spawn to exit. Panics with the output when the command fails. For benchmarks.
+pub fn timed_in(node: &std::fs::File, mut cmd: Command, stdin: &str) -> std::time::Duration {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = node.as_raw_fd();
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: setns is a plain system call, safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let what = format!("{cmd:?}");
+    let t0 = std::time::Instant::now();
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let took = t0.elapsed();
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+/// A CNI plugin's command line for [`timed_in`]: only the CNI variables and PATH in its
+/// environment.
+pub fn plugin_command(bin: &str, command: &str, id: &str, netns: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", id)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/usr/lib/cni")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    c
+}
+
+/// The `p` quantile (0–1, nearest rank) of `v`, sorting it.
+pub fn quantile(v: &mut [std::time::Duration], p: f64) -> std::time::Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
