@@ -219,7 +219,7 @@ async fn run(a: Args) {
     let floor_s = need.saturating_sub(u64::from(ACCOUNT_MUTATING.burst)) as f64 / ACCOUNT_MUTATING.qps;
     let throttled_share = c.throttled_mutating as f64 / c.mutating.max(1) as f64;
     println!(
-        "calls {:?}\nSIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={:.2} \
+        "calls {:?}\nSIM nodes={} pods_per_node={} mode={} type={} budget={} networked_s={:.1} floor_s={:.1} ratio={} \
          mutating={} ({:.1}/node, floor {}) throttled_mutating={:.1}% describe={} throttled_describe={} \
          adds_waited={} refused={:?} peak_rss_per_node_kib={} nodes_done={} nodes_stuck={}",
         c.calls,
@@ -236,7 +236,7 @@ async fn run(a: Args) {
         a.policy,
         wall.as_secs_f64(),
         floor_s,
-        wall.as_secs_f64() / floor_s.max(1.0),
+        if floor_s >= 1.0 { format!("{:.2}", wall.as_secs_f64() / floor_s) } else { "n/a (within the burst)".into() },
         c.mutating,
         c.mutating as f64 / f64::from(a.nodes),
         need,

@@ -691,6 +691,17 @@ impl Config {
         (std::time::Duration::from_secs_f64(gc * stretch), std::time::Duration::from_secs_f64(recheck * stretch))
     }
 
+    /// How often VPC-route mode looks at its route tables: the route re-check of a routed node,
+    /// and the retry of a node the tables turned away (full, or the CIDR routed elsewhere).
+    /// Stretched like [`periodic_describes`](Self::periodic_describes) with `share_of`: all the
+    /// nodes' checks together at most a quarter of the account's describe refill.
+    pub fn route_check_interval(&self) -> std::time::Duration {
+        let every = self.vpc_route.check_interval_ms as f64 / 1000.0;
+        let b = &self.cloud.rate_budget;
+        let stretch = b.share_of.map_or(1.0, |n| (f64::from(n) / every / (0.25 * b.account.describe_qps)).max(1.0));
+        std::time::Duration::from_secs_f64(every * stretch)
+    }
+
     /// The tags that mark this node's ENIs (GC looks for these).
     pub fn node_tags(&self, instance_id: &str) -> underway_cloud::Tags {
         underway_cloud::Tags::from([
@@ -722,6 +733,12 @@ mod tests {
             let mut c = Config::default();
             c.cloud.rate_budget.share_of = share_of;
             assert_eq!(secs(&c), want, "{name}");
+        }
+        // VPC-route mode's route check (one describe a minute per node): (share_of, seconds).
+        for (share_of, want) in [(None, 60), (Some(300), 60), (Some(1000), 200), (Some(5000), 1000)] {
+            let mut c = Config::default();
+            c.cloud.rate_budget.share_of = share_of;
+            assert_eq!(c.route_check_interval().as_secs(), want, "{share_of:?}");
         }
     }
 

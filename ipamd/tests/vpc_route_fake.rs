@@ -25,6 +25,7 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     let base = std::env::temp_dir().join(format!("underway-vpc-fake-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let mut outcomes = Vec::new();
+    let mut last = None;
     for i in 0..51u32 {
         let node = ec2.add_instance("t3.medium", &subnet.id);
         let dir = base.join(i.to_string());
@@ -51,6 +52,7 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
         src.sync(&state).await.unwrap();
         let step = src.step(&state).await.unwrap();
         outcomes.push((state.read(|b| b.pool.stats().free()), step.blocker));
+        last = Some((src, state));
         // The account's describe bucket refills between nodes joining.
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
     }
@@ -68,5 +70,22 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     let t = ec2.route_table(&table).await.unwrap();
     assert_eq!(t.routes.iter().filter(|r| matches!(r.target, RouteTarget::Eni(_))).count(), 50);
     assert!(ec2.counts().refused.is_empty(), "{:?}", ec2.counts());
+
+    // Turned away, the 51st node looks at the table again only on its check interval (waiting
+    // Adds wake the reconciler often), and says why meanwhile; once a route is gone it is routed.
+    let (mut src, state) = last.unwrap();
+    let describes = |e: &FakeEc2| e.counts().calls.get("DescribeRouteTables").copied().unwrap_or(0);
+    let before = describes(&ec2);
+    for _ in 0..30 {
+        let step = src.step(&state).await.unwrap();
+        assert!(matches!(step.blocker, Some(Blocker::RouteTableFull(_))), "{:?}", step.blocker);
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    }
+    assert_eq!(describes(&ec2), before, "no describe within the check interval");
+    ec2.delete_route(&table, "100.64.0.0/26".parse().unwrap()).await.unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(31)).await;
+    let step = src.step(&state).await.unwrap();
+    assert_eq!((step.blocker, state.read(|b| b.pool.stats().free())), (None, 62), "routed once there is room");
+    assert_eq!(describes(&ec2), before + 1);
     std::fs::remove_dir_all(&base).unwrap();
 }
