@@ -42,7 +42,7 @@ pub fn load(cfg: &Config, store: &Store) -> Result<(Book, bool, Option<String>)>
     let (mut book, from_store, note) = match store.load()? {
         Loaded::Fresh => (empty, false, None),
         Loaded::Ok(s) => {
-            let pool = Pool::from_enis(cfg.cooldown_ms, s.enis);
+            let pool = Pool::from_blocks(cfg.cooldown_ms, s.enis);
             let pods = s.pods.into_iter().map(|p| (p.key.clone(), p)).collect();
             (
                 Book { mode: s.mode.unwrap_or(Mode::Eni), pool, pods, waiting: 0, deleted_veths: Default::default() },

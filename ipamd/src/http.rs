@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
 use crate::metrics::Metrics;
-use crate::pool::{Eni, Pool};
+use crate::pool::{Block, BlockKind, Pool};
 use crate::state::{ErrorEntry, NodeState, Status};
 use crate::store::PodRecord;
 use underway_cloud::Instance;
@@ -80,8 +80,8 @@ async fn enis(State(h): State<Http>) -> Json<Vec<EniView>> {
     }))
 }
 
-async fn addresses(State(h): State<Http>) -> Json<Vec<Eni>> {
-    Json(h.state.read(|b| b.pool.enis().cloned().collect()))
+async fn addresses(State(h): State<Http>) -> Json<Vec<Block>> {
+    Json(h.state.read(|b| b.pool.blocks().cloned().collect()))
 }
 
 #[derive(Serialize)]
@@ -139,13 +139,15 @@ async fn routes(State(h): State<Http>) -> Json<Vec<RouteView>> {
         b.pool
             .held()
             .map(|(k, a)| {
-                let eni = b.pool.enis().find(|e| e.slots.contains_key(a) || e.prefixes.iter().any(|p| p.contains(a)));
+                let block =
+                    b.pool.blocks().find(|e| e.slots.contains_key(a) || e.prefixes.iter().any(|p| p.contains(a)));
+                let eni = block.filter(|e| e.kind == BlockKind::Eni);
                 let rec = b.pods.get(k);
                 RouteView {
                     address: *a,
                     pod: rec.and_then(|r| Some(format!("{}/{}", r.namespace.as_ref()?, r.name.as_ref()?))),
                     eni: eni.map(|e| e.id.clone()),
-                    table: eni.and_then(|e| e.route_table).map_or("main".into(), |t| t.to_string()),
+                    table: block.and_then(|e| e.route_table).map_or("main".into(), |t| t.to_string()),
                     host_veth: on_host.get(a).map(|(_, name)| name.clone()),
                     // The veth routing the address is this attachment's (not another pod's).
                     veth_matches: on_host.get(a).map(|(id, _)| {

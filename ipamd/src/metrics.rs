@@ -15,7 +15,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use underway_cloud::stats::CallStats;
 
-use crate::pool::Pool;
+use crate::pool::{BlockKind, Pool};
 use crate::state::NodeState;
 
 type Labels = Vec<(&'static str, String)>;
@@ -213,19 +213,24 @@ impl Collector for Live {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (rows, enis, assignments) = self.state.read(|b| {
             let mut rows = Vec::new();
-            for e in b.pool.enis() {
+            for e in b.pool.blocks() {
                 let (free, assigned, cooling, releasing) = Pool::eni_counts(e);
+                // An ENI's addresses by `eni`, VPC-route mode's by `pod_cidr`.
+                let by = match e.kind {
+                    BlockKind::Eni => "eni",
+                    BlockKind::PodCidr => "pod_cidr",
+                };
                 for (state, n) in
                     [("free", free), ("assigned", assigned), ("cooling", cooling), ("releasing", releasing)]
                 {
-                    rows.push((vec![("eni", e.id.clone()), ("state", state.to_string())], i64::from(n)));
+                    rows.push((vec![(by, e.id.clone()), ("state", state.to_string())], i64::from(n)));
                 }
             }
             let prefixes: Vec<(Labels, i64)> =
                 b.pool.enis().map(|e| (vec![("eni", e.id.clone())], e.prefixes.len() as i64)).collect();
             (rows, (b.pool.enis().count() as i64, prefixes), b.pool.held().count() as i64)
         });
-        gauge(&mut enc, "pool_addresses", "Pool addresses by ENI and state", rows)?;
+        gauge(&mut enc, "pool_addresses", "Pool addresses by ENI (or pod CIDR) and state", rows)?;
         gauge(&mut enc, "pool_prefixes", "/28 prefixes held, by ENI", enis.1)?;
         gauge(&mut enc, "enis_attached", "ENIs in the pool", [(vec![], enis.0)])?;
         if let Some(max) = self.max_enis.get() {

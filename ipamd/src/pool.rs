@@ -1,4 +1,5 @@
-//! The address pool as pure data: ENIs, their addresses (and /28 prefixes), and who holds what.
+//! The address pool as pure data: blocks of addresses (an ENI's secondary addresses and /28
+//! prefixes in ENI mode, the node's pod CIDR in VPC-route mode), and who holds what.
 //! No I/O and no clock: callers pass `now` (milliseconds on any monotonic scale), so every rule
 //! is table-tested.
 //!
@@ -29,9 +30,26 @@ pub enum Slot {
     Releasing,
 }
 
+/// Where a block's addresses come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// An ENI's addresses and prefixes; the block's id is the ENI's.
+    #[default]
+    Eni,
+    /// The node's pod CIDR, routed to it by the VPC's route tables; the block's id is the CIDR.
+    PodCidr,
+}
+
+/// One block of the pool's addresses: an ENI's, or the node's pod CIDR.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Eni {
+pub struct Block {
     pub id: String,
+    /// Absent in stores written before the kind was recorded (all ENIs then, but VPC-route
+    /// mode's `pod-cidr-…` pseudo-ENI, which the store's migration turns into a pod CIDR).
+    #[serde(default)]
+    pub kind: BlockKind,
+    /// The ENI's device index (0 for a pod CIDR: the primary ENI's link carries it).
     pub device_index: u32,
     /// The policy route table of a secondary ENI (`None` for the primary).
     pub route_table: Option<u32>,
@@ -43,8 +61,17 @@ pub struct Eni {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
     pub address: Ipv4Addr,
-    pub eni: String,
+    /// The block's id (an ENI id, or a pod CIDR).
+    pub block: String,
+    pub kind: BlockKind,
     pub route_table: Option<u32>,
+}
+
+impl Lease {
+    /// The ENI owning the address; `None` for a pod CIDR's.
+    pub fn eni(&self) -> Option<&str> {
+        (self.kind == BlockKind::Eni).then_some(self.block.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,7 +101,8 @@ pub struct SyncReport {
 
 #[derive(Debug, Clone, Default)]
 pub struct Pool {
-    enis: BTreeMap<u32, Eni>,
+    /// By device index (a pod CIDR's block sits at 0).
+    enis: BTreeMap<u32, Block>,
     held: BTreeMap<AttachmentKey, Ipv4Addr>,
     /// Addresses the cloud reported on two ENIs at once. AWS never does; LocalStack does (it
     /// picks secondary addresses at random without checking the subnet). Never handed out.
@@ -87,8 +115,8 @@ impl Pool {
         Pool { cooldown_ms, ..Pool::default() }
     }
 
-    /// A pool from stored ENIs (assignments are rebuilt from their slots).
-    pub fn from_enis(cooldown_ms: u64, enis: Vec<Eni>) -> Self {
+    /// A pool from stored blocks (assignments are rebuilt from their slots).
+    pub fn from_blocks(cooldown_ms: u64, enis: Vec<Block>) -> Self {
         let mut p = Pool::new(cooldown_ms);
         for e in enis {
             for (ip, s) in &e.slots {
@@ -101,8 +129,13 @@ impl Pool {
         p
     }
 
-    pub fn enis(&self) -> impl Iterator<Item = &Eni> {
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
         self.enis.values()
+    }
+
+    /// The blocks that are ENIs (none in VPC-route mode).
+    pub fn enis(&self) -> impl Iterator<Item = &Block> {
+        self.enis.values().filter(|b| b.kind == BlockKind::Eni)
     }
 
     /// Every attachment and its address.
@@ -120,11 +153,28 @@ impl Pool {
         ips: &[Ipv4Addr],
         prefixes: &[Ipv4Net],
     ) -> SyncReport {
-        if self.enis.get(&device_index).is_some_and(|e| e.id != id) {
-            // Another ENI sat at this index: it is gone.
+        self.sync_block(BlockKind::Eni, id, device_index, route_table, ips, prefixes)
+    }
+
+    /// [`sync_eni`](Self::sync_eni) for VPC-route mode's one block: the pod CIDR's addresses.
+    pub fn sync_pod_cidr(&mut self, cidr: Ipv4Net, hosts: &[Ipv4Addr]) -> SyncReport {
+        self.sync_block(BlockKind::PodCidr, &cidr.to_string(), 0, None, hosts, &[])
+    }
+
+    fn sync_block(
+        &mut self,
+        kind: BlockKind,
+        id: &str,
+        device_index: u32,
+        route_table: Option<u32>,
+        ips: &[Ipv4Addr],
+        prefixes: &[Ipv4Net],
+    ) -> SyncReport {
+        if self.enis.get(&device_index).is_some_and(|e| e.id != id || e.kind != kind) {
+            // Another block sat at this index: it is gone.
             self.remove_eni_at(device_index);
         }
-        self.add_eni(id, device_index, route_table);
+        self.add_block(kind, id, device_index, route_table);
         let mut report = SyncReport::default();
         let mut want: Vec<Ipv4Addr> = ips.to_vec();
         for p in prefixes {
@@ -195,8 +245,13 @@ impl Pool {
     }
 
     pub fn add_eni(&mut self, id: &str, device_index: u32, route_table: Option<u32>) {
-        self.enis.entry(device_index).or_insert_with(|| Eni {
+        self.add_block(BlockKind::Eni, id, device_index, route_table);
+    }
+
+    fn add_block(&mut self, kind: BlockKind, id: &str, device_index: u32, route_table: Option<u32>) {
+        self.enis.entry(device_index).or_insert_with(|| Block {
             id: id.to_string(),
+            kind,
             device_index,
             route_table,
             prefixes: Vec::new(),
@@ -204,7 +259,7 @@ impl Pool {
         });
     }
 
-    fn eni_mut(&mut self, id: &str) -> Result<&mut Eni, PoolError> {
+    fn eni_mut(&mut self, id: &str) -> Result<&mut Block, PoolError> {
         self.enis.values_mut().find(|e| e.id == id).ok_or_else(|| PoolError::UnknownEni(id.to_string()))
     }
 
@@ -254,7 +309,8 @@ impl Pool {
         let ip = self.held.get(key)?;
         self.enis.values().find(|e| e.slots.contains_key(ip)).map(|e| Lease {
             address: *ip,
-            eni: e.id.clone(),
+            block: e.id.clone(),
+            kind: e.kind,
             route_table: e.route_table,
         })
     }
@@ -269,7 +325,7 @@ impl Pool {
             if let Some((ip, slot)) = e.slots.iter_mut().find(|(_, s)| **s == Slot::Free) {
                 *slot = Slot::Assigned(key.clone());
                 self.held.insert(key.clone(), *ip);
-                return Ok(Lease { address: *ip, eni: e.id.clone(), route_table: e.route_table });
+                return Ok(Lease { address: *ip, block: e.id.clone(), kind: e.kind, route_table: e.route_table });
             }
         }
         let s = self.stats();
@@ -417,7 +473,7 @@ impl Pool {
     }
 
     /// Addresses in each state: (free, assigned, cooling, releasing) of one ENI.
-    pub fn eni_counts(e: &Eni) -> (u32, u32, u32, u32) {
+    pub fn eni_counts(e: &Block) -> (u32, u32, u32, u32) {
         let mut c = (0, 0, 0, 0);
         for s in e.slots.values() {
             match s {
@@ -474,7 +530,7 @@ mod tests {
         let mut p = pool();
         let a = p.assign(&key("a"), 0).unwrap();
         assert_eq!(
-            (a.address, a.eni.as_str(), a.route_table),
+            (a.address, a.block.as_str(), a.route_table),
             (ip(10), "eni-0", None),
             "lowest device, lowest address"
         );
@@ -573,7 +629,7 @@ mod tests {
         p.assign(&key("a"), 0).unwrap();
         p.assign(&key("b"), 0).unwrap();
         p.release(&key("b"), 100);
-        let back = Pool::from_enis(30_000, p.enis().cloned().collect());
+        let back = Pool::from_blocks(30_000, p.blocks().cloned().collect());
         assert_eq!(back.lease_of(&key("a")), p.lease_of(&key("a")));
         assert_eq!(back.stats(), p.stats());
         let mut back = back;

@@ -130,7 +130,7 @@ impl Service {
             prefix_len: 32,
             gateway: POD_GATEWAY,
             route_table: l.route_table,
-            eni: Some(l.eni.clone()),
+            eni: l.eni().map(str::to_string),
             mtu: Some(self.mtu.load(Ordering::Relaxed)),
         }
     }

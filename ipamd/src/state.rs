@@ -85,7 +85,7 @@ impl Book {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             mode: Some(self.mode),
-            enis: self.pool.enis().cloned().collect(),
+            enis: self.pool.blocks().cloned().collect(),
             pods: self.pods.values().cloned().collect(),
         }
     }
@@ -322,7 +322,7 @@ mod tests {
         assert_eq!((b.mode, b.pool.held().count()), (Mode::Eni, 1), "a refused switch changes nothing");
         let mut b = book(Mode::Eni, false);
         assert!(b.adopt(Mode::VpcRoute, 0).unwrap().unwrap().contains("starting afresh"));
-        assert_eq!((b.mode, b.pool.enis().count()), (Mode::VpcRoute, 0), "no pods: the other mode's pool is dropped");
+        assert_eq!((b.mode, b.pool.blocks().count()), (Mode::VpcRoute, 0), "no pods: the other mode's pool is dropped");
     }
 }
 

@@ -22,7 +22,8 @@
 //! recorded): format 3's first line has the four fields format 2's reader checks, so an ipamd of
 //! format 2 refuses it as newer instead of calling it corrupt. Format history: 1. the first;
 //! 2. each pod's network namespace path (for the orphan sweep, issue 14 item 5); 3. the two-slot
-//! file (issue 17: the durable write was most of an Add's time); the snapshot's shape is 2's.
+//! file (issue 17: the durable write was most of an Add's time), and each block's kind (VPC-route
+//! mode's `pod-cidr-<cidr>` pseudo-ENI of formats 1 and 2 becomes a pod-CIDR block).
 //!
 //! A damaged file (neither slot whole, a bad header) is reported as corrupt and kept aside for a
 //! post-mortem; ipamd then rebuilds from the cloud and the host instead of crashing.
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use underway_api::AttachmentKey;
 
 use crate::error::{IpamdError, Result};
-use crate::pool::Eni;
+use crate::pool::{Block, BlockKind};
 
 const MAGIC: &str = "underway-ipamd-state";
 /// Bumped on any change of the file's layout or of [`Snapshot`]'s shape; a shape change gets a
@@ -71,9 +72,9 @@ pub struct Snapshot {
     /// The mode the addresses came from (absent in stores written before VPC-route mode: ENI).
     #[serde(default)]
     pub mode: Option<crate::config::Mode>,
-    /// The pool's ENIs (in VPC-route mode, one pseudo-ENI named after the pod CIDR), their
-    /// addresses and who holds each.
-    pub enis: Vec<Eni>,
+    /// The pool's blocks (ENIs; in VPC-route mode the pod CIDR), their addresses and who holds
+    /// each. Named `enis` in the file since format 1.
+    pub enis: Vec<Block>,
     pub pods: Vec<PodRecord>,
 }
 
@@ -137,7 +138,7 @@ mod v1 {
     pub struct Snapshot {
         #[serde(default)]
         pub mode: Option<crate::config::Mode>,
-        pub enis: Vec<crate::pool::Eni>,
+        pub enis: Vec<crate::pool::Block>,
         pub pods: Vec<PodRecord>,
     }
 }
@@ -157,6 +158,17 @@ fn migrate_from_1(body: &[u8]) -> std::result::Result<Snapshot, String> {
         })
         .collect();
     Ok(Snapshot { mode: old.mode, enis: old.enis, pods })
+}
+
+/// Formats 1 and 2 → 3: VPC-route mode's block was a pseudo-ENI named `pod-cidr-<cidr>`; it
+/// becomes a pod-CIDR block named by its CIDR.
+fn migrate_pod_cidr_blocks(snap: &mut Snapshot) {
+    for b in &mut snap.enis {
+        if let Some(cidr) = b.id.strip_prefix("pod-cidr-") {
+            b.id = cidr.to_string();
+            b.kind = BlockKind::PodCidr;
+        }
+    }
 }
 
 /// Makes `dir` a directory only its owner can use: created 0700, or tightened to 0700; refused
@@ -455,11 +467,12 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<(Snapshot, Option<(usize, u64
     if crc != f[2] {
         return Err(format!("checksum {crc}, header says {}", f[2]).into());
     }
-    let snap = match format {
+    let mut snap = match format {
         1 => migrate_from_1(body)?,
         2 => serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?,
         n => return Err(format!("format {n} is older than any this ipamd reads").into()),
     };
+    migrate_pod_cidr_blocks(&mut snap);
     Ok((snap, None))
 }
 
@@ -511,7 +524,7 @@ mod tests {
             assigned_at: 7,
             netns: Some("/var/run/netns/cni-1".into()),
         }];
-        Snapshot { mode: Some(crate::config::Mode::Eni), enis: p.enis().cloned().collect(), pods }
+        Snapshot { mode: Some(crate::config::Mode::Eni), enis: p.blocks().cloned().collect(), pods }
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -656,6 +669,25 @@ mod tests {
         std::fs::remove_dir_all(&d).unwrap();
     }
 
+    /// VPC-route mode's pseudo-ENI of formats 1 and 2 (`pod-cidr-<cidr>`) reads as a pod-CIDR
+    /// block, its assignments kept.
+    #[test]
+    fn a_format_2_pod_cidr_pseudo_eni_becomes_a_pod_cidr_block() {
+        let mut p = Pool::new(1000);
+        p.add_eni("pod-cidr-100.64.3.0/24", 0, None);
+        p.add_addresses("pod-cidr-100.64.3.0/24", &["100.64.3.1".parse().unwrap(), "100.64.3.2".parse().unwrap()])
+            .unwrap();
+        let key = AttachmentKey { network: "n".into(), container_id: "c1".into(), ifname: "eth0".into() };
+        p.assign(&key, 0).unwrap();
+        let old =
+            Snapshot { mode: Some(crate::config::Mode::VpcRoute), enis: p.blocks().cloned().collect(), pods: vec![] };
+        let (back, _) = decode(&encode_v2(&old)).unwrap();
+        let pool = Pool::from_blocks(1000, back.enis);
+        let lease = pool.lease_of(&key).unwrap();
+        assert_eq!((lease.block.as_str(), lease.kind, lease.eni()), ("100.64.3.0/24", BlockKind::PodCidr, None));
+        assert_eq!(pool.enis().count(), 0, "no ENI in the pool");
+    }
+
     /// A format-2 store (one snapshot per file) is read, and the first save replaces it with
     /// format 3, whose first line format 2's reader takes for a newer format (it refuses to
     /// start) rather than for a damaged file (it would rebuild and drop the pods).
@@ -684,7 +716,7 @@ mod tests {
         assert!(bytes.starts_with(b"underway-ipamd-state 1 "));
         let (s, _) = decode(bytes).expect("format 1 is read");
         assert_eq!(s.mode, Some(crate::config::Mode::Eni));
-        let pool = Pool::from_enis(1000, s.enis.clone());
+        let pool = Pool::from_blocks(1000, s.enis.clone());
         let key = AttachmentKey { network: "underway".into(), container_id: "c1".into(), ifname: "eth0".into() };
         assert_eq!(pool.lease_of(&key).map(|l| l.address), Some("10.0.0.5".parse().unwrap()));
         assert!(pool.is_free("10.0.0.6".parse().unwrap()) && pool.is_free("10.0.1.7".parse().unwrap()));

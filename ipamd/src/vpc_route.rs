@@ -46,12 +46,9 @@ pub struct VpcRouteMode<C, N> {
     last_check: Option<Instant>,
     /// What the last look at the tables found in the way (kept between looks).
     blocked: Option<Blocker>,
+    /// The primary ENI's source/destination check is known to be off.
+    source_check_off: bool,
     metrics: Arc<Metrics>,
-}
-
-/// What the pool calls the pod CIDR's pseudo-ENI.
-pub fn pool_name(cidr: &Ipv4Net) -> String {
-    format!("pod-cidr-{cidr}")
 }
 
 /// An instance that no longer exists for routing purposes.
@@ -143,6 +140,7 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
             routed: false,
             last_check: None,
             blocked: None,
+            source_check_off: false,
             metrics,
         })
     }
@@ -219,9 +217,8 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
     /// `running` is the host's pod veths, read by the caller just before.
     fn offer(&self, state: &NodeState, running: &crate::host::HostPods) {
         let hosts: Vec<std::net::Ipv4Addr> = self.cidr.hosts().collect();
-        let name = pool_name(&self.cidr);
         let (recovered, _) = state.change(|b| {
-            let r = b.pool.sync_eni(&name, 0, None, &hosts, &[]);
+            let r = b.pool.sync_pod_cidr(self.cidr, &hosts);
             if !r.dropped_assigned.is_empty() {
                 state.record_error(format!(
                     "{} assignments lay outside {}: dropped",
@@ -238,25 +235,36 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
 
 impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
-        let vpc = self.cloud.vpc(&self.node.vpc_id).await?;
-        // Before any route call: a pod CIDR inside the VPC can never be routed on AWS.
-        outside_vpc("vpc_route.pod_cidr", self.cidr, &vpc)?;
-        if let Some(c) = self.cfg.vpc_route.cluster_cidr {
-            outside_vpc("vpc_route.cluster_cidr", c, &vpc)?;
+        // What an earlier attempt of this sync learnt is kept: a sync that failed half-way (a
+        // throttled call) is retried from the top, and at a thousand nodes re-describing the VPC
+        // and the primary ENI on each retry was most of the describes (the simulator: 8.7
+        // DescribeVpcs per node).
+        if self.vpc.is_none() {
+            let vpc = self.cloud.vpc(&self.node.vpc_id).await?;
+            // Before any route call: a pod CIDR inside the VPC can never be routed on AWS.
+            outside_vpc("vpc_route.pod_cidr", self.cidr, &vpc)?;
+            if let Some(c) = self.cfg.vpc_route.cluster_cidr {
+                outside_vpc("vpc_route.cluster_cidr", c, &vpc)?;
+            }
+            self.vpc = Some(vpc);
         }
-        self.vpc = Some(vpc);
-        self.tables = if self.cfg.vpc_route.route_tables.is_empty() {
-            vec![self.cloud.route_table_for_subnet(&self.node.vpc_id, &self.node.subnet_id).await?.id]
-        } else {
-            self.cfg.vpc_route.route_tables.clone()
-        };
-        let primary = self.cloud.eni(&self.node.primary_eni).await?;
-        if primary.source_dest_check {
-            self.cloud.set_source_dest_check(&self.node.primary_eni, false).await?;
-            tracing::info!("source/destination check off on {}", self.node.primary_eni);
+        if self.tables.is_empty() {
+            self.tables = if self.cfg.vpc_route.route_tables.is_empty() {
+                vec![self.cloud.route_table_for_subnet(&self.node.vpc_id, &self.node.subnet_id).await?.id]
+            } else {
+                self.cfg.vpc_route.route_tables.clone()
+            };
+        }
+        if !self.source_check_off {
+            let primary = self.cloud.eni(&self.node.primary_eni).await?;
+            if primary.source_dest_check {
+                self.cloud.set_source_dest_check(&self.node.primary_eni, false).await?;
+                tracing::info!("source/destination check off on {}", self.node.primary_eni);
+            }
+            self.source_check_off = true;
         }
         // Assignments in the store stay whatever the routes say; new ones wait for the routes.
-        let held = state.read(|b| b.pool.enis().count());
+        let held = state.read(|b| b.pool.blocks().count());
         let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         self.blocked = self.ensure_all().await?;
         match self.blocked.clone() {

@@ -82,7 +82,7 @@ async fn disagreements(r: &Rig, state: &NodeState) -> Vec<String> {
         .filter(|e| e.attachment.as_ref().is_some_and(|a| a.instance_id == r.node.id))
         .map(|e| (e.id.clone(), e))
         .collect();
-    let pool: Vec<underway_ipamd::pool::Eni> = state.read(|b| b.pool.enis().cloned().collect());
+    let pool: Vec<underway_ipamd::pool::Block> = state.read(|b| b.pool.enis().cloned().collect());
     for e in &pool {
         let Some(c) = in_ec2.get(&e.id) else {
             out.push(format!("{} is in the pool, not attached in EC2", e.id));

@@ -87,5 +87,8 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     let step = src.step(&state).await.unwrap();
     assert_eq!((step.blocker, state.read(|b| b.pool.stats().free())), (None, 62), "routed once there is room");
     assert_eq!(describes(&ec2), before + 1);
+    // The pool's unit is the pod CIDR's block, not an ENI (metrics and /v1/enis show no ENI).
+    let blocks = state.read(|b| (b.pool.enis().count(), b.pool.blocks().map(|x| (x.id.clone(), x.kind)).collect()));
+    assert_eq!(blocks, (0, vec![("100.64.50.0/26".to_string(), underway_ipamd::pool::BlockKind::PodCidr)]));
     std::fs::remove_dir_all(&base).unwrap();
 }

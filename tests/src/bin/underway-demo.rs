@@ -101,9 +101,8 @@ async fn demo(started: Instant) -> Result<bool, String> {
             let via = match daemons[i].call(&Request::Check(key)) {
                 Ok(Response::Checked(a)) => match (a.eni, a.route_table) {
                     (Some(e), Some(t)) => format!("{e} (secondary ENI, table {t})"),
-                    (Some(e), None) if e.starts_with("pod-cidr-") => "VPC route → this node".to_string(),
                     (Some(e), None) => format!("{e} (primary ENI)"),
-                    (None, _) => "?".into(),
+                    (None, _) => "VPC route → this node".to_string(),
                 },
                 other => return Err(format!("CHECK {name}: {other:?}")),
             };
