@@ -5,7 +5,8 @@
 //!   and the `UnderwayPool` its pool label names: together they give the effective config;
 //! - [`events`]: an Event on a pod whose Add failed, with the reason;
 //! - [`lease`]: a coordination.k8s.io Lease, so that one ipamd in the cluster runs the
-//!   cluster-wide GC ([`crate::cluster_gc`]).
+//!   cluster-wide GC ([`crate::cluster_gc`]);
+//! - [`join`]: start-up's Kubernetes half, putting those together, and the elected GC's loop.
 //!
 //! ipamd does not watch pods: the CNI call carries the pod's namespace and name (CNI_ARGS), which
 //! is all an assignment records and all an Event needs.
@@ -13,6 +14,7 @@
 pub mod events;
 #[cfg(test)]
 pub mod fixtures;
+pub mod join;
 pub mod lease;
 pub mod node;
 
