@@ -4,7 +4,8 @@
 //!
 //! `cargo build --release -p underway-cni && cargo bench -p underway-ipamd --bench node [-- SECTION…]`
 //! (root; LocalStack is started by the harness when `UNDERWAY_LOCALSTACK_ENDPOINT` is unset).
-//! Sections: `calls`, `rss`, `kubernetes`, `add_del`, `burst`; all when none is named. Each
+//! Sections: `store`, `calls`, `rss`, `kubernetes`, `add_del`, `burst`; all when none is named.
+//! `UNDERWAY_IPAMD_BIN=<path>` runs another build of ipamd (e.g. `--profile ipamd`'s). Each
 //! figure is printed beside its target as a ratio. A measurement, not a test: `cargo test` does
 //! not run it.
 
@@ -257,10 +258,86 @@ async fn burst(n: usize) {
     );
 }
 
+/// One durable save of a snapshot with 250 assignments, as the store does it (format 3: `pwrite`
+/// into the older slot + `fdatasync`) against format 2's way (the whole file to a temporary,
+/// fsync, rename over, fsync the directory), 500 each, alternating, in a directory on the disk
+/// (`std::env::temp_dir()`; /tmp is on the root disk here).
+fn store(n: usize) {
+    use underway_ipamd::pool::Pool;
+    use underway_ipamd::store::{PodRecord, Snapshot, Store};
+    println!("\n## One durable save, 250 assignments: in place (format 3) vs rewrite + rename (format 2), {n} each");
+    let mut pool = Pool::new(0);
+    for e in 0..9u32 {
+        pool.add_eni(&format!("eni-{e}"), e, (e > 0).then_some(100 + e));
+        let ips: Vec<std::net::Ipv4Addr> =
+            (0..29u32).map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + e * 256 + i + 10)).collect();
+        pool.add_addresses(&format!("eni-{e}"), &ips).unwrap();
+    }
+    let mut pods = Vec::new();
+    for i in 0..250 {
+        let k = key(&format!("pod-{i:03}"));
+        pool.assign(&k, 0).unwrap();
+        pods.push(PodRecord {
+            key: k,
+            namespace: Some("default".into()),
+            name: Some(format!("web-7d9f8c6b5-{i:05}")),
+            assigned_at: 1_764_000_000_000 + i,
+            netns: Some(format!("/var/run/netns/cni-{i:08x}-0000-0000-0000-000000000000")),
+        });
+    }
+    let snap = Snapshot { mode: None, enis: pool.blocks().cloned().collect(), pods };
+    let json = serde_json::to_vec(&snap).unwrap();
+    let dir = std::env::temp_dir().join(format!("underway-bench-store-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let slots = Store::open(&dir.join("slots")).unwrap();
+    let renamed = dir.join("renamed");
+    std::fs::create_dir_all(&renamed).unwrap();
+    let rename_save = |bytes: &[u8]| {
+        use std::io::Write;
+        let tmp = renamed.join("ipamd-state.tmp");
+        let mut f = std::fs::File::create(&tmp).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+        std::fs::rename(&tmp, renamed.join("ipamd-state")).unwrap();
+        std::fs::File::open(&renamed).unwrap().sync_all().unwrap();
+    };
+    slots.save(&snap).unwrap(); // makes the file; the saves below are in place
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        for k in 0..2 {
+            let t = Instant::now();
+            if (i + k) % 2 == 0 {
+                slots.save(&snap).unwrap();
+                a.push(t.elapsed());
+            } else {
+                // Format 2 serialised the same JSON (and a header) on every save too.
+                rename_save(&serde_json::to_vec(&snap).unwrap());
+                b.push(t.elapsed());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let (a50, a99, b50, b99) =
+        (quantile(&mut a, 0.5), quantile(&mut a, 0.99), quantile(&mut b, 0.5), quantile(&mut b, 0.99));
+    println!(
+        "snapshot {} KiB: in place p50 {:.2} ms p99 {:.2} ms; rewrite + rename p50 {:.2} ms p99 {:.2} ms (ratio {:.2} / {:.2})",
+        json.len() / 1024,
+        ms(a50),
+        ms(a99),
+        ms(b50),
+        ms(b99),
+        ms(a50) / ms(b50),
+        ms(a99) / ms(b99)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
     let named: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |s: &str| named.is_empty() || named.iter().any(|n| n == s);
+    if want("store") {
+        store(500);
+    }
     if want("add_del") {
         add_del(100).await;
     }
@@ -357,8 +434,7 @@ async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
     let extra = format!("{FAST}[kubernetes]\nenabled = true\nnode_name = \"node-7\"\n");
     let kc = api.kubeconfig_path();
     let env = [("KUBECONFIG", kc.as_str())];
-    let p =
-        underway_tests::ipamd::IpamdProcess::start_with_env(&w, &n, std::path::Path::new(IPAMD), &extra, &env).unwrap();
+    let p = underway_tests::ipamd::IpamdProcess::start_with_env(&w, &n, &ipamd_bin(), &extra, &env).unwrap();
     p.wait_ready(10, Duration::from_secs(60)).unwrap();
     pods(&p, "k", 250);
     std::thread::sleep(Duration::from_secs(6)); // a Lease round or two

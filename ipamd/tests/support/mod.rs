@@ -27,8 +27,14 @@ pub async fn world(instance_type: &str) -> (World, Arc<Node>) {
     (w, n)
 }
 
+/// The ipamd binary to run: this build's, or `UNDERWAY_IPAMD_BIN` when set (the node bench
+/// measures another profile's build with it, e.g. `--profile ipamd`).
+pub fn ipamd_bin() -> std::path::PathBuf {
+    std::env::var_os("UNDERWAY_IPAMD_BIN").map_or_else(|| Path::new(IPAMD).to_path_buf(), Into::into)
+}
+
 pub fn start(w: &World, n: &Node, extra: &str) -> IpamdProcess {
-    IpamdProcess::start(w, n, Path::new(IPAMD), extra).unwrap()
+    IpamdProcess::start(w, n, &ipamd_bin(), extra).unwrap()
 }
 
 pub fn key(c: &str) -> AttachmentKey {
