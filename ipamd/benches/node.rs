@@ -250,9 +250,14 @@ async fn burst(n: usize) {
         ec2_secs / walls[0].as_secs_f64() * 100.0
     );
     std::thread::sleep(Duration::from_secs(3));
+    let soon = (rss_kib(p.pid().unwrap()), split(p.pid().unwrap()));
+    // ipamd hands freed memory back every 10 s (memory.rs); tokio's idle blocking threads end after 10 s.
+    std::thread::sleep(Duration::from_secs(12));
     println!(
-        "RSS: {:.1} MiB before the burst, {:.1} MiB 3 s after its DELs ({})",
+        "RSS: {:.1} MiB before the burst; {:.1} MiB 3 s after its DELs ({}); {:.1} MiB 15 s after ({})",
         idle as f64 / 1024.0,
+        soon.0 as f64 / 1024.0,
+        soon.1,
         rss_kib(p.pid().unwrap()) as f64 / 1024.0,
         split(p.pid().unwrap())
     );

@@ -131,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     });
     let guard = server::Guard { read_timeout: Duration::from_millis(cfg.rpc_read_timeout_ms) };
     let rpc = tokio::spawn(server::serve(listener, service.clone(), guard));
+    let trim = tokio::spawn(crate::memory::trim_loop());
     let sweep = (cfg.orphan_grace_ms > 0).then(|| {
         let m = metrics.clone();
         tokio::spawn(crate::orphans::run(state.clone(), cfg.veth_prefix.clone(), cfg.orphan_grace_ms, move |n| {
@@ -158,6 +159,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> Result<()> 
     shutdown.await;
     tracing::info!("shutting down");
     rpc.abort();
+    trim.abort();
     if let Some(s) = sweep {
         s.abort();
     }

@@ -26,6 +26,7 @@ pub mod http;
 pub mod identity;
 pub mod install;
 pub mod k8s;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod operator;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    underway_ipamd::memory::limit_arenas();
     let cli = underway_ipamd::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
