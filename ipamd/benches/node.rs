@@ -107,6 +107,9 @@ async fn add_del(n: usize) {
     let (w, node) = world("m5.4xlarge").await;
     let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
     p.wait_ready(10, Duration::from_secs(60)).unwrap();
+    // One pod at a time never needs another ENI: the world's polling would only take CPU.
+    eventually(Duration::from_secs(30), "the pool settles", || status(&p).reason == "serving");
+    w.stop_sync_loop();
     let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
     let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
     let confs = [

@@ -495,6 +495,14 @@ impl World {
         }
     }
 
+    /// Stops the polling [`start_sync_loop`](Self::start_sync_loop) began (a benchmark whose
+    /// node needs no more ENIs keeps its cores for what it measures).
+    pub fn stop_sync_loop(&self) {
+        if let Some(old) = self.poller.lock().expect("poller").take() {
+            old.abort();
+        }
+    }
+
     /// Packets the router dropped for a foreign source address (all links).
     pub fn source_check_drops(&self) -> Result<u64, HarnessError> {
         let out = netns::exec(&self.inner.router_ns, &["nft", "list", "chain", "inet", NFT_TABLE, "source_check"])?;
