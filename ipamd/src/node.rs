@@ -89,6 +89,8 @@ pub struct MemoryNode {
     /// ENIs whose link was set up, by link name.
     pub links: Mutex<Vec<(String, String)>>,
     pub veths: Mutex<HostPods>,
+    /// How many of the next reads of the host's pods fail (a netlink error).
+    pub fail_pods: std::sync::atomic::AtomicU32,
 }
 
 impl Node for MemoryNode {
@@ -113,6 +115,12 @@ impl Node for MemoryNode {
     }
 
     async fn pods(&self, _veth_prefix: &str) -> Result<HostPods> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.fail_pods.fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1)).is_ok() {
+            return Err(IpamdError::Routes(underway_routes::RoutesError::Missing(
+                "the host's pod veths (injected)".into(),
+            )));
+        }
         Ok(self.veths.lock().expect("veths").clone())
     }
 }

@@ -170,12 +170,13 @@ impl Pool {
         ips: &[Ipv4Addr],
         prefixes: &[Ipv4Net],
     ) -> SyncReport {
+        let mut report = SyncReport::default();
         if self.enis.get(&device_index).is_some_and(|e| e.id != id || e.kind != kind) {
-            // Another block sat at this index: it is gone.
-            self.remove_eni_at(device_index);
+            // Another block sat at this index: it is gone, and so are its assignments (reported,
+            // not silently dropped: e.g. a pod CIDR changed under running pods).
+            report.dropped_assigned = self.remove_eni_at(device_index);
         }
         self.add_block(kind, id, device_index, route_table);
-        let mut report = SyncReport::default();
         let mut want: Vec<Ipv4Addr> = ips.to_vec();
         for p in prefixes {
             want.extend(prefix_addresses(*p));
@@ -614,6 +615,7 @@ mod tests {
         p.assign(&key("d"), 0).unwrap(); // 20 on eni-1
         let r = p.sync_eni("eni-9", 1, Some(101), &[ip(30)], &[]);
         assert_eq!(r.added, vec![ip(30)]);
+        assert_eq!(r.dropped_assigned, vec![(ip(20), key("d"))], "reported, not silently dropped");
         assert!(p.lease_of(&key("d")).is_none());
         assert_eq!(p.enis().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["eni-0", "eni-9"]);
         // Idempotent.

@@ -174,7 +174,7 @@ pub struct NodeState {
     book: Mutex<Book>,
     generation: AtomicU64,
     durable: AtomicU64,
-    write: tokio::sync::Mutex<()>,
+    write: std::sync::Arc<tokio::sync::Mutex<()>>,
     store: Store,
     status: Mutex<Status>,
     errors: Mutex<VecDeque<ErrorEntry>>,
@@ -212,7 +212,7 @@ impl NodeState {
             book: Mutex::new(book),
             generation: AtomicU64::new(0),
             durable: AtomicU64::new(0),
-            write: tokio::sync::Mutex::new(()),
+            write: std::sync::Arc::new(tokio::sync::Mutex::new(())),
             store,
             status: Mutex::new(status),
             errors: Mutex::new(VecDeque::new()),
@@ -251,7 +251,10 @@ impl NodeState {
         if self.durable.load(Ordering::SeqCst) >= g {
             return Ok(());
         }
-        let _w = self.write.lock().await;
+        // Owned, and moved into the blocking save: a commit whose future is dropped (a task
+        // aborted at shutdown, a timeout) keeps the lock until its save is done, so a later
+        // commit's newer snapshot cannot land before this older one and be overwritten by it.
+        let w = self.write.clone().lock_owned().await;
         if self.durable.load(Ordering::SeqCst) >= g {
             return Ok(());
         }
@@ -260,9 +263,12 @@ impl NodeState {
             (b.snapshot(), self.generation.load(Ordering::SeqCst))
         };
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.save(&snap))
-            .await
-            .map_err(|e| crate::error::IpamdError::Store { path: "spawn".into(), reason: e.to_string() })??;
+        tokio::task::spawn_blocking(move || {
+            let _w = w;
+            store.save(&snap)
+        })
+        .await
+        .map_err(|e| crate::error::IpamdError::Store { path: "spawn".into(), reason: e.to_string() })??;
         self.durable.fetch_max(at, Ordering::SeqCst);
         Ok(())
     }
@@ -323,6 +329,49 @@ mod tests {
         let mut b = book(Mode::Eni, false);
         assert!(b.adopt(Mode::VpcRoute, 0).unwrap().unwrap().contains("starting afresh"));
         assert_eq!((b.mode, b.pool.blocks().count()), (Mode::VpcRoute, 0), "no pods: the other mode's pool is dropped");
+    }
+}
+
+#[cfg(test)]
+mod commit_tests {
+    use super::*;
+    use crate::config::Mode;
+
+    /// A commit whose future is dropped while its save runs (shutdown aborts tasks) must not let
+    /// a later commit's newer snapshot be overwritten by the older one: found by reading, the
+    /// lock was released with the future while the blocking save went on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_commit_cannot_overwrite_a_later_one() {
+        let dir = std::env::temp_dir().join(format!("underway-commit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // A large pool: its snapshot takes a while to serialise inside the blocking save.
+        let mut pool = Pool::new(0);
+        pool.add_eni("eni-0", 0, None);
+        let ips: Vec<std::net::Ipv4Addr> = (0..200_000u32).map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i)).collect();
+        pool.add_addresses("eni-0", &ips).unwrap();
+        let book =
+            Book { mode: Mode::Eni, pool, pods: Default::default(), waiting: 0, deleted_veths: Default::default() };
+        let state = NodeState::new(Store::open(&dir).unwrap(), book, Status::default());
+        let (_, g1) = state.change(|_| ());
+        // Dropped while the large snapshot is being written.
+        let dropped = tokio::time::timeout(std::time::Duration::from_millis(5), state.commit(g1)).await;
+        assert!(dropped.is_err(), "the large save took longer than 5 ms");
+        // A newer book, small: its save is quick.
+        let (_, g2) = state.change(|b| {
+            b.pool = Pool::new(0);
+            b.pool.add_eni("eni-1", 1, Some(101));
+        });
+        state.commit(g2).await.unwrap();
+        // Let the dropped save finish, whatever it does.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        match Store::open(&dir).unwrap().load().unwrap() {
+            crate::store::Loaded::Ok(s) => {
+                let ids: Vec<&str> = s.enis.iter().map(|e| e.id.as_str()).collect();
+                assert_eq!(ids, vec!["eni-1"], "the newer snapshot is the one on disk");
+            }
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -51,6 +51,8 @@ const PAGE: usize = 4096;
 const SLOT_HEAD: usize = 16;
 /// The smallest slot (about 200 assignments with their pod records).
 const MIN_SLOT: usize = 64 * 1024;
+/// The largest slot a header may name (far above any pool: 1 GiB).
+const MAX_SLOT: usize = 1 << 30;
 
 /// Who a pod is (recorded with its assignment when the runtime says).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,6 +282,8 @@ impl Store {
         let path = self.path();
         let mut slots = self.slots.lock().expect("store lock");
         *slots = None;
+        // A rewrite cut off by a crash leaves its temporary file: only space, never read.
+        let _ = std::fs::remove_file(self.dir.join(format!("{FILE}.tmp")));
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::Fresh),
@@ -293,7 +297,13 @@ impl Store {
                         .write(true)
                         .open(&path)
                         .map_err(|e| store_err(&path, e.to_string()))?;
-                    *slots = Some(Slots { file, slot, seq });
+                    // What was read may be a killed process's write that never reached the disk
+                    // (its fdatasync cut short): made durable before the next save overwrites the
+                    // other slot, or that save could leave no whole snapshot after a power loss.
+                    // Failing that, the next save rewrites the whole file.
+                    if file.sync_data().is_ok() {
+                        *slots = Some(Slots { file, slot, seq });
+                    }
                 }
                 Ok(Loaded::Ok(s))
             }
@@ -443,7 +453,7 @@ pub fn decode(bytes: &[u8]) -> std::result::Result<(Snapshot, Option<(usize, u64
         let slot: usize = f[3]
             .parse::<usize>()
             .ok()
-            .filter(|s| f[2] == "slots" && *s % PAGE == 0 && *s >= MIN_SLOT)
+            .filter(|s| f[2] == "slots" && *s % PAGE == 0 && (MIN_SLOT..=MAX_SLOT).contains(s))
             .ok_or_else(|| format!("bad slot header {header:?}"))?;
         let read = [read_slot(bytes, slot, 0), read_slot(bytes, slot, 1)];
         let newest = read.iter().filter_map(|r| r.as_ref().ok()).max_by_key(|(seq, _)| *seq);
@@ -644,6 +654,27 @@ mod tests {
         assert!(matches!(again.load().unwrap(), Loaded::Ok(b) if b == with_pods(4)));
         again.save(&with_pods(6)).unwrap();
         assert!(matches!(again.load().unwrap(), Loaded::Ok(b) if b == with_pods(6)));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// Found by reading: a header naming a slot near usize::MAX overflowed the slot offsets
+    /// (a panic in debug builds); a crash mid-rewrite left its temporary file for good.
+    #[test]
+    fn an_absurd_slot_size_is_corrupt_and_a_stale_temporary_file_is_removed() {
+        for size in ["18446744073709551615", "2147483648", "4096", "65537"] {
+            let mut b = format!("{MAGIC} {FORMAT} slots {size}\n").into_bytes();
+            b.resize(PAGE + 2 * MIN_SLOT, 0);
+            match decode(&b) {
+                Err(DecodeError::Corrupt(e)) => assert!(e.contains("bad slot header"), "{size}: {e}"),
+                other => panic!("{size}: {other:?}"),
+            }
+        }
+        let d = dir("tmp");
+        let s = Store::open(&d).unwrap();
+        s.save(&snapshot()).unwrap();
+        std::fs::write(d.join(format!("{FILE}.tmp")), b"half a rewrite").unwrap();
+        assert!(matches!(s.load().unwrap(), Loaded::Ok(_)));
+        assert!(!d.join(format!("{FILE}.tmp")).exists());
         std::fs::remove_dir_all(&d).unwrap();
     }
 

@@ -289,15 +289,20 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         // same interval as a routed one, not on every step: waiting Adds wake the reconciler,
         // and a describe per wake-up per stuck node would spend the account's describe budget
         // (the simulator's 60 nodes on a 50-route table: 5,000 describes in 30 minutes).
-        let due = self.last_check.is_none_or(|t| t.elapsed() >= self.cfg.route_check_interval());
+        // Not yet routed and nothing in the way (the last attempt failed after the look): at once.
+        let due = (!self.routed && self.blocked.is_none())
+            || self.last_check.is_none_or(|t| t.elapsed() >= self.cfg.route_check_interval());
         if !due {
             return Ok(Step { blocker: self.blocked.clone(), again: false });
         }
         let blocker = self.ensure_all().await?;
         self.blocked = blocker.clone();
         if blocker.is_none() && !self.routed {
+            // Routed only once offered: a failed look at the host is retried by the next step
+            // (it used to leave a routed node with an empty pool and no blocker until a restart).
+            let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
+            self.offer(state, &running);
             self.routed = true;
-            self.offer(state, &self.node_ops.pods(&self.cfg.veth_prefix).await?);
         }
         Ok(Step { blocker, again: false })
     }

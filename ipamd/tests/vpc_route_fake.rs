@@ -47,12 +47,12 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
             Status::default(),
         ));
         let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
-        let mut src =
-            VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, Arc::new(MemoryNode::default()), metrics).unwrap();
+        let host = Arc::new(MemoryNode::default());
+        let mut src = VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, host.clone(), metrics).unwrap();
         src.sync(&state).await.unwrap();
         let step = src.step(&state).await.unwrap();
         outcomes.push((state.read(|b| b.pool.stats().free()), step.blocker));
-        last = Some((src, state));
+        last = Some((src, state, host));
         // The account's describe bucket refills between nodes joining.
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
     }
@@ -73,7 +73,7 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
 
     // Turned away, the 51st node looks at the table again only on its check interval (waiting
     // Adds wake the reconciler often), and says why meanwhile; once a route is gone it is routed.
-    let (mut src, state) = last.unwrap();
+    let (mut src, state, host) = last.unwrap();
     let describes = |e: &FakeEc2| e.counts().calls.get("DescribeRouteTables").copied().unwrap_or(0);
     let before = describes(&ec2);
     for _ in 0..30 {
@@ -84,9 +84,14 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     assert_eq!(describes(&ec2), before, "no describe within the check interval");
     ec2.delete_route(&table, "100.64.0.0/26".parse().unwrap()).await.unwrap();
     tokio::time::advance(std::time::Duration::from_secs(31)).await;
+    // The route goes in, but reading the host's pods fails once: the next step offers the
+    // addresses (a node once left routed with an empty pool and no blocker until a restart).
+    host.fail_pods.store(1, std::sync::atomic::Ordering::Relaxed);
+    assert!(src.step(&state).await.is_err(), "the failed read of the host");
+    assert_eq!(state.read(|b| b.pool.stats().free()), 0);
     let step = src.step(&state).await.unwrap();
     assert_eq!((step.blocker, state.read(|b| b.pool.stats().free())), (None, 62), "routed once there is room");
-    assert_eq!(describes(&ec2), before + 1);
+    assert_eq!(describes(&ec2), before + 2);
     // The pool's unit is the pod CIDR's block, not an ENI (metrics and /v1/enis show no ENI).
     let blocks = state.read(|b| (b.pool.enis().count(), b.pool.blocks().map(|x| (x.id.clone(), x.kind)).collect()));
     assert_eq!(blocks, (0, vec![("100.64.50.0/26".to_string(), underway_ipamd::pool::BlockKind::PodCidr)]));
