@@ -233,6 +233,28 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
     }
 }
 
+impl<C: Cloud, N: Node> VpcRouteMode<C, N> {
+    /// While the routes are not in place, the block keeps only the addresses pods hold: nothing
+    /// unroutable is handed out (a free or cooling address would be, and a DEL's address cools
+    /// into a free one). Everything comes back with [`offer`](Self::offer) once routed.
+    fn withhold(&self, state: &NodeState) {
+        use crate::pool::{BlockKind, Slot};
+        state.change(|b| {
+            let me = self.cidr.to_string();
+            let Some(block) = b.pool.blocks().find(|x| x.kind == BlockKind::PodCidr && x.id == me) else { return };
+            let held: Vec<std::net::Ipv4Addr> = block
+                .slots
+                .iter()
+                .filter(|(_, s)| matches!(s, Slot::Assigned(_) | Slot::Releasing))
+                .map(|(a, _)| *a)
+                .collect();
+            if held.len() < block.slots.len() {
+                b.pool.sync_pod_cidr(self.cidr, &held);
+            }
+        });
+    }
+}
+
 impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
         // What an earlier attempt of this sync learnt is kept: a sync that failed half-way (a
@@ -274,8 +296,9 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
             }
             Some(b) => {
                 state.record_error(b.message().to_string());
+                // The stored pods keep their addresses; no new ones until the routes are there.
                 if held > 0 {
-                    self.offer(state, &running);
+                    self.withhold(state);
                 }
             }
         }
@@ -285,6 +308,9 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
         state.change(|b| b.pool.expire(crate::clock::unix_ms()));
+        if !self.routed {
+            self.withhold(state);
+        }
         // A node the tables turned away (full, or its CIDR routed elsewhere) looks again on the
         // same interval as a routed one, not on every step: waiting Adds wake the reconciler,
         // and a describe per wake-up per stuck node would spend the account's describe budget
@@ -297,6 +323,11 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         }
         let blocker = self.ensure_all().await?;
         self.blocked = blocker.clone();
+        if blocker.is_some() && self.routed {
+            // The route went (replaced by another owner, deleted): no more new addresses.
+            self.routed = false;
+            self.withhold(state);
+        }
         if blocker.is_none() && !self.routed {
             // Routed only once offered: a failed look at the host is retried by the next step
             // (it used to leave a routed node with an empty pool and no blocker until a restart).

@@ -26,8 +26,12 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     let _ = std::fs::remove_dir_all(&base);
     let mut outcomes = Vec::new();
     let mut last = None;
+    let mut first_eni = String::new();
     for i in 0..51u32 {
         let node = ec2.add_instance("t3.medium", &subnet.id);
+        if i == 0 {
+            first_eni = node.primary_eni.clone();
+        }
         let dir = base.join(i.to_string());
         let mut cfg =
             Config { cluster: "c1".into(), state_dir: dir.clone(), mode: Mode::VpcRoute, ..Config::default() };
@@ -95,5 +99,24 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     // The pool's unit is the pod CIDR's block, not an ENI (metrics and /v1/enis show no ENI).
     let blocks = state.read(|b| (b.pool.enis().count(), b.pool.blocks().map(|x| (x.id.clone(), x.kind)).collect()));
     assert_eq!(blocks, (0, vec![("100.64.50.0/26".to_string(), underway_ipamd::pool::BlockKind::PodCidr)]));
+
+    // Routed and serving a pod, then its CIDR is routed to another (live) node: the pod keeps its
+    // address, and no new one is handed out while the route is not this node's (found by
+    // reading: the free addresses stayed on offer, unreachable).
+    let pod = underway_api::AttachmentKey { network: "n".into(), container_id: "p1".into(), ifname: "eth0".into() };
+    let (leased, _) = state.change(|b| b.pool.assign(&pod, 0));
+    let leased = leased.unwrap().address;
+    ec2.replace_route(&vpc, &table, "100.64.50.0/26".parse().unwrap(), &RouteTarget::Eni(first_eni.clone()))
+        .await
+        .unwrap();
+    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    let step = src.step(&state).await.unwrap();
+    assert!(matches!(step.blocker, Some(Blocker::RouteConflict(_))), "{:?}", step.blocker);
+    assert_eq!(state.read(|b| (b.pool.stats().free(), b.pool.lease_of(&pod).map(|l| l.address))), (0, Some(leased)));
+    // Released meanwhile, its address does not come back on offer either (after the cooldown).
+    state.change(|b| b.pool.release(&pod, 0));
+    tokio::time::advance(std::time::Duration::from_secs(5)).await;
+    src.step(&state).await.unwrap();
+    assert_eq!(state.read(|b| b.pool.stats().free()), 0);
     std::fs::remove_dir_all(&base).unwrap();
 }
