@@ -162,11 +162,11 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Cmd::Crd => unreachable!("answered before the config is read"),
         Cmd::GcCluster => {
-            let scope = crate::cluster_gc::Scope::of(&cfg);
+            let scope = crate::gc::Scope::of(&cfg);
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
             let r = rt.block_on(async {
                 let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
-                crate::cluster_gc::run(&cloud, &scope).await
+                crate::gc::run(&cloud, &scope).await
             });
             match r {
                 Ok(d) => {
@@ -197,7 +197,7 @@ pub fn run(cli: Cli) -> ExitCode {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
             let r = rt.block_on(async {
                 let cloud = underway_cloud::aws::Ec2Cloud::connect(&cfg.cloud).await;
-                crate::vpc_route::gc_routes(&cloud, &cfg.cluster, &tables, cluster).await
+                crate::gc::gc_routes(&cloud, &cfg.cluster, &tables, cluster).await
             });
             match r {
                 Ok(lines) => {

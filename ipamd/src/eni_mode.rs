@@ -754,7 +754,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64) -> Result<()> {
         let now = unix_ms();
         for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
-            if !crate::cluster_gc::detached_past_grace(&e, now, grace_ms) {
+            if !crate::gc::detached_past_grace(&e, now, grace_ms) {
                 continue;
             }
             let deleted = self.cloud.delete_eni(&e.id).await;

@@ -10,17 +10,17 @@
 //! - [`egress`]: the node's nftables table (pod egress SNAT, anti-spoofing);
 //! - [`node`]: the node seam (links, veths) beside the cloud's;
 //! - [`identity`]: who the node is; [`metrics`] + [`http`]: what it shows;
-//! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for [`cluster_gc`];
+//! - [`k8s`] (optional): own Node, UnderwayPool, Events, the Lease for the cluster-wide GC in [`gc`];
 //! - [`daemon`]: start-up and shutdown.
 
 pub mod cli;
 pub mod clock;
-pub mod cluster_gc;
 pub mod config;
 pub mod daemon;
 pub mod egress;
 pub mod eni_mode;
 pub mod error;
+pub mod gc;
 pub mod host;
 pub mod http;
 pub mod identity;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use ipnet::Ipv4Net;
-use underway_cloud::{Cloud, CloudError, Route, RouteTable, RouteTarget, TAG_CLUSTER, Vpc};
+use underway_cloud::{Cloud, Route, RouteTable, RouteTarget, TAG_CLUSTER, Vpc};
 
 use crate::config::Config;
 use crate::error::{IpamdError, Result};
@@ -49,33 +49,6 @@ pub struct VpcRouteMode<C, N> {
     /// The primary ENI's source/destination check is known to be off.
     source_check_off: bool,
     metrics: Arc<Metrics>,
-}
-
-/// An instance that no longer exists for routing purposes.
-pub(crate) async fn gone<C: Cloud>(cloud: &C, instance_id: &str) -> Result<bool> {
-    match cloud.instance(instance_id).await {
-        Ok(i) => Ok(matches!(i.state.as_str(), "terminated" | "shutting-down")),
-        Err(CloudError::NotFound { .. }) => Ok(true),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A route whose target no longer exists: an instance that is gone, or an ENI that is deleted,
-/// detached, or attached to an instance that is gone.
-pub(crate) async fn target_gone<C: Cloud>(cloud: &C, r: &Route) -> Result<bool> {
-    // A blackhole alone is no proof: a stopped instance's routes are blackholes too.
-    match &r.target {
-        RouteTarget::Instance(i) => gone(cloud, i).await,
-        RouteTarget::Eni(e) => match cloud.eni(e).await {
-            Ok(eni) => match &eni.attachment {
-                Some(a) if !a.instance_id.is_empty() => gone(cloud, &a.instance_id).await,
-                _ => Ok(true),
-            },
-            Err(CloudError::NotFound { .. }) => Ok(true),
-            Err(e) => Err(e.into()),
-        },
-        RouteTarget::Other(_) => Ok(false),
-    }
 }
 
 /// Checks that a pod CIDR (or the cluster's) lies outside every VPC CIDR block: AWS refuses a
@@ -165,7 +138,7 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
                     RouteTarget::Instance(i) if *i == self.node.id => true,
                     RouteTarget::Eni(e) if *e == self.node.primary_eni => true,
                     RouteTarget::Other(_) => false,
-                    _ => target_gone(&*self.cloud, r).await?,
+                    _ => crate::gc::target_gone(&*self.cloud, r).await?,
                 };
                 if !ours {
                     return Ok(Some(Blocker::RouteConflict(format!(
@@ -337,30 +310,6 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         }
         Ok(Step { blocker, again: false })
     }
-}
-
-/// The route GC: in each table tagged for `cluster`, routes inside `cluster_cidr` whose target
-/// (instance or ENI) is gone are deleted. Returns what was deleted, as lines. Never touches a
-/// route outside the cluster's CIDR, one that points to something alive, or anything but an
-/// instance or ENI route.
-pub async fn gc_routes<C: Cloud>(
-    cloud: &C,
-    cluster: &str,
-    tables: &[String],
-    cluster_cidr: Ipv4Net,
-) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for t in tables {
-        let rt = cloud.route_table(t).await?;
-        tagged_for(&rt, cluster)?;
-        for r in rt.routes.iter().filter(|r| cluster_cidr.contains(&r.destination)) {
-            if !matches!(r.target, RouteTarget::Other(_)) && target_gone(cloud, r).await? {
-                cloud.delete_route(t, r.destination).await?;
-                out.push(format!("{t}: deleted {} → {:?} (target gone)", r.destination, r.target));
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// Which destinations `uninstall` may delete: the node's pod CIDR, or any inside the cluster CIDR

@@ -4,7 +4,7 @@
 
 use underway_cloud::aws::{Ec2Cloud, Ec2Config};
 use underway_cloud::{AddressCount, CreateEni, Discovery, Interfaces, eni_tags};
-use underway_ipamd::cluster_gc::{Scope, run};
+use underway_ipamd::gc::{Scope, run};
 use underway_tests::fixture::Ec2Fixture;
 use underway_tests::localstack::LocalStack;
 

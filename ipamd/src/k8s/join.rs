@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use underway_cloud::aws::Ec2Cloud;
 
-use crate::cluster_gc;
 use crate::config::Config;
 use crate::daemon::Shared;
+use crate::gc;
 use crate::k8s;
 use crate::metrics::Metrics;
 use crate::state::NodeState;
@@ -84,7 +84,7 @@ pub(crate) async fn join_cluster(
             me: name.clone(),
             duration: Duration::from_secs(g.lease_duration_s.into()),
         };
-        let scope = cluster_gc::Scope::of(&cfg);
+        let scope = gc::Scope::of(&cfg);
         let interval = Duration::from_millis(g.interval_ms);
         let gc =
             ElectedGc { client, holder, cloud, scope, interval, state: state.clone(), metrics: sh.metrics.clone() };
@@ -98,7 +98,7 @@ struct ElectedGc {
     client: kube::Client,
     holder: k8s::lease::Holder,
     cloud: Arc<Ec2Cloud>,
-    scope: cluster_gc::Scope,
+    scope: gc::Scope,
     interval: Duration,
     state: Arc<NodeState>,
     metrics: Arc<Metrics>,
@@ -130,7 +130,7 @@ async fn elected_gc(gc: ElectedGc, mut stop: tokio::sync::watch::Receiver<bool>)
         metrics.lease_held(held);
         if held && last.is_none_or(|t| t.elapsed() >= interval) {
             last = Some(tokio::time::Instant::now());
-            match cluster_gc::run(&*cloud, &scope).await {
+            match gc::run(&*cloud, &scope).await {
                 Ok(d) => {
                     d.lines().for_each(|l| tracing::info!("cluster GC: {l}"));
                     metrics.cluster_gc_deleted("eni", d.enis.len());
@@ -356,7 +356,7 @@ mod tests {
             me: "node-a".into(),
             duration: Duration::from_secs(3),
         };
-        let scope = cluster_gc::Scope { cluster: "c1".into(), leak_grace_ms: 0, routes: None };
+        let scope = gc::Scope { cluster: "c1".into(), leak_grace_ms: 0, routes: None };
         let (state, metrics) = (rig.sh.state.clone(), rig.sh.metrics.clone());
         let gc =
             ElectedGc { client, holder, cloud: cloud(), scope, interval: Duration::from_secs(3600), state, metrics };

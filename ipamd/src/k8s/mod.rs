@@ -5,7 +5,7 @@
 //!   and the `UnderwayPool` its pool label names: together they give the effective config;
 //! - [`events`]: an Event on a pod whose Add failed, with the reason;
 //! - [`lease`]: a coordination.k8s.io Lease, so that one ipamd in the cluster runs the
-//!   cluster-wide GC ([`crate::cluster_gc`]);
+//!   cluster-wide GC ([`crate::gc`]);
 //! - [`join`]: start-up's Kubernetes half, putting those together, and the elected GC's loop.
 //!
 //! ipamd does not watch pods: the CNI call carries the pod's namespace and name (CNI_ARGS), which
