@@ -27,10 +27,6 @@ fn run(node: &std::fs::File, bin: &str, conf: &str, command: &str, id: &str, net
     timed_in(node, plugin_command(bin, command, id, netns), conf)
 }
 
-fn pct(v: &mut [Duration], p: f64) -> Duration {
-    quantile(v, p)
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -79,7 +75,12 @@ fn main() {
     println!("{:<16} {:>9} {:>9} {:>9} {:>9}", "plugin", "ADD p50", "ADD p99", "DEL p50", "DEL p99");
     let mut figs = Vec::new();
     for p in plugins.iter_mut() {
-        let f = (pct(&mut p.add, 0.5), pct(&mut p.add, 0.99), pct(&mut p.del, 0.5), pct(&mut p.del, 0.99));
+        let f = (
+            quantile(&mut p.add, 0.5),
+            quantile(&mut p.add, 0.99),
+            quantile(&mut p.del, 0.5),
+            quantile(&mut p.del, 0.99),
+        );
         println!("{:<16} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>7.1}ms", p.name, ms(f.0), ms(f.1), ms(f.2), ms(f.3));
         figs.push(f);
     }

@@ -94,6 +94,28 @@ fn histogram_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// The two plugins side by side: underway (the release CNI binary, talking to `p`) and Debian's
+/// ptp + host-local (its state in a temporary directory, removed by the caller).
+struct Plugins {
+    bins: [String; 2],
+    confs: [String; 2],
+    host_local: std::path::PathBuf,
+}
+
+impl Plugins {
+    fn new(p: &underway_tests::ipamd::IpamdProcess) -> Plugins {
+        let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
+        let confs = [
+            serde_json::json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket})
+                .to_string(),
+            serde_json::json!({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": false,
+                "ipam": {"type": "host-local", "subnet": "10.98.0.0/16", "dataDir": host_local}})
+            .to_string(),
+        ];
+        Plugins { bins: [cni_binary(), "/usr/lib/cni/ptp".into()], confs, host_local }
+    }
+}
+
 /// ADD and DEL through the underway CNI binary and this (release) ipamd on a test-world node,
 /// the store on disk, against Debian's ptp + host-local in the same node namespace: `n` cycles,
 /// alternating which plugin goes first, a fresh pod netns per cycle (not timed). Also times
@@ -103,7 +125,6 @@ async fn add_del(n: usize) {
         "\n## CNI ADD/DEL through the real ipamd (release, store on disk) vs ptp + host-local, {n} cycles \
          (targets: ADD ≤ 0.5× at p50 and p99; DEL's own work above the veth teardown ≤ 3 ms at p50)"
     );
-    let underway = cni_binary();
     let (w, node) = world("m5.4xlarge").await;
     let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
     p.wait_ready(10, Duration::from_secs(60)).unwrap();
@@ -111,15 +132,7 @@ async fn add_del(n: usize) {
     eventually(Duration::from_secs(30), "the pool settles", || status(&p).reason == "serving");
     w.stop_sync_loop();
     let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
-    let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
-    let confs = [
-        serde_json::json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket})
-            .to_string(),
-        serde_json::json!({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": false,
-            "ipam": {"type": "host-local", "subnet": "10.98.0.0/16", "dataDir": host_local}})
-        .to_string(),
-    ];
-    let bins = [underway.as_str(), "/usr/lib/cni/ptp"];
+    let Plugins { bins, confs, host_local } = Plugins::new(&p);
     let mut times: [[Vec<Duration>; 2]; 2] = Default::default();
     let mut veth_del = Vec::new();
     let before = p.http_get(61780, "/metrics").unwrap();
@@ -129,8 +142,8 @@ async fn add_del(n: usize) {
             let pod = TempNs::new("bpod").unwrap();
             let netns = pod.path().display().to_string();
             let id = format!("bench{i}");
-            times[which][0].push(timed_in(&ns, plugin_command(bins[which], "ADD", &id, &netns), &confs[which]));
-            times[which][1].push(timed_in(&ns, plugin_command(bins[which], "DEL", &id, &netns), &confs[which]));
+            times[which][0].push(timed_in(&ns, plugin_command(&bins[which], "ADD", &id, &netns), &confs[which]));
+            times[which][1].push(timed_in(&ns, plugin_command(&bins[which], "DEL", &id, &netns), &confs[which]));
         }
         let pod = TempNs::new("bveth").unwrap();
         let veth = format!("bv{i}");
@@ -188,7 +201,6 @@ async fn burst(n: usize) {
     println!(
         "\n## {n} concurrent CNI ADDs from a cold pool (m5.4xlarge: 30 addresses per ENI; all must succeed), vs ptp + host-local"
     );
-    let underway = cni_binary();
     let (w, node) = world("m5.4xlarge").await;
     let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_eni_target = 0\n"));
     p.wait_ready(0, Duration::from_secs(60)).unwrap();
@@ -196,15 +208,7 @@ async fn burst(n: usize) {
     let free = status(&p).free;
     let idle = rss_kib(p.pid().unwrap());
     let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
-    let host_local = std::env::temp_dir().join(format!("underway-bench-hl-{}", std::process::id()));
-    let confs = [
-        serde_json::json!({"cniVersion": "1.0.0", "name": "underway", "type": "underway", "ipamdSocket": p.socket})
-            .to_string(),
-        serde_json::json!({"cniVersion": "1.0.0", "name": "ptpbench", "type": "ptp", "ipMasq": false,
-            "ipam": {"type": "host-local", "subnet": "10.98.0.0/16", "dataDir": host_local}})
-        .to_string(),
-    ];
-    let bins = [underway.as_str(), "/usr/lib/cni/ptp"];
+    let Plugins { bins, confs, host_local } = Plugins::new(&p);
     let before = p.http_get(61780, "/metrics").unwrap();
     let mut walls = [Duration::ZERO; 2];
     for which in 0..2 {
@@ -212,7 +216,7 @@ async fn burst(n: usize) {
         let t0 = Instant::now();
         std::thread::scope(|s| {
             for (i, pod) in pods.iter().enumerate() {
-                let (ns, bin, conf) = (&ns, bins[which], &confs[which]);
+                let (ns, bin, conf) = (&ns, bins[which].as_str(), &confs[which]);
                 s.spawn(move || {
                     let netns = pod.path().display().to_string();
                     timed_in(ns, plugin_command(bin, "ADD", &format!("burst{i}"), &netns), conf)
@@ -222,7 +226,7 @@ async fn burst(n: usize) {
         walls[which] = t0.elapsed();
         std::thread::scope(|s| {
             for (i, pod) in pods.iter().enumerate() {
-                let (ns, bin, conf) = (&ns, bins[which], &confs[which]);
+                let (ns, bin, conf) = (&ns, bins[which].as_str(), &confs[which]);
                 s.spawn(move || {
                     let netns = pod.path().display().to_string();
                     timed_in(ns, plugin_command(bin, "DEL", &format!("burst{i}"), &netns), conf)

@@ -212,7 +212,7 @@ async fn run(a: Args) {
     let per_slot = if a.prefix { 16 } else { 1 };
     // VPC-route mode: one CreateRoute per node, for the nodes the table can take.
     let need = if a.route {
-        u64::from(a.nodes.min(50))
+        u64::from(a.nodes).min(FakeConfig::default().routes_per_table as u64)
     } else {
         u64::from(a.nodes) * u64::from(floor_calls(a.pods, limits.slots_per_eni(), per_slot))
     };

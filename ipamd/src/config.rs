@@ -683,12 +683,16 @@ impl Config {
     /// node) 1,000 nodes alone would spend all of EC2's 20/s (docs/benchmarks.md).
     pub fn periodic_describes(&self) -> (std::time::Duration, std::time::Duration) {
         let (gc, recheck) = (self.eni.gc_interval_ms as f64 / 1000.0, self.eni.recheck_interval_ms as f64 / 1000.0);
-        let b = &self.cloud.rate_budget;
-        let stretch = match b.share_of {
-            Some(n) => (f64::from(n) * (1.0 / gc + 1.0 / recheck) / (0.25 * b.account.describe_qps)).max(1.0),
-            None => 1.0,
-        };
+        let stretch = self.describe_stretch(1.0 / gc + 1.0 / recheck);
         (std::time::Duration::from_secs_f64(gc * stretch), std::time::Duration::from_secs_f64(recheck * stretch))
+    }
+
+    /// How much periodic describes of `per_node` a second (each node's) must stretch so that all
+    /// `share_of` nodes together take at most a quarter of the account's describe refill; 1
+    /// without `share_of` (a node alone cannot know the cluster's size).
+    fn describe_stretch(&self, per_node: f64) -> f64 {
+        let b = &self.cloud.rate_budget;
+        b.share_of.map_or(1.0, |n| (f64::from(n) * per_node / (0.25 * b.account.describe_qps)).max(1.0))
     }
 
     /// How often VPC-route mode looks at its route tables: the route re-check of a routed node,
@@ -697,9 +701,7 @@ impl Config {
     /// nodes' checks together at most a quarter of the account's describe refill.
     pub fn route_check_interval(&self) -> std::time::Duration {
         let every = self.vpc_route.check_interval_ms as f64 / 1000.0;
-        let b = &self.cloud.rate_budget;
-        let stretch = b.share_of.map_or(1.0, |n| (f64::from(n) / every / (0.25 * b.account.describe_qps)).max(1.0));
-        std::time::Duration::from_secs_f64(every * stretch)
+        std::time::Duration::from_secs_f64(every * self.describe_stretch(1.0 / every))
     }
 
     /// The tags that mark this node's ENIs (GC looks for these).

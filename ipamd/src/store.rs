@@ -333,9 +333,12 @@ impl Store {
         let mut slots = self.slots.lock().expect("store lock");
         if let Some(s) = slots.as_mut().filter(|s| SLOT_HEAD + body.len() <= s.slot) {
             let seq = s.seq + 1;
-            let bytes = slot_bytes(seq, &body);
             let at = (PAGE + (seq % 2) as usize * s.slot) as u64;
-            match s.file.write_all_at(&bytes, at).and_then(|()| s.file.sync_data()) {
+            let written = s.file.write_all_at(&slot_head(seq, &body), at);
+            match written
+                .and_then(|()| s.file.write_all_at(&body, at + SLOT_HEAD as u64))
+                .and_then(|()| s.file.sync_data())
+            {
                 Ok(()) => {
                     s.seq = seq;
                     return Ok(());
@@ -361,8 +364,8 @@ impl Store {
             let head = format!("{MAGIC} {FORMAT} slots {slot}\n");
             all[..head.len()].copy_from_slice(head.as_bytes());
             let at = PAGE + (seq % 2) as usize * slot;
-            let bytes = slot_bytes(seq, &body);
-            all[at..at + bytes.len()].copy_from_slice(&bytes);
+            all[at..at + SLOT_HEAD].copy_from_slice(&slot_head(seq, &body));
+            all[at + SLOT_HEAD..at + SLOT_HEAD + body.len()].copy_from_slice(&body);
             f.write_all(&all)?;
             f.sync_all()?;
             std::fs::rename(&tmp, &path)?;
@@ -384,17 +387,16 @@ impl Store {
     }
 }
 
-/// A slot's bytes: sequence, length, crc32 of the three, JSON.
-fn slot_bytes(seq: u64, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(SLOT_HEAD + body.len());
-    out.extend_from_slice(&seq.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+/// A slot's head for `body`: sequence, length, crc32 of both and the body. The body follows it.
+fn slot_head(seq: u64, body: &[u8]) -> [u8; SLOT_HEAD] {
+    let mut head = [0u8; SLOT_HEAD];
+    head[..8].copy_from_slice(&seq.to_le_bytes());
+    head[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
     let mut h = crc32fast::Hasher::new();
-    h.update(&out);
+    h.update(&head[..12]);
     h.update(body);
-    out.extend_from_slice(&h.finalize().to_le_bytes());
-    out.extend_from_slice(body);
-    out
+    head[12..].copy_from_slice(&h.finalize().to_le_bytes());
+    head
 }
 
 /// Slot `i`'s sequence and JSON if it holds a whole snapshot, else why not.
