@@ -38,6 +38,134 @@ fn split(pid: u32) -> String {
     format!("anonymous {:.1} MiB + file-backed {:.1} MiB", mib("RssAnon"), mib("RssFile"))
 }
 
+/// Proportional set size in KiB (`/proc/<pid>/smaps_rollup`): RSS with each shared page divided
+/// among the processes mapping it.
+fn pss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("Pss:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A memory cgroup of ipamd's own, as its container gets one, under the bench's own memory cgroup
+/// (cgroup v1's `memory.usage_in_bytes` or v2's `memory.current`: the same counter), with a
+/// fresh copy of the binary whose pages are not in the page cache, so that ipamd's first touch
+/// charges them to its cgroup as a container's first run does.
+struct MemCgroup {
+    dir: std::path::PathBuf,
+    v2: bool,
+    bin_dir: std::path::PathBuf,
+}
+
+impl MemCgroup {
+    fn new() -> Result<MemCgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let name =
+            format!("underway-bench-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let v2 = std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let parent = if v2 {
+            let path = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("no cgroup v2 line")?;
+            let parent = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+            let ctl = std::fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+            if !ctl.split_whitespace().any(|c| c == "memory") {
+                return Err(format!("{}: memory is not delegated to children", parent.display()));
+            }
+            parent
+        } else {
+            let path = own
+                .lines()
+                .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_string()))
+                .ok_or("no memory cgroup")?;
+            std::path::Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/'))
+        };
+        let dir = parent.join(&name);
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let bin_dir = std::env::temp_dir().join(name);
+        std::fs::create_dir_all(&bin_dir).map_err(|e| e.to_string())?;
+        Ok(MemCgroup { dir, v2, bin_dir })
+    }
+
+    /// A copy of `bin` that is not in the page cache.
+    fn fresh_copy(&self, bin: &std::path::Path) -> std::path::PathBuf {
+        use std::os::fd::AsRawFd;
+        let to = self.bin_dir.join(bin.file_name().unwrap());
+        std::fs::copy(bin, &to).unwrap();
+        let f = std::fs::File::open(&to).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: an advisory call on an open descriptor; it only drops clean cached pages.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(rc, 0, "posix_fadvise");
+        to
+    }
+
+    fn procs(&self) -> std::path::PathBuf {
+        self.dir.join("cgroup.procs")
+    }
+
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap()
+    }
+
+    /// (usage, working set) in KiB: the cgroup's whole charge, and that less its inactive file
+    /// pages (what the kubelet evicts by and `container_memory_working_set_bytes` shows).
+    fn usage_kib(&self) -> (u64, u64) {
+        let usage: u64 =
+            self.read(if self.v2 { "memory.current" } else { "memory.usage_in_bytes" }).trim().parse().unwrap();
+        let stat = self.read("memory.stat");
+        let key = if self.v2 { "inactive_file " } else { "total_inactive_file " };
+        let inactive: u64 =
+            stat.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        (usage / 1024, usage.saturating_sub(inactive) / 1024)
+    }
+}
+
+impl Drop for MemCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bin_dir);
+        // Its process is gone by now (dropped first); what it charged moves to the parent.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("left {} behind", self.dir.display());
+    }
+}
+
+/// ipamd in a memory cgroup of its own when this machine gives one, started from a fresh copy of
+/// the binary. Its fields drop in order: the process, then its cgroup.
+struct Measured {
+    p: underway_tests::ipamd::IpamdProcess,
+    cg: Option<MemCgroup>,
+}
+
+fn start_measured(
+    w: &underway_tests::world::World,
+    n: &underway_tests::world::Node,
+    extra: &str,
+    env: &[(&str, &str)],
+) -> Measured {
+    let cg = MemCgroup::new().map_err(|e| println!("(no cgroup of its own: {e})")).ok();
+    let bin = cg.as_ref().map_or_else(ipamd_bin, |c| c.fresh_copy(&ipamd_bin()));
+    let mut p = underway_tests::ipamd::IpamdProcess::prepare(w, n, &bin, extra, env).unwrap();
+    p.cgroup_procs = cg.as_ref().map(MemCgroup::procs);
+    p.spawn().unwrap();
+    Measured { p, cg }
+}
+
+/// "RSS a MiB, PSS b MiB, its cgroup c MiB (working set d MiB)".
+fn memory(m: &Measured) -> String {
+    let pid = m.p.pid().unwrap();
+    let mib = |k: u64| k as f64 / 1024.0;
+    let mut s = format!("RSS {:.1} MiB, PSS {:.1} MiB", mib(rss_kib(pid)), mib(pss_kib(pid)));
+    if let Some(cg) = &m.cg {
+        let (usage, ws) = cg.usage_kib();
+        s += &format!(", its cgroup {:.1} MiB (working set {:.1} MiB)", mib(usage), mib(ws));
+    }
+    s
+}
+
 /// `n` pods, 25 at a time in parallel.
 fn pods(p: &underway_tests::ipamd::IpamdProcess, prefix: &str, n: usize) {
     for chunk in 0..n.div_ceil(25) {
@@ -202,13 +330,14 @@ async fn burst(n: usize) {
         "\n## {n} concurrent CNI ADDs from a cold pool (m5.4xlarge: 30 addresses per ENI; all must succeed), vs ptp + host-local"
     );
     let (w, node) = world("m5.4xlarge").await;
-    let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_eni_target = 0\n"));
+    let m = start_measured(&w, &node, &format!("{FAST}[targets]\nwarm_eni_target = 0\n"), &[]);
+    let p = &m.p;
     p.wait_ready(0, Duration::from_secs(60)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
-    let free = status(&p).free;
+    let free = status(p).free;
     let idle = rss_kib(p.pid().unwrap());
     let ns = std::fs::File::open(format!("/run/netns/{}", node.ns)).unwrap();
-    let Plugins { bins, confs, host_local } = Plugins::new(&p);
+    let Plugins { bins, confs, host_local } = Plugins::new(p);
     let before = p.http_get(61780, "/metrics").unwrap();
     let mut walls = [Duration::ZERO; 2];
     for which in 0..2 {
@@ -268,6 +397,7 @@ async fn burst(n: usize) {
         rss_kib(p.pid().unwrap()) as f64 / 1024.0,
         split(p.pid().unwrap())
     );
+    println!("15 s after: {}", memory(&m));
 }
 
 /// One durable save of a snapshot with 250 assignments, as the store does it (format 3: `pwrite`
@@ -373,10 +503,11 @@ async fn main() {
     if want("rss") {
         println!("\n## RSS with 250 assignments and restart → serving (targets: ≤ 20 MiB, ≤ 200 ms)");
         let (w, n) = world("m5.24xlarge").await;
-        let mut p = start(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
+        let mut m = start_measured(&w, &n, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"), &[]);
+        let p = &mut m.p;
         p.wait_ready(10, Duration::from_secs(60)).unwrap();
         let idle = rss_kib(p.pid().unwrap());
-        pods(&p, "r", 250);
+        pods(p, "r", 250);
         std::thread::sleep(Duration::from_secs(2));
         let full = rss_kib(p.pid().unwrap());
         println!(
@@ -386,6 +517,8 @@ async fn main() {
             full as f64 / 1024.0 / 20.0,
             split(p.pid().unwrap())
         );
+        println!("with 250 assignments: {}", memory(&m));
+        let p = &mut m.p;
         let mut first = Vec::new();
         let mut synced = Vec::new();
         for _ in 0..5 {
@@ -396,7 +529,7 @@ async fn main() {
                 std::thread::sleep(Duration::from_millis(2));
             }
             first.push(t.elapsed());
-            while status(&p).reason != "serving" {
+            while status(p).reason != "serving" {
                 std::thread::sleep(Duration::from_millis(5));
             }
             synced.push(t.elapsed());
@@ -413,7 +546,7 @@ async fn main() {
         let rss_after = rss_kib(p.pid().unwrap());
         println!("RSS after the restarts (250 assignments from the store): {:.1} MiB", rss_after as f64 / 1024.0);
 
-        drop(p);
+        drop(m);
         drop(w);
     }
     if want("kubernetes") {
@@ -421,9 +554,9 @@ async fn main() {
             "\n## RSS with the Kubernetes side on, by cluster size (target: ≤ 20 MiB, not growing with the cluster)"
         );
         for nodes in [10, 5000] {
-            let (rss, parts, requests) = rss_with_kubernetes(nodes).await;
+            let (rss, parts, requests, all) = rss_with_kubernetes(nodes).await;
             println!(
-                "{nodes} Nodes: RSS {:.1} MiB with its Node watched, the Lease held and 250 assignments (ratio to 20 MiB: {:.2}; {parts}); {requests} API requests",
+                "{nodes} Nodes: RSS {:.1} MiB with its Node watched, the Lease held and 250 assignments (ratio to 20 MiB: {:.2}; {parts}); {requests} API requests; {all}",
                 rss as f64 / 1024.0,
                 rss as f64 / 1024.0 / 20.0
             );
@@ -432,8 +565,8 @@ async fn main() {
 }
 
 /// ipamd with its Kubernetes side against a stand-in API server holding `nodes` Nodes: its RSS
-/// (KiB) with 250 assignments, its split, and how many requests it made.
-async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
+/// (KiB) with 250 assignments, its split, how many requests it made, and [`memory`]'s line.
+async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize, String) {
     let (w, n) = world("m5.24xlarge").await;
     let api = underway_tests::apiserver::FakeApiServer::in_ns(&n.ns).unwrap();
     for i in 0..nodes {
@@ -446,11 +579,13 @@ async fn rss_with_kubernetes(nodes: usize) -> (u64, String, usize) {
     let extra = format!("{FAST}[kubernetes]\nenabled = true\nnode_name = \"node-7\"\n");
     let kc = api.kubeconfig_path();
     let env = [("KUBECONFIG", kc.as_str())];
-    let p = underway_tests::ipamd::IpamdProcess::start_with_env(&w, &n, &ipamd_bin(), &extra, &env).unwrap();
+    let m = start_measured(&w, &n, &extra, &env);
+    let p = &m.p;
     p.wait_ready(10, Duration::from_secs(60)).unwrap();
-    pods(&p, "k", 250);
+    pods(p, "k", 250);
     std::thread::sleep(Duration::from_secs(6)); // a Lease round or two
     let rss = rss_kib(p.pid().unwrap());
     let parts = split(p.pid().unwrap());
-    (rss, parts, api.requests().len())
+    let all = memory(&m);
+    (rss, parts, api.requests().len(), all)
 }

@@ -70,6 +70,9 @@ pub struct IpamdProcess {
     bin: PathBuf,
     env: Vec<(String, String)>,
     child: Option<Child>,
+    /// A cgroup's `cgroup.procs` the process is started in (the node bench measures ipamd's
+    /// memory as its container's cgroup counts it).
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl IpamdProcess {
@@ -81,6 +84,20 @@ impl IpamdProcess {
 
     /// [`IpamdProcess::start`] with more environment variables (e.g. `KUBECONFIG`).
     pub fn start_with_env(
+        world: &World,
+        node: &Node,
+        bin: &Path,
+        extra: &str,
+        more_env: &[(&str, &str)],
+    ) -> Result<IpamdProcess, HarnessError> {
+        let mut p = Self::prepare(world, node, bin, extra, more_env)?;
+        p.spawn()?;
+        Ok(p)
+    }
+
+    /// [`IpamdProcess::start_with_env`]'s directory, config and environment, not started yet:
+    /// [`IpamdProcess::spawn`] starts it.
+    pub fn prepare(
         world: &World,
         node: &Node,
         bin: &Path,
@@ -114,7 +131,7 @@ impl IpamdProcess {
             ("AWS_REGION".into(), "us-east-1".into()),
         ];
         let env = env.into_iter().chain(more_env.iter().map(|(k, v)| (k.to_string(), v.to_string()))).collect();
-        let mut p = IpamdProcess {
+        Ok(IpamdProcess {
             ns: node.ns.clone(),
             log: dir.join("ipamd.log"),
             dir,
@@ -123,15 +140,23 @@ impl IpamdProcess {
             bin: bin.to_path_buf(),
             env,
             child: None,
-        };
-        p.spawn()?;
-        Ok(p)
+            cgroup_procs: None,
+        })
     }
 
     /// Starts the process (again, after a kill or stop).
     pub fn spawn(&mut self) -> Result<(), HarnessError> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
-        let child = Command::new("ip")
+        let mut cmd = match &self.cgroup_procs {
+            // The shell joins the cgroup, then becomes `ip`, which becomes ipamd.
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo $$ > \"$0\" && exec \"$@\"", &procs.display().to_string(), "ip"]);
+                c
+            }
+            None => Command::new("ip"),
+        };
+        let child = cmd
             .args(["netns", "exec", &self.ns])
             .arg(&self.bin)
             .args(["run", "--config"])
