@@ -130,6 +130,11 @@ impl Ec2Cloud {
         self.pacer.stats()
     }
 
+    /// The node's rate budget (ipamd's Kubernetes side sets its share from the cluster's size).
+    pub fn budget(&self) -> &crate::budget::RateBudget {
+        self.pacer.budget()
+    }
+
     /// One call: every attempt takes a token from the rate budget first (the SDK's own retries
     /// would bypass it, and a throttled account is exactly when the budget matters), throttles and
     /// transient failures are retried with jittered exponential backoff (backon) up to
@@ -533,6 +538,9 @@ impl Interfaces for Ec2Cloud {
     fn mutating_wait(&self) -> std::time::Duration {
         self.pacer.budget().wait(crate::budget::ApiClass::Mutating)
     }
+    fn share_of(&self) -> Option<u32> {
+        self.pacer.budget().share_of()
+    }
     async fn create_eni(&self, req: &CreateEni) -> Result<Eni> {
         const OP: &str = "CreateNetworkInterface";
         let checked = check_id("subnet_id", &req.subnet_id, "subnet-")
@@ -585,10 +593,7 @@ impl Interfaces for Ec2Cloud {
             .instance_id(instance_id)
             .device_index(device_index as i32);
         let out = self.call_with(OP, ApiClass::Mutating, false, || call.clone().send()).await?;
-        let attachment = out.attachment_id().ok_or_else(|| malformed(OP, "attachment id", None))?.to_string();
-        // An ENI that outlives its instance is a leak: let EC2 delete it with the instance.
-        self.set_delete_on_termination(eni_id, &attachment).await?;
-        Ok(attachment)
+        Ok(out.attachment_id().ok_or_else(|| malformed(OP, "attachment id", None))?.to_string())
     }
 
     async fn set_delete_on_termination(&self, eni_id: &str, attachment_id: &str) -> Result<()> {

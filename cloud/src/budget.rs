@@ -116,8 +116,6 @@ impl BudgetConfig {
 pub struct TokenBucket {
     cfg: BucketConfig,
     adaptive: bool,
-    /// This node's share of the account's refill (calls per second), when the budget shares.
-    share: Option<f64>,
     state: Mutex<BucketState>,
 }
 
@@ -127,6 +125,8 @@ struct BucketState {
     at: Instant,
     /// The rate now (the configured one unless adapted down).
     qps: f64,
+    /// This node's share of the account's refill (calls per second), when the budget shares.
+    share: Option<f64>,
 }
 
 /// The lowest an adaptive rate goes, as a share of the configured one. Lower floors made the
@@ -140,20 +140,32 @@ impl TokenBucket {
     }
 
     pub fn with_adaptation(cfg: BucketConfig, adaptive: bool) -> Self {
-        let state = BucketState { level: f64::from(cfg.burst), at: Instant::now(), qps: cfg.qps };
-        TokenBucket { cfg, adaptive, share: None, state: Mutex::new(state) }
+        let state = BucketState { level: f64::from(cfg.burst), at: Instant::now(), qps: cfg.qps, share: None };
+        TokenBucket { cfg, adaptive, state: Mutex::new(state) }
     }
 
     /// A bucket that drops to `share` calls per second when the account throttles (see
     /// [`BudgetConfig::share_of`]).
     pub fn sharing(cfg: BucketConfig, share: f64) -> Self {
-        TokenBucket { share: Some(share.min(cfg.qps)), ..Self::new(cfg) }
+        let b = Self::new(cfg);
+        b.set_share(share);
+        b
+    }
+
+    /// A new share (the cluster grew or shrank). As with the first: the rate comes down to it at
+    /// the account's first throttle; a rate already below it (an earlier, smaller share) rises.
+    pub fn set_share(&self, share: f64) {
+        let mut st = self.state.lock().expect("bucket lock");
+        self.refill(&mut st);
+        let share = share.min(self.cfg.qps);
+        st.share = Some(share);
+        st.qps = st.qps.max(share);
     }
 
     /// Down to the share (never up to it), the saved burst dropped, and the next token at a
     /// random point of one share's interval: the nodes a wave throttled together come back
     /// spread over it instead of together.
-    fn to_share(&self, st: &mut BucketState, share: f64) {
+    fn to_share(st: &mut BucketState, share: f64) {
         if st.qps > share || st.level > 0.0 {
             st.qps = st.qps.min(share);
             st.level = st.level.min(0.0) - fastrand::f64();
@@ -189,12 +201,12 @@ impl TokenBucket {
 
     /// What the cloud answered a call that used a token (adaptive buckets only).
     pub fn observe(&self, throttled: bool) {
-        if !self.adaptive && self.share.is_none() {
+        let mut st = self.state.lock().expect("bucket lock");
+        if !self.adaptive && st.share.is_none() {
             return;
         }
-        let mut st = self.state.lock().expect("bucket lock");
         self.refill(&mut st);
-        if let Some(share) = self.share {
+        if let Some(share) = st.share {
             if throttled {
                 // Down to the share, not below: at its share a node collides with others now
                 // and then (their phases are random), and a node halved below it would finish
@@ -219,10 +231,10 @@ impl TokenBucket {
     /// The account throttled a call of the other class: this one drops to its share too.
     /// (A bucket already at its share is left alone: the throttle was not its own.)
     fn account_busy(&self) {
-        if let Some(share) = self.share {
-            let mut st = self.state.lock().expect("bucket lock");
+        let mut st = self.state.lock().expect("bucket lock");
+        if let Some(share) = st.share {
             self.refill(&mut st);
-            self.to_share(&mut st, share);
+            Self::to_share(&mut st, share);
         }
     }
 
@@ -252,19 +264,43 @@ impl TokenBucket {
 pub struct RateBudget {
     mutating: TokenBucket,
     describe: TokenBucket,
+    cfg: BudgetConfig,
+    /// The nodes sharing the account now (0: not sharing).
+    share_of: std::sync::atomic::AtomicU32,
 }
 
 impl RateBudget {
     pub fn new(cfg: BudgetConfig) -> Self {
-        match cfg.share_of {
-            Some(n) => RateBudget {
-                mutating: TokenBucket::sharing(cfg.mutating, cfg.account.mutating_qps / f64::from(n.max(1))),
-                describe: TokenBucket::sharing(cfg.describe, cfg.account.describe_qps / f64::from(n.max(1))),
-            },
-            None => RateBudget {
-                mutating: TokenBucket::with_adaptation(cfg.mutating, cfg.adaptive),
-                describe: TokenBucket::with_adaptation(cfg.describe, cfg.adaptive),
-            },
+        let b = RateBudget {
+            mutating: TokenBucket::with_adaptation(cfg.mutating, cfg.adaptive && cfg.share_of.is_none()),
+            describe: TokenBucket::with_adaptation(cfg.describe, cfg.adaptive && cfg.share_of.is_none()),
+            cfg,
+            share_of: Default::default(),
+        };
+        if let Some(n) = cfg.share_of {
+            b.set_share_of(n);
+        }
+        b
+    }
+
+    /// Shares the account's refill with `n` nodes from now on (n ≥ 1): the count the cluster
+    /// reports (ipamd's Kubernetes side reads its Node count), or `share_of` as configured. An
+    /// adaptive budget (`rate_budget.adaptive`) keeps its own policy and ignores this.
+    pub fn set_share_of(&self, n: u32) {
+        if self.cfg.adaptive && self.cfg.share_of.is_none() {
+            return;
+        }
+        let n = n.max(1);
+        self.share_of.store(n, std::sync::atomic::Ordering::Relaxed);
+        self.mutating.set_share(self.cfg.account.mutating_qps / f64::from(n));
+        self.describe.set_share(self.cfg.account.describe_qps / f64::from(n));
+    }
+
+    /// The nodes this budget shares the account with, once known.
+    pub fn share_of(&self) -> Option<u32> {
+        match self.share_of.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
         }
     }
 
@@ -448,6 +484,28 @@ mod tests {
         let fixed = TokenBucket::new(BucketConfig { qps: 2.0, burst: 10 });
         fixed.observe(true);
         assert_eq!(fixed.rate(), 2.0);
+    }
+
+    /// The share can come after the budget is made (ipamd reads the cluster's Node count once
+    /// it has joined) and change with the cluster; an adaptive budget keeps its own policy.
+    #[tokio::test(start_paused = true)]
+    async fn a_share_set_later_applies_from_the_next_throttle_and_follows_the_cluster() {
+        let b = RateBudget::new(BudgetConfig::default());
+        assert_eq!(b.share_of(), None);
+        b.observe(ApiClass::Mutating, true);
+        assert_eq!(b.rate(ApiClass::Mutating), 2.0, "not sharing: a throttle changes nothing");
+        b.set_share_of(1000);
+        assert_eq!(b.share_of(), Some(1000));
+        assert_eq!(b.rate(ApiClass::Mutating), 2.0, "the configured rate until the account throttles");
+        b.observe(ApiClass::Mutating, true);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.005, "5/s shared 1,000 ways");
+        b.set_share_of(100);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.05, "the cluster shrank: up to the new share");
+        b.set_share_of(0);
+        assert_eq!(b.share_of(), Some(1), "at least this node");
+        let adaptive = RateBudget::new(BudgetConfig { adaptive: true, ..BudgetConfig::default() });
+        adaptive.set_share_of(1000);
+        assert_eq!(adaptive.share_of(), None, "rate_budget.adaptive is its own policy");
     }
 
     #[test]

@@ -656,7 +656,7 @@ impl Interfaces for FakeEc2 {
                 instance_id: instance_id.into(),
                 device_index,
                 status: "attached".into(),
-                delete_on_termination: true,
+                delete_on_termination: false,
             });
             e.status = "in-use".into();
             w.attached.entry(instance_id.to_string()).or_default().insert(eni_id.to_string());
@@ -983,6 +983,10 @@ mod tests {
         let e = ec2.attach_eni(&eni.id, &node.id, 0).await.unwrap_err();
         assert!(e.to_string().contains("device index"), "{e}");
         let att = ec2.attach_eni(&eni.id, &node.id, 1).await.unwrap();
+        let dot = |e: Eni| e.attachment.expect("attached").delete_on_termination;
+        assert!(!dot(ec2.eni(&eni.id).await.unwrap()), "an attach leaves delete-on-termination off, as EC2 does");
+        ec2.set_delete_on_termination(&eni.id, &att).await.unwrap();
+        assert!(dot(ec2.eni(&eni.id).await.unwrap()));
         assert!(matches!(ec2.delete_eni(&eni.id).await, Err(CloudError::InUse { .. })));
         let third = ec2.create_eni(&create(&subnet, AddressCount::default())).await.unwrap();
         ec2.attach_eni(&third.id, &node.id, 2).await.unwrap();

@@ -53,9 +53,18 @@ pub trait Interfaces: Send + Sync {
     fn mutating_wait(&self) -> std::time::Duration {
         std::time::Duration::ZERO
     }
+    /// How many nodes this node's budget shares the account with, once known (configured, or
+    /// the cluster's Node count): periodic describes stretch with it.
+    fn share_of(&self) -> Option<u32> {
+        None
+    }
     /// Creates an ENI with its first addresses in the same call.
     fn create_eni(&self, req: &CreateEni) -> impl Future<Output = Result<Eni>> + Send;
-    /// Attaches at a device index (≥ 1) with delete-on-termination set, and returns the attachment id.
+    /// Attaches at a device index (≥ 1) and returns the attachment id. EC2 leaves
+    /// delete-on-termination off for an attached ENI: [`set_delete_on_termination`] is a second
+    /// mutating call, which the caller makes (and spends its budget on) itself.
+    ///
+    /// [`set_delete_on_termination`]: Interfaces::set_delete_on_termination
     fn attach_eni(
         &self,
         eni_id: &str,
@@ -63,8 +72,8 @@ pub trait Interfaces: Send + Sync {
         device_index: u32,
     ) -> impl Future<Output = Result<String>> + Send;
     fn detach_eni(&self, attachment_id: &str, force: bool) -> impl Future<Output = Result<()>> + Send;
-    /// Lets EC2 delete the attached ENI with its instance (`attach_eni` does this itself; an ENI
-    /// adopted after an attach whose answer was lost needs it done).
+    /// Lets EC2 delete the attached ENI with its instance (after every attach; an ENI that outlives
+    /// its instance is a leak).
     fn set_delete_on_termination(&self, eni_id: &str, attachment_id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Deletes an ENI, refusing (`InUse`) one that is attached, whatever the cloud would allow.
     fn delete_eni(&self, eni_id: &str) -> impl Future<Output = Result<()>> + Send;

@@ -186,6 +186,9 @@ impl<C: Interfaces> Interfaces for Paced<C> {
     fn mutating_wait(&self) -> Duration {
         self.pacer.budget().wait(M)
     }
+    fn share_of(&self) -> Option<u32> {
+        self.pacer.budget().share_of()
+    }
     async fn create_eni(&self, req: &CreateEni) -> Result<Eni> {
         self.pacer.call("CreateNetworkInterface", M, false, || self.inner.create_eni(req)).await
     }

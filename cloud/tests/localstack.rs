@@ -97,8 +97,9 @@ async fn eni_lifecycle_create_attach_detach_delete() {
     let now = cloud.eni(&eni.id).await.unwrap();
     let a = now.attachment.clone().expect("attached");
     assert_eq!((a.id.as_str(), a.instance_id.as_str(), a.device_index), (attachment.as_str(), id.as_str(), 1));
-    // attach also sets delete-on-termination; LocalStack accepts the call but does not always keep
-    // the flag, so the request itself is checked in replay.rs (attach_sets_delete_on_termination).
+    // Delete-on-termination is a call of its own; LocalStack accepts it but does not always keep
+    // the flag, so the request itself is checked in replay.rs (attach_then_delete_on_termination).
+    cloud.set_delete_on_termination(&eni.id, &attachment).await.unwrap();
     assert_eq!(cloud.stats().snapshot().get(&("ModifyNetworkInterfaceAttribute", Outcome::Ok)), Some(&1));
     assert_eq!(cloud.enis_of_instance(&id).await.unwrap().len(), 2);
 

@@ -55,9 +55,11 @@ fn args() -> Args {
     }
 }
 
-/// The fewest mutating calls one node needs for `pods` addresses, as ipamd makes them: one
-/// assign on the primary ENI, then per further ENI a create (with its first addresses) and an
-/// attach (delete-on-termination is set in the same call by the fake; EC2 takes a second).
+/// The fewest mutating calls one node needs before all its `pods` have addresses, as ipamd
+/// makes them: one assign on the primary ENI, then per further ENI a create (with its first
+/// addresses) and an attach. Each attach's delete-on-termination (a second call in EC2 and in
+/// the in-memory one) is not on that path: while pods wait and its budget is short, ipamd makes
+/// it after their addresses; it is counted in the mutating calls all the same.
 fn floor_calls(pods: u32, slots: u32, per_slot: u32) -> u32 {
     let need = pods.div_ceil(per_slot);
     let more_enis = need.saturating_sub(slots).div_ceil(slots);
@@ -93,6 +95,8 @@ async fn run(a: Args) {
     let done = Arc::new(AtomicU64::new(0));
     let last_ms = Arc::new(AtomicU64::new(0));
     let waited = Arc::new(AtomicU64::new(0));
+    let networked = Arc::new(AtomicU64::new(0));
+    let finish_s = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut pacers = Vec::new();
     for i in 0..a.nodes {
@@ -146,7 +150,8 @@ async fn run(a: Args) {
             tokio::spawn(underway_ipamd::reconcile::run(src, state.clone(), cfg, metrics, stop_rx.clone()));
         }
         // The node's pods, all wanted at once; each Add waits for the pool as ipamd's does.
-        let (done, last_ms, waited) = (done.clone(), last_ms.clone(), waited.clone());
+        let (done, last_ms, waited, networked) = (done.clone(), last_ms.clone(), waited.clone(), networked.clone());
+        let finish_s = finish_s.clone();
         let pods = a.pods;
         tokio::spawn(async move {
             let mut got = 0;
@@ -157,6 +162,7 @@ async fn run(a: Args) {
                 let (r, _) = state.change(|b| b.pool.assign(&key, 0));
                 if r.is_ok() {
                     got += 1;
+                    networked.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if !counted_wait {
@@ -174,23 +180,39 @@ async fn run(a: Args) {
             state.change(|b| b.waiting = 0);
             done.fetch_add(1, Ordering::Relaxed);
             last_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+            finish_s.lock().unwrap().push(started.elapsed().as_secs());
         });
     }
-    // Until every node is done, or nothing finished for 30 simulated minutes (a node that can
-    // never get addresses, e.g. past the route table's quota), or 6 simulated hours.
-    let mut last_done = (0, tokio::time::Instant::now());
+    // Until every node is done, or no pod got an address for 30 simulated minutes (a node that
+    // can never get addresses, e.g. past the route table's quota), or 6 simulated hours. A line
+    // of progress every 10 simulated minutes.
+    let mut last_progress = (0, tokio::time::Instant::now());
+    let mut next_report = Duration::from_secs(600);
     while done.load(Ordering::Relaxed) < u64::from(a.nodes) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let d = done.load(Ordering::Relaxed);
-        if d != last_done.0 {
-            last_done = (d, tokio::time::Instant::now());
+        let n = networked.load(Ordering::Relaxed);
+        if n != last_progress.0 {
+            last_progress = (n, tokio::time::Instant::now());
+        }
+        if started.elapsed() >= next_report {
+            next_report += Duration::from_secs(600);
+            let c = ec2.counts();
+            eprintln!(
+                "t={}s pods={n} nodes_done={} mutating={} (throttled {}) describe={} (throttled {})",
+                started.elapsed().as_secs(),
+                done.load(Ordering::Relaxed),
+                c.mutating,
+                c.throttled_mutating,
+                c.describe,
+                c.throttled_describe
+            );
         }
         if started.elapsed() > Duration::from_secs(6 * 3600) {
             eprintln!("gave up after 6 h of simulated time");
             break;
         }
-        if last_done.1.elapsed() > Duration::from_secs(1800) {
-            eprintln!("no node finished for 30 simulated minutes: stopping");
+        if last_progress.1.elapsed() > Duration::from_secs(1800) {
+            eprintln!("no pod got an address for 30 simulated minutes: stopping");
             break;
         }
     }
@@ -208,6 +230,12 @@ async fn run(a: Args) {
     }
     let _ = stop_tx.send(true);
     let wall = Duration::from_millis(last_ms.load(Ordering::Relaxed));
+    let mut fin = finish_s.lock().unwrap().clone();
+    fin.sort_unstable();
+    if !fin.is_empty() {
+        let q = |p: f64| fin[((fin.len() - 1) as f64 * p) as usize];
+        println!("nodes networked by (s): p10 {} p50 {} p90 {} max {}", q(0.1), q(0.5), q(0.9), q(1.0));
+    }
     let c = ec2.counts();
     let per_slot = if a.prefix { 16 } else { 1 };
     // VPC-route mode: one CreateRoute per node, for the nodes the table can take.

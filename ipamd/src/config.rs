@@ -252,6 +252,11 @@ pub struct KubernetesConfig {
     pub pool_label: String,
     /// Create an Event on a pod whose Add failed, with the reason.
     pub events: bool,
+    /// How often the cluster's Node count is read (one list of one Node's metadata), so that
+    /// the EC2 budget shares the account's refill with that many nodes
+    /// (`cloud.rate_budget.share_of`, which wins when set; not with `rate_budget.adaptive`).
+    /// 0: never.
+    pub node_count_interval_ms: u64,
     pub gc: ClusterGcConfig,
 }
 
@@ -262,6 +267,7 @@ impl Default for KubernetesConfig {
             node_name: None,
             pool_label: "underway.dev/pool".into(),
             events: true,
+            node_count_interval_ms: 60_000,
             gc: ClusterGcConfig::default(),
         }
     }
@@ -673,35 +679,39 @@ impl Config {
                 return Err(invalid("kubernetes.gc.interval_ms", "at least 1000"));
             }
         }
+        if k.node_count_interval_ms != 0 && k.node_count_interval_ms < 1000 {
+            return Err(invalid("kubernetes.node_count_interval_ms", "0 (never) or at least 1000"));
+        }
         Ok(())
     }
 
     /// The ENI mode's periodic describes (the leaked-ENI sweep, the drift re-check), as
-    /// intervals. With `rate_budget.share_of` set they are stretched so that all the nodes'
-    /// periodic describes together take at most a quarter of the account's describe refill:
-    /// at the defaults (one sweep a minute, one re-check per 5 minutes: 0.02 describes/s per
-    /// node) 1,000 nodes alone would spend all of EC2's 20/s (docs/benchmarks.md).
-    pub fn periodic_describes(&self) -> (std::time::Duration, std::time::Duration) {
+    /// intervals. With `share_of` nodes sharing the account (the cloud's budget knows: from
+    /// `rate_budget.share_of` or the cluster's Node count) they are stretched so that all the
+    /// nodes' periodic describes together take at most a quarter of the account's describe
+    /// refill: at the defaults (one sweep a minute, one re-check per 5 minutes: 0.02
+    /// describes/s per node) 1,000 nodes alone would spend all of EC2's 20/s (docs/benchmarks.md).
+    pub fn periodic_describes(&self, share_of: Option<u32>) -> (std::time::Duration, std::time::Duration) {
         let (gc, recheck) = (self.eni.gc_interval_ms as f64 / 1000.0, self.eni.recheck_interval_ms as f64 / 1000.0);
-        let stretch = self.describe_stretch(1.0 / gc + 1.0 / recheck);
+        let stretch = self.describe_stretch(1.0 / gc + 1.0 / recheck, share_of);
         (std::time::Duration::from_secs_f64(gc * stretch), std::time::Duration::from_secs_f64(recheck * stretch))
     }
 
     /// How much periodic describes of `per_node` a second (each node's) must stretch so that all
     /// `share_of` nodes together take at most a quarter of the account's describe refill; 1
     /// without `share_of` (a node alone cannot know the cluster's size).
-    fn describe_stretch(&self, per_node: f64) -> f64 {
+    fn describe_stretch(&self, per_node: f64, share_of: Option<u32>) -> f64 {
         let b = &self.cloud.rate_budget;
-        b.share_of.map_or(1.0, |n| (f64::from(n) * per_node / (0.25 * b.account.describe_qps)).max(1.0))
+        share_of.map_or(1.0, |n| (f64::from(n) * per_node / (0.25 * b.account.describe_qps)).max(1.0))
     }
 
     /// How often VPC-route mode looks at its route tables: the route re-check of a routed node,
     /// and the retry of a node the tables turned away (full, or the CIDR routed elsewhere).
     /// Stretched like [`periodic_describes`](Self::periodic_describes) with `share_of`: all the
     /// nodes' checks together at most a quarter of the account's describe refill.
-    pub fn route_check_interval(&self) -> std::time::Duration {
+    pub fn route_check_interval(&self, share_of: Option<u32>) -> std::time::Duration {
         let every = self.vpc_route.check_interval_ms as f64 / 1000.0;
-        std::time::Duration::from_secs_f64(every * self.describe_stretch(1.0 / every))
+        std::time::Duration::from_secs_f64(every * self.describe_stretch(1.0 / every, share_of))
     }
 
     /// The tags that mark this node's ENIs (GC looks for these).
@@ -719,8 +729,9 @@ mod tests {
 
     #[test]
     fn periodic_describes_stretch_with_the_nodes_sharing_the_account() {
-        let secs = |c: &Config| {
-            let (g, r) = c.periodic_describes();
+        let c = Config::default();
+        let secs = |share_of| {
+            let (g, r) = c.periodic_describes(share_of);
             (g.as_secs(), r.as_secs())
         };
         // (case, share_of, (sweep, re-check) in seconds)
@@ -732,15 +743,11 @@ mod tests {
             ("5,000 nodes: twenty times", Some(5000), (1200, 6000)),
         ];
         for (name, share_of, want) in cases {
-            let mut c = Config::default();
-            c.cloud.rate_budget.share_of = share_of;
-            assert_eq!(secs(&c), want, "{name}");
+            assert_eq!(secs(share_of), want, "{name}");
         }
         // VPC-route mode's route check (one describe a minute per node): (share_of, seconds).
         for (share_of, want) in [(None, 60), (Some(300), 60), (Some(1000), 200), (Some(5000), 1000)] {
-            let mut c = Config::default();
-            c.cloud.rate_budget.share_of = share_of;
-            assert_eq!(c.route_check_interval().as_secs(), want, "{share_of:?}");
+            assert_eq!(c.route_check_interval(share_of).as_secs(), want, "{share_of:?}");
         }
     }
 

@@ -50,6 +50,20 @@ pub struct EniMode<C, N> {
     /// new ENI is this one (creating another each time, and deleting the last, spent the budget
     /// three times over while EC2 throttled; found by the in-memory EC2).
     spare: Option<CloudEni>,
+    /// Device indexes of every ENI EC2 had attached at its last full read of the instance (sync
+    /// or re-check), and whether that read still stands. Attaches this process made since are in
+    /// `known`/`pending`; the read stops standing when an attach fails in a way that may have
+    /// acted or that names another attachment. A new ENI then costs no describe for its index:
+    /// at thousands of nodes the account's describe refill is the scarcer budget.
+    attached_at_read: BTreeSet<u32>,
+    indexes_stand: bool,
+    /// Attached ENIs of this cluster whose delete-on-termination is not set yet (the call after
+    /// the attach was throttled or failed, or a process stopped in between): id → attachment.
+    unprotected: BTreeMap<String, String>,
+    /// When each subnet's free count was read (`subnets` holds it, less what this node took since).
+    subnets_read: BTreeMap<String, Instant>,
+    /// The subnets matching `eni.subnet_tags`, and when they were looked up.
+    tagged: Option<(Vec<String>, Instant)>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
 }
@@ -93,6 +107,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             pending: BTreeMap::new(),
             unsettled: BTreeSet::new(),
             spare: None,
+            attached_at_read: BTreeSet::new(),
+            indexes_stand: false,
+            unprotected: BTreeMap::new(),
+            subnets_read: BTreeMap::new(),
+            tagged: None,
             last_gc: None,
             last_recheck: None,
         }
@@ -207,6 +226,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         }
         self.pending.remove(&eni.id);
         self.known.remove(&eni.id);
+        self.unprotected.remove(&eni.id);
         // Detaching takes EC2 a moment; the delete is retried briefly, then left to the
         // leaked-ENI GC (the ENI is detached, tagged for this node, older than its grace).
         let mut deleted = false;
@@ -234,23 +254,74 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         Ok(())
     }
 
+    /// How long a subnet's free count, and the tag lookup of subnets, is trusted: the re-check
+    /// interval (stretched with `share_of`). Between reads the count is lowered by what this node
+    /// takes; when no subnet has room by that count it is read again at once, and a subnet that
+    /// others emptied meanwhile is refused by EC2 (InsufficientFreeAddressesInSubnet), which
+    /// pauses it. Reading it before every growth step cost each node of a 2,500-node wave ~9 of
+    /// the account's describes (docs/benchmarks.md).
+    fn subnet_max_age(&self) -> Duration {
+        self.cfg.periodic_describes(self.cloud.share_of()).1
+    }
+
+    /// The subnets `ids` with their free counts: read from EC2 (one call for all) when a count is
+    /// older than [`subnet_max_age`](Self::subnet_max_age) or none has `need` free addresses.
+    async fn subnet_counts(&mut self, ids: &[String], need: u32) -> Result<Vec<Subnet>> {
+        let max_age = self.subnet_max_age();
+        let stale = ids.iter().any(|id| self.subnets_read.get(id).is_none_or(|t| t.elapsed() >= max_age));
+        let short = ids.iter().all(|id| self.subnets.get(id).is_none_or(|s| s.available_addresses < need));
+        if !ids.is_empty() && (stale || short) {
+            let now = Instant::now();
+            for s in self.cloud.subnets(ids).await? {
+                self.subnets_read.insert(s.id.clone(), now);
+                self.subnets.insert(s.id.clone(), s);
+            }
+        }
+        Ok(ids.iter().filter_map(|id| self.subnets.get(id).cloned()).collect())
+    }
+
+    /// This node took `addresses` of the subnet (its count is lowered until the next read).
+    fn took(&mut self, subnet: &str, addresses: u32) {
+        if let Some(s) = self.subnets.get_mut(subnet) {
+            s.available_addresses = s.available_addresses.saturating_sub(addresses);
+        }
+    }
+
+    /// The subnets a new ENI may go to: configured, matched by tags (looked up again after the
+    /// max age), or the node's own.
+    async fn candidate_subnets(&mut self) -> Result<Vec<String>> {
+        let e = &self.cfg.eni;
+        if !e.subnets.is_empty() {
+            return Ok(e.subnets.clone());
+        }
+        if e.subnet_tags.is_empty() {
+            return Ok(vec![self.node.subnet_id.clone()]);
+        }
+        if let Some((ids, at)) = &self.tagged
+            && at.elapsed() < self.subnet_max_age()
+        {
+            return Ok(ids.clone());
+        }
+        let found = self.cloud.subnets_by_tags(&self.node.vpc_id, &e.subnet_tags).await?;
+        let now = Instant::now();
+        let mut ids = Vec::new();
+        for s in found.into_iter().filter(|s| s.availability_zone == self.node.availability_zone) {
+            ids.push(s.id.clone());
+            self.subnets_read.insert(s.id.clone(), now);
+            self.subnets.insert(s.id.clone(), s);
+        }
+        self.tagged = Some((ids.clone(), now));
+        Ok(ids)
+    }
+
     /// The subnet for a new ENI: the configured one with the most free addresses, not paused.
     async fn pick_subnet(&mut self, need: u32) -> Result<std::result::Result<Subnet, Blocker>> {
-        let e = &self.cfg.eni;
-        let ids: Vec<String> = if !e.subnets.is_empty() {
-            e.subnets.clone()
-        } else if !e.subnet_tags.is_empty() {
-            let found = self.cloud.subnets_by_tags(&self.node.vpc_id, &e.subnet_tags).await?;
-            found.into_iter().filter(|s| s.availability_zone == self.node.availability_zone).map(|s| s.id).collect()
-        } else {
-            vec![self.node.subnet_id.clone()]
-        };
-        let subs = if ids.is_empty() { Vec::new() } else { self.cloud.subnets(&ids).await? };
+        let ids = self.candidate_subnets().await?;
+        let subs = self.subnet_counts(&ids, need).await?;
         let now = unix_ms();
         let mut why = Vec::new();
         let mut best: Option<Subnet> = None;
         for s in subs {
-            self.subnets.insert(s.id.clone(), s.clone());
             if let Some(until) = self.paused.get(&s.id).filter(|u| **u > now) {
                 why.push(format!("{} paused for {} s after it ran out", s.id, (until - now) / 1000));
             } else if s.available_addresses < need {
@@ -261,7 +332,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         }
         Ok(best.ok_or_else(|| {
             if why.is_empty() {
-                why.push(format!("no subnet matches {:?}", e.subnet_tags));
+                why.push(format!("no subnet matches {:?}", self.cfg.eni.subnet_tags));
             }
             Blocker::SubnetExhausted(format!("subnet exhausted: {}", why.join("; ")))
         }))
@@ -269,6 +340,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     fn pause(&mut self, subnet: &str) {
         self.paused.insert(subnet.to_string(), unix_ms() + self.cfg.eni.subnet_pause_ms);
+        self.subnets_read.remove(subnet);
     }
 
     fn per_slot(&self) -> u32 {
@@ -305,17 +377,18 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 .filter(|(_, room)| *room > 0)
                 .collect()
         });
-        // One DescribeSubnets per grow, for every subnet involved: never ask a subnet for more
-        // than it has (a full subnet hangs LocalStack and wastes a call on AWS).
+        // Never ask a subnet for more than it has by the last count (a full subnet hangs
+        // LocalStack and wastes a call on AWS); the count is read again when it is old or short.
         let mut subnet_ids: Vec<String> =
             rooms.iter().filter_map(|(id, _)| self.known.get(id).map(|k| k.subnet_id.clone())).collect();
         subnet_ids.sort();
         subnet_ids.dedup();
-        let mut free_in: BTreeMap<String, u32> = if subnet_ids.is_empty() {
-            BTreeMap::new()
-        } else {
-            self.cloud.subnets(&subnet_ids).await?.into_iter().map(|s| (s.id, s.available_addresses)).collect()
-        };
+        let mut free_in: BTreeMap<String, u32> = self
+            .subnet_counts(&subnet_ids, self.per_slot())
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s.available_addresses))
+            .collect();
         let mut blocker = None;
         for (id, room) in rooms {
             if n == 0 {
@@ -337,6 +410,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             *left -= count * self.per_slot();
             match self.cloud.assign(&known, slot_count(prefix_mode, count)).await {
                 Ok(a) => {
+                    self.took(&known.subnet_id, count * self.per_slot());
                     let k = self.known.get_mut(&id).expect("known");
                     k.secondary_ips.extend(&a.ips);
                     k.prefixes.extend(&a.prefixes);
@@ -428,14 +502,15 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Creates an ENI with `first` slots, attaches it, sets it up and offers its addresses.
     async fn new_eni(&mut self, state: &NodeState, first: u32) -> Result<Option<Blocker>> {
+        // Before creating: a failed describe must not leave a new ENI behind, detached. An ENI
+        // the read finds attached and untracked is adopted, and is this step's new ENI (creating
+        // one more went past the type's ENI limit: found by the lost-reply test).
+        let tracked = self.pending.len();
+        let used = self.device_indexes(state).await?;
+        if self.pending.len() > tracked {
+            return Ok(None);
+        }
         if let Some(spare) = self.spare.take() {
-            let used = match self.device_indexes(state).await {
-                Ok(u) => u,
-                Err(e) => {
-                    self.spare = Some(spare);
-                    return Err(e);
-                }
-            };
             let count = spare.secondary_ips.len() + spare.prefixes.len();
             return self.attach_new(state, spare, &used, count as u32).await;
         }
@@ -459,10 +534,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             tags: eni_tags(&self.cfg.cluster, &self.node.id, unix_ms() / 1000),
             initial: slot_count(self.prefix_mode(), count),
         };
-        // Before creating: a failed describe must not leave a new ENI behind, detached.
-        let used = self.device_indexes(state).await?;
         let eni = match self.cloud.create_eni(&req).await {
-            Ok(e) => e,
+            Ok(e) => {
+                self.took(&subnet.id, count * self.per_slot() + 1);
+                e
+            }
             Err(CloudError::LimitReached { limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, .. }) => {
                 self.pause(&subnet.id);
                 return Ok(Some(Blocker::SubnetExhausted(format!(
@@ -486,10 +562,19 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         let idx = (1..).find(|i| !used.contains(i)).expect("a free index");
         let attachment = match self.cloud.attach_eni(&eni.id, &self.node.id, idx).await {
             Ok(a) => a,
+            // Throttled on every try (or no token from the node's budget): EC2 did nothing, as
+            // no try of an attach is repeated after a 5xx. The ENI is the next step's, with no
+            // describe (at its share of the account a node meets this after most creates).
+            Err(CloudError::Throttled { op: "AttachNetworkInterface", .. }) => {
+                self.spare = Some(eni);
+                return Ok(None);
+            }
             Err(e) => {
                 // The attach may have happened all the same (a lost reply, or the
                 // delete-on-termination step after it failed, even throttled): never leave the
-                // ENI untracked. Detached after a throttle or a 5xx, it is kept for the next step.
+                // ENI untracked; the instance's device indexes are read again before the next
+                // attach. Detached after a throttle or a 5xx, it is kept for the next step.
+                self.indexes_stand = false;
                 let keep = matches!(e, CloudError::Transient { .. } | CloudError::Throttled { .. });
                 if self.settle_failed_attach(state, &eni, keep).await {
                     return Ok(None);
@@ -498,21 +583,27 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             }
         };
         eni.attachment = Some(Attachment {
-            id: attachment,
+            id: attachment.clone(),
             instance_id: self.node.id.clone(),
             device_index: idx,
             status: "attached".into(),
-            delete_on_termination: true,
+            delete_on_termination: false,
         });
         tracing::info!("created {} in {} with {count} slots, attached at device {idx}", eni.id, eni.subnet_id);
         self.pending.insert(eni.id.clone(), Pending::new(idx));
+        if self.protect_now(state) {
+            self.protect(state, &eni.id, &attachment).await;
+        } else {
+            self.unprotected.insert(eni.id.clone(), attachment);
+        }
         self.known.insert(eni.id.clone(), eni);
         Ok(None)
     }
 
     /// Device indexes in use on this node: the ENIs ipamd knows or waits for, and every ENI EC2
-    /// has attached. An ENI of this cluster that EC2 has attached but ipamd lost track of (an
-    /// attach whose answer was lost) is adopted here: waiting for its link, then in the pool.
+    /// had attached at its last read of the instance. That read is made again when it no longer
+    /// stands (an attach failed in a way that may have acted); an ENI of this cluster that EC2
+    /// has attached but ipamd lost track of is adopted then: waiting for its link, then in the pool.
     async fn device_indexes(&mut self, state: &NodeState) -> Result<Vec<u32>> {
         let mut used: Vec<u32> = self
             .known
@@ -520,28 +611,84 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             .filter_map(|e| e.attachment.as_ref().map(|a| a.device_index))
             .chain(self.pending.values().map(|p| p.device_index))
             .collect();
-        for e in self.cloud.enis_of_instance(&self.node.id).await? {
+        if self.indexes_stand {
+            used.extend(&self.attached_at_read);
+            return Ok(used);
+        }
+        let enis = self.cloud.enis_of_instance(&self.node.id).await?;
+        self.saw_attached(&enis);
+        used.extend(&self.attached_at_read);
+        self.adopt_strays(state, enis).await;
+        Ok(used)
+    }
+
+    /// Makes the next new ENI read the instance's device indexes again, as after an attach
+    /// whose fate is unknown (for tests that stage such an attach in the cloud directly).
+    pub fn forget_device_indexes(&mut self) {
+        self.indexes_stand = false;
+    }
+
+    /// Adopts the ENIs of this cluster that EC2 has attached to this node and ipamd does not
+    /// track (an attach whose answer was lost, and whose read failed too): waiting for their
+    /// link, then in the pool. Every full read of the instance does this, or a stray would stand
+    /// in the read's device indexes untracked and the pool would plan past the type's ENI limit
+    /// (found by the lost-reply test once the read stopped preceding every new ENI).
+    async fn adopt_strays(&mut self, state: &NodeState, enis: Vec<CloudEni>) {
+        for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
-            used.push(idx);
-            if !self.known.contains_key(&e.id) && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster) {
+            if idx > 0
+                && !self.known.contains_key(&e.id)
+                && !self.pending.contains_key(&e.id)
+                && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster)
+            {
                 state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
                 self.adopt(state, e, idx).await;
             }
         }
-        Ok(used)
+    }
+
+    /// A full read of the instance's ENIs: the device indexes taken, which stand until an attach
+    /// fails in a way that may have acted.
+    fn saw_attached(&mut self, enis: &[CloudEni]) {
+        self.attached_at_read = enis.iter().filter_map(|e| e.attachment.as_ref().map(|a| a.device_index)).collect();
+        self.indexes_stand = true;
     }
 
     /// Tracks an ENI EC2 has attached to this node without ipamd hearing of it (an attach whose
     /// answer was lost): waiting for its link, then in the pool. The attach's second step (delete
     /// on termination) never ran for it: done now, or the ENI would outlive the instance.
     async fn adopt(&mut self, state: &NodeState, eni: underway_cloud::Eni, idx: u32) {
-        if let Some(a) = eni.attachment.as_ref().filter(|a| !a.delete_on_termination)
-            && let Err(e) = self.cloud.set_delete_on_termination(&eni.id, &a.id).await
-        {
-            state.record_error(format!("{}: delete on termination not set ({e}); the leak GC covers it", eni.id));
+        if let Some(a) = eni.attachment.as_ref().filter(|a| !a.delete_on_termination) {
+            self.protect(state, &eni.id, &a.id.clone()).await;
         }
         self.pending.insert(eni.id.clone(), Pending::new(idx));
         self.known.insert(eni.id.clone(), eni);
+    }
+
+    /// Whether delete-on-termination is set now: when a mutating call can go at once, or no pod
+    /// waits for an address. At its share of a busy account a node waits for every token, and
+    /// the pods' next ENI comes first (the leak GC covers an ENI whose instance ends meanwhile).
+    fn protect_now(&self, state: &NodeState) -> bool {
+        self.cloud.mutating_wait().is_zero() || state.read(|b| b.waiting) == 0
+    }
+
+    /// Lets EC2 delete an attached ENI with the instance: the second mutating call of every attach.
+    /// Not fatal: a call that fails (throttled: the node's budget or the account's) is made again
+    /// at the end of later steps, after growth; meanwhile an instance that ends leaves the ENI
+    /// detached and tagged, and the cluster GC deletes it.
+    async fn protect(&mut self, state: &NodeState, eni: &str, attachment: &str) {
+        match self.cloud.set_delete_on_termination(eni, attachment).await {
+            Ok(()) | Err(CloudError::NotFound { .. }) => {
+                self.unprotected.remove(eni);
+            }
+            Err(e) => {
+                if self.unprotected.insert(eni.to_string(), attachment.to_string()).is_none() {
+                    state.record_error(format!(
+                        "{eni}: delete on termination not set ({e}); asked again in later steps"
+                    ));
+                }
+            }
+        }
     }
 
     /// After a failed attach: an ENI EC2 has attached to this node is adopted (true); one it has
@@ -730,14 +877,21 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         let before = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
+        self.saw_attached(&enis);
+        let mut strays = Vec::new();
         for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
+            if !self.known.contains_key(&e.id) && !self.pending.contains_key(&e.id) {
+                strays.push(e);
+                continue;
+            }
             if self.pending.contains_key(&e.id) || !before.contains_key(&e.id) {
-                continue; // not offered yet: finish_pending (or device_indexes) takes it
+                continue; // not offered yet: finish_pending takes it
             }
             self.known.insert(e.id.clone(), e.clone());
             self.offer(state, &e, idx, &running);
         }
+        self.adopt_strays(state, strays).await;
         let after = state.read(|b| b.pool.enis().map(|e| (e.id.clone(), e.slots.len())).collect::<BTreeMap<_, _>>());
         if after != before {
             state.record_error(format!("re-check against EC2 repaired the pool: {before:?} → {after:?}"));
@@ -780,8 +934,18 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         // This process has created no ENI yet: a detached one tagged for this node is an earlier
         // run's, cut off between create and attach (a crash), and is deleted now rather than
         // after leak_grace_ms (an attach of it still in flight makes the delete fail: adopted below).
-        self.gc_detached(state, 0).await?;
+        // Done once: a sync that failed after it is retried without it (at its share of a
+        // 2,500-node account's describes a node gets one per 125 s, and each retry from the top
+        // spent one more; found by the simulator). It is also the steps' first leak sweep.
+        // (Skipping it on a node's first run saves a describe, yet made the simulated 1,000-node
+        // wave slower: p50 1,446 → 1,735 s. Its throttle at start is what spreads the nodes'
+        // phases before their first mutating call; see RateBudget::observe.)
+        if self.last_gc.is_none() {
+            self.gc_detached(state, 0).await?;
+            self.last_gc = Some(Instant::now());
+        }
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
+        self.saw_attached(&enis);
         // One look at the host for the whole sync: each offer marks the running pods' addresses.
         let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         let mut seen = Vec::new();
@@ -789,6 +953,14 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
             seen.push(idx);
+            // An earlier process stopped between an attach and its delete-on-termination.
+            if let Some(a) = e
+                .attachment
+                .as_ref()
+                .filter(|a| idx > 0 && !a.delete_on_termination && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster))
+            {
+                self.unprotected.insert(e.id.clone(), a.id.clone());
+            }
             self.known.insert(e.id.clone(), e.clone());
             if idx > 0
                 && let Err(err) = self.setup_link(&e, idx).await
@@ -864,7 +1036,15 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         if d.release > 0 {
             self.release(state, d.release).await?;
         }
-        let (gc_every, recheck_every) = self.cfg.periodic_describes();
+        if !self.unprotected.is_empty()
+            && self.protect_now(state)
+            && self.cloud.mutating_wait() <= Duration::from_millis(self.cfg.cloud.call_timeout_ms)
+        {
+            for (eni, attachment) in self.unprotected.clone() {
+                self.protect(state, &eni, &attachment).await;
+            }
+        }
+        let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every) {
             self.last_gc = Some(Instant::now());
             self.gc_leaked(state).await?;

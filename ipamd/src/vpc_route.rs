@@ -290,7 +290,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         // (the simulator's 60 nodes on a 50-route table: 5,000 describes in 30 minutes).
         // Not yet routed and nothing in the way (the last attempt failed after the look): at once.
         let due = (!self.routed && self.blocked.is_none())
-            || self.last_check.is_none_or(|t| t.elapsed() >= self.cfg.route_check_interval());
+            || self.last_check.is_none_or(|t| t.elapsed() >= self.cfg.route_check_interval(self.cloud.share_of()));
         if !due {
             return Ok(Step { blocker: self.blocked.clone(), again: false });
         }

@@ -125,12 +125,15 @@ async fn a_node_takes_its_pool_and_pod_cidr_from_the_cluster() {
     assert!(metrics.contains("underway_cluster_gc_lease_held 1"), "{metrics}");
     assert_eq!(sample(&metrics, "underway_cluster_gc_deleted_total{kind=\"eni\"}"), Some(1.0), "{metrics}");
 
-    // What it asked the API server: its own Node only, its pool, never pods.
+    // What it asked the API server: its own Node only (and the Nodes' count, one at most), its
+    // pool, never pods.
     let requests = api.requests();
     let node_requests: Vec<&String> = requests.iter().filter(|r| r.starts_with("GET /api/v1/nodes")).collect();
-    assert!(node_requests.len() >= 2, "a list and a watch: {requests:?}");
     let selector = format!("fieldSelector=metadata.name%3D{NODE}");
-    assert!(node_requests.iter().all(|r| r.contains(&selector)), "{node_requests:?}");
+    let (own, count): (Vec<&String>, Vec<&String>) = node_requests.iter().partition(|r| r.contains(&selector));
+    assert!(own.len() >= 2, "a list and a watch: {requests:?}");
+    assert!(!count.is_empty(), "the Node count for the EC2 budget's share: {requests:?}");
+    assert!(count.iter().all(|r| r.contains("limit=1") && !r.contains("watch")), "{count:?}");
     assert!(requests.iter().any(|r| r == "GET /apis/underway.dev/v1alpha1/underwaypools/routed"), "{requests:?}");
     assert!(!requests.iter().any(|r| r.contains("/pods")), "{requests:?}");
 

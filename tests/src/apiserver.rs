@@ -3,7 +3,7 @@
 //! Leases — accepts Events, and records every request line so a test can assert what ipamd asked.
 //!
 //! Semantics kept: a Node list honours `fieldSelector=metadata.name=<n>` (and only that
-//! selector); a watch stays open and sends nothing; a Lease write must carry the resourceVersion
+//! selector) and `limit` (with `remainingItemCount`; no continuation); a watch stays open and sends nothing; a Lease write must carry the resourceVersion
 //! it read (else 409); unknown paths are 404 Status objects. Nothing else of Kubernetes is here.
 
 use std::collections::BTreeMap;
@@ -163,12 +163,18 @@ fn answer(
             if q.contains_key("fieldSelector") && only.is_none() {
                 return status(400, "BadRequest", "only metadata.name= is supported here".into());
             }
-            let items: Vec<Value> =
+            let mut items: Vec<Value> =
                 o.nodes.values().filter(|n| only.is_none_or(|x| n["metadata"]["name"] == x)).cloned().collect();
-            (
-                200,
-                json!({"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": version}, "items": items}),
-            )
+            let mut meta = json!({"resourceVersion": version});
+            // A page of `limit`, saying how many remain (a continue token is given but not served).
+            if let Some(limit) = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0)
+                && items.len() > limit
+            {
+                meta["remainingItemCount"] = json!(items.len() - limit);
+                meta["continue"] = json!("not-served-here");
+                items.truncate(limit);
+            }
+            (200, json!({"apiVersion": "v1", "kind": "NodeList", "metadata": meta, "items": items}))
         }
         ("GET", ["apis", "underway.dev", "v1alpha1", "underwaypools", name]) => match o.pools.get(*name) {
             Some(p) => (200, p.clone()),

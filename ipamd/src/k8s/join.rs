@@ -76,6 +76,13 @@ pub(crate) async fn join_cluster(
         let (c, n) = (client.clone(), name.clone());
         tokio::spawn(async move { k8s::events::run(c, &n, rx).await });
     }
+    let budget = &cfg.cloud.rate_budget;
+    if cfg.kubernetes.node_count_interval_ms > 0 && budget.share_of.is_none() && !budget.adaptive {
+        let (c, cl, st) = (client.clone(), cloud.clone(), state.clone());
+        let every = Duration::from_millis(cfg.kubernetes.node_count_interval_ms);
+        let share = move |n| cl.budget().set_share_of(n);
+        tokio::spawn(k8s::cluster::share_by_node_count(c, every, share, move |e| st.record_error(e), stop.clone()));
+    }
     let gc = cfg.kubernetes.gc.enabled.then(|| {
         let g = &cfg.kubernetes.gc;
         let holder = k8s::lease::Holder {
@@ -251,7 +258,8 @@ mod tests {
         let events = rig.events.take();
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
         let sh = &rig.sh;
-        let join = join_cluster(sh, Arc::new(base), client, cloud(), events, stop);
+        let ec2 = cloud();
+        let join = join_cluster(sh, Arc::new(base), client, ec2.clone(), events, stop);
         let server = async {
             let seen = answer_startup(
                 &mut api,
@@ -281,10 +289,21 @@ mod tests {
         let r = sh.service.handle(add("2")).await;
         assert!(matches!(&r, Response::Error(e) if e.kind == ErrorKind::EniLimitReached), "{r:?}");
         let mut held: Vec<Seen> = Vec::new();
-        let mut saw = (false, false, false);
-        while !(saw.0 && saw.1 && saw.2) {
+        let mut saw = (false, false, false, false);
+        while !(saw.0 && saw.1 && saw.2 && saw.3) {
             let s = api.next().await;
             match (s.method.as_str(), s.path.as_str()) {
+                // The Nodes' count for the EC2 budget's share: one Node's metadata at most.
+                ("GET", "/api/v1/nodes") if s.query.get("limit").is_some_and(|l| l == "1") => {
+                    assert!(!s.query.contains_key("watch") && !s.query.contains_key("fieldSelector"), "{:?}", s.query);
+                    s.answer(
+                        200,
+                        json!({"apiVersion": "v1", "kind": "NodeList",
+                        "metadata": {"resourceVersion": "9", "continue": "c", "remainingItemCount": 2999},
+                        "items": [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}]}),
+                    );
+                    saw.3 = true;
+                }
                 ("GET", "/api/v1/nodes") => {
                     assert_eq!(s.query.get("watch").map(String::as_str), Some("true"));
                     assert_eq!(s.query.get("fieldSelector").map(String::as_str), Some("metadata.name=node-a"));
@@ -312,6 +331,13 @@ mod tests {
                 _ => panic!("unexpected request {} {:?}", s.line(), s.query),
             }
         }
+        for _ in 0..100 {
+            if ec2.budget().share_of().is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(ec2.budget().share_of(), Some(3000), "the budget is shared by the cluster's 3,000 Nodes");
     }
 
     #[tokio::test]

@@ -3,6 +3,8 @@
 //!
 //! - [`node`]: its own Node, watched by a field selector on the name (never the whole cluster),
 //!   and the `UnderwayPool` its pool label names: together they give the effective config;
+//! - [`cluster`]: the cluster's Node count (one list of one Node's metadata a minute), so the
+//!   EC2 budget shares the account's refill with that many nodes;
 //! - [`events`]: an Event on a pod whose Add failed, with the reason;
 //! - [`lease`]: a coordination.k8s.io Lease, so that one ipamd in the cluster runs the
 //!   cluster-wide GC ([`crate::gc`]);
@@ -11,6 +13,7 @@
 //! ipamd does not watch pods: the CNI call carries the pod's namespace and name (CNI_ARGS), which
 //! is all an assignment records and all an Event needs.
 
+pub mod cluster;
 pub mod events;
 #[cfg(test)]
 pub mod fixtures;
