@@ -45,13 +45,13 @@ pub struct BudgetConfig {
     /// How many nodes spend from the account (the cluster's size, or more when other clusters
     /// or tools share it). When set, a throttled answer drops its class (and a throttled
     /// describe the mutating class too) to this node's share of the account's refill
-    /// (`account`), at a random phase within one share's interval; each answered call raises
-    /// the rate by 5 % up to the configured one. A node that is never throttled keeps its
+    /// (`account`), at a random phase within one share's interval; once the account has not
+    /// throttled the class for 30 share intervals (10 minutes to 4 hours), each answered call
+    /// raises the rate by 5 % up to the configured one. A node that is never throttled keeps its
     /// configured rate. In a wave of thousands of nodes, a fixed or halving rate cannot learn
     /// its share from the handful of mutating calls each node makes. Measured in the simulator
-    /// (docs/benchmarks.md): it all but ends throttling, and makes the wave slower, since a
-    /// node's describes then wait for their share too. Off by default; ipamd does not yet
-    /// derive it from the cluster's size.
+    /// (docs/benchmarks.md). Unset here, ipamd's Kubernetes side sets it from the cluster's
+    /// Node count (`kubernetes.node_count_interval_ms`); standalone, nothing does.
     pub share_of: Option<u32>,
     /// The account's refill rates the share is taken from (EC2's defaults: 5 mutating and 20
     /// describe calls per second).
@@ -127,6 +127,9 @@ struct BucketState {
     qps: f64,
     /// This node's share of the account's refill (calls per second), when the budget shares.
     share: Option<f64>,
+    /// When the account last throttled this class (sharing budgets: the rate stays at the share
+    /// until [`QUIET`] has passed since).
+    throttled_at: Option<Instant>,
 }
 
 /// The lowest an adaptive rate goes, as a share of the configured one. Lower floors made the
@@ -134,13 +137,31 @@ struct BucketState {
 /// call's deadline (0.0005: 4.8× the account's floor; 0.02: 1.54×; docs/benchmarks.md).
 const MIN_SHARE: f64 = 0.02;
 
+/// How long a sharing bucket stays at its share after the account's last throttle before its
+/// rate rises again (×1.05 per answered call, up to the configured rate): this many of the
+/// share's intervals, within [`QUIET_MIN`, `QUIET_MAX`]. Rising at once after each answer put
+/// nodes above their share mid-wave, and the throttles that followed fell on the nodes still
+/// waiting: the simulated 1,000-node wave's last node came at 2.0× the floor; staying at the
+/// share, at 1.43× with no mutating call throttled; rising again after a fixed 10 quiet minutes
+/// (shorter than that wave), at 2.1× (docs/benchmarks.md). A wave takes a node ~10 calls, each
+/// one share interval apart; after it, a quiet account lets the rate come back.
+const QUIET_INTERVALS: f64 = 30.0;
+const QUIET_MIN: Duration = Duration::from_secs(600);
+const QUIET_MAX: Duration = Duration::from_secs(4 * 3600);
+
 impl TokenBucket {
     pub fn new(cfg: BucketConfig) -> Self {
         Self::with_adaptation(cfg, false)
     }
 
     pub fn with_adaptation(cfg: BucketConfig, adaptive: bool) -> Self {
-        let state = BucketState { level: f64::from(cfg.burst), at: Instant::now(), qps: cfg.qps, share: None };
+        let state = BucketState {
+            level: f64::from(cfg.burst),
+            at: Instant::now(),
+            qps: cfg.qps,
+            share: None,
+            throttled_at: None,
+        };
         TokenBucket { cfg, adaptive, state: Mutex::new(state) }
     }
 
@@ -170,6 +191,7 @@ impl TokenBucket {
             st.qps = st.qps.min(share);
             st.level = st.level.min(0.0) - fastrand::f64();
         }
+        st.throttled_at = Some(Instant::now());
     }
 
     fn refill(&self, st: &mut BucketState) {
@@ -215,7 +237,10 @@ impl TokenBucket {
                 // throttle.
                 st.qps = st.qps.min(share);
                 st.level = st.level.min(0.0) - fastrand::f64();
-            } else {
+                st.throttled_at = Some(Instant::now());
+            } else if st.throttled_at.is_none_or(|t| {
+                t.elapsed() >= Duration::from_secs_f64(QUIET_INTERVALS / share).clamp(QUIET_MIN, QUIET_MAX)
+            }) {
                 st.qps = (st.qps * 1.05).min(self.cfg.qps);
             }
             return;
@@ -421,7 +446,8 @@ mod tests {
     /// `share_of`: untouched until the account throttles; then the node's share (5 calls/s over
     /// 100 nodes: 0.05/s) with the burst gone and the next token at a random point of one
     /// share's interval; a throttled describe brings the mutating class down before its first
-    /// call; answers climb back by 5 % each, never above the configured rate.
+    /// call; after 30 quiet share intervals answers climb back by 5 % each, never above the
+    /// configured rate.
     #[tokio::test(start_paused = true)]
     async fn a_shared_budget_drops_to_its_share_when_the_account_throttles() {
         let cfg = BudgetConfig { share_of: Some(100), ..BudgetConfig::default() };
@@ -452,6 +478,14 @@ mod tests {
             b.observe(ApiClass::Mutating, true);
         }
         assert_eq!(b.rate(ApiClass::Mutating), 0.05, "throttled at its share: stays at it, never below");
+        // Answers while the account was throttling lately (within 30 share intervals: 600 s
+        // here) keep the share; after that quiet spell each answer raises the rate again.
+        b.observe(ApiClass::Mutating, false);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.05, "the wave may still be on");
+        tokio::time::advance(Duration::from_secs(599)).await;
+        b.observe(ApiClass::Mutating, false);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.05);
+        tokio::time::advance(Duration::from_secs(1)).await;
         b.observe(ApiClass::Mutating, false);
         assert!((b.rate(ApiClass::Mutating) - 0.05 * 1.05).abs() < 1e-12);
         for _ in 0..200 {

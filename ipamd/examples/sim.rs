@@ -96,7 +96,7 @@ async fn run(a: Args) {
     let last_ms = Arc::new(AtomicU64::new(0));
     let waited = Arc::new(AtomicU64::new(0));
     let networked = Arc::new(AtomicU64::new(0));
-    let finish_s = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let finish_s = Arc::new(std::sync::Mutex::new(Vec::<(u64, u32)>::new()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut pacers = Vec::new();
     for i in 0..a.nodes {
@@ -180,7 +180,7 @@ async fn run(a: Args) {
             state.change(|b| b.waiting = 0);
             done.fetch_add(1, Ordering::Relaxed);
             last_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::Relaxed);
-            finish_s.lock().unwrap().push(started.elapsed().as_secs());
+            finish_s.lock().unwrap().push((started.elapsed().as_secs(), i));
         });
     }
     // Until every node is done, or no pod got an address for 30 simulated minutes (a node that
@@ -233,8 +233,17 @@ async fn run(a: Args) {
     let mut fin = finish_s.lock().unwrap().clone();
     fin.sort_unstable();
     if !fin.is_empty() {
-        let q = |p: f64| fin[((fin.len() - 1) as f64 * p) as usize];
+        let q = |p: f64| fin[((fin.len() - 1) as f64 * p) as usize].0;
         println!("nodes networked by (s): p10 {} p50 {} p90 {} max {}", q(0.1), q(0.5), q(0.9), q(1.0));
+        // SIM_TAIL=n: the calls (by operation and outcome, as the node's pacer counted them) of
+        // the n nodes networked last and of the median one.
+        let n: usize = std::env::var("SIM_TAIL").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        if n > 0 {
+            let mid = fin[fin.len() / 2];
+            for (t, i) in fin.iter().rev().take(n).chain(std::iter::once(&mid)) {
+                println!("node {i} networked at {t} s: {:?}", pacers[*i as usize].stats().snapshot());
+            }
+        }
     }
     let c = ec2.counts();
     let per_slot = if a.prefix { 16 } else { 1 };
