@@ -196,8 +196,10 @@ impl TokenBucket {
 
     fn refill(&self, st: &mut BucketState) {
         let now = Instant::now();
-        st.level =
-            (st.level + now.saturating_duration_since(st.at).as_secs_f64() * st.qps).min(f64::from(self.cfg.burst));
+        // At its share a node saves one token, not the configured burst: a burst saved over a
+        // long wait would land on the account all at once.
+        let cap = if st.share.is_some_and(|s| st.qps <= s) { 1.0 } else { f64::from(self.cfg.burst) };
+        st.level = (st.level + now.saturating_duration_since(st.at).as_secs_f64() * st.qps).min(cap.max(st.level));
         st.at = now;
     }
 
@@ -259,7 +261,13 @@ impl TokenBucket {
         let mut st = self.state.lock().expect("bucket lock");
         if let Some(share) = st.share {
             self.refill(&mut st);
-            Self::to_share(&mut st, share);
+            if st.qps > share {
+                Self::to_share(&mut st, share);
+            } else {
+                // Already at its share: its saved token is kept (re-phasing it cost the nodes
+                // that waited on a describe a whole share interval, the 5,000-node wave's tail).
+                st.throttled_at = Some(Instant::now());
+            }
         }
     }
 
