@@ -550,6 +550,23 @@ mod tests {
         assert_eq!(adaptive.share_of(), None, "rate_budget.adaptive is its own policy");
     }
 
+    /// At its share a node saves one token, not its configured burst (ten saved over a long wait
+    /// would land on the account at once), and a throttled describe leaves a mutating bucket
+    /// already at its share as it is (re-phasing it cost nodes that waited on a describe a whole
+    /// share interval: the simulated wave's tail).
+    #[tokio::test(start_paused = true)]
+    async fn at_its_share_a_node_saves_one_token_and_a_describe_throttle_keeps_it() {
+        let b = RateBudget::new(BudgetConfig { share_of: Some(100), ..BudgetConfig::default() });
+        b.observe(ApiClass::Mutating, true);
+        assert_eq!(b.rate(ApiClass::Mutating), 0.05);
+        tokio::time::advance(Duration::from_secs(1000)).await;
+        assert_eq!(b.mutating.reserve(), Duration::ZERO, "one token saved");
+        assert_eq!(b.mutating.reserve(), Duration::from_secs(20), "not a burst: the next one 20 s away");
+        tokio::time::advance(Duration::from_secs(100)).await;
+        b.observe(ApiClass::Describe, true);
+        assert_eq!(b.wait(ApiClass::Mutating), Duration::ZERO, "the saved token kept");
+    }
+
     #[test]
     fn validation_names_the_field() {
         let mut c = BudgetConfig::default();
