@@ -196,10 +196,8 @@ impl TokenBucket {
 
     fn refill(&self, st: &mut BucketState) {
         let now = Instant::now();
-        // At its share a node saves one token, not the configured burst: a burst saved over a
-        // long wait would land on the account all at once.
-        let cap = if st.share.is_some_and(|s| st.qps <= s) { 1.0 } else { f64::from(self.cfg.burst) };
-        st.level = (st.level + now.saturating_duration_since(st.at).as_secs_f64() * st.qps).min(cap.max(st.level));
+        st.level =
+            (st.level + now.saturating_duration_since(st.at).as_secs_f64() * st.qps).min(f64::from(self.cfg.burst));
         st.at = now;
     }
 
@@ -256,18 +254,13 @@ impl TokenBucket {
     }
 
     /// The account throttled a call of the other class: this one drops to its share too.
-    /// (A bucket already at its share is left alone: the throttle was not its own.)
+    /// (At its share with no token saved it is left alone; a saved token is taken back and the
+    /// next one phased anew.)
     fn account_busy(&self) {
         let mut st = self.state.lock().expect("bucket lock");
         if let Some(share) = st.share {
             self.refill(&mut st);
-            if st.qps > share {
-                Self::to_share(&mut st, share);
-            } else {
-                // Already at its share: its saved token is kept (re-phasing it cost the nodes
-                // that waited on a describe a whole share interval, the 5,000-node wave's tail).
-                st.throttled_at = Some(Instant::now());
-            }
+            Self::to_share(&mut st, share);
         }
     }
 
@@ -548,23 +541,6 @@ mod tests {
         let adaptive = RateBudget::new(BudgetConfig { adaptive: true, ..BudgetConfig::default() });
         adaptive.set_share_of(1000);
         assert_eq!(adaptive.share_of(), None, "rate_budget.adaptive is its own policy");
-    }
-
-    /// At its share a node saves one token, not its configured burst (ten saved over a long wait
-    /// would land on the account at once), and a throttled describe leaves a mutating bucket
-    /// already at its share as it is (re-phasing it cost nodes that waited on a describe a whole
-    /// share interval: the simulated wave's tail).
-    #[tokio::test(start_paused = true)]
-    async fn at_its_share_a_node_saves_one_token_and_a_describe_throttle_keeps_it() {
-        let b = RateBudget::new(BudgetConfig { share_of: Some(100), ..BudgetConfig::default() });
-        b.observe(ApiClass::Mutating, true);
-        assert_eq!(b.rate(ApiClass::Mutating), 0.05);
-        tokio::time::advance(Duration::from_secs(1000)).await;
-        assert_eq!(b.mutating.reserve(), Duration::ZERO, "one token saved");
-        assert_eq!(b.mutating.reserve(), Duration::from_secs(20), "not a burst: the next one 20 s away");
-        tokio::time::advance(Duration::from_secs(100)).await;
-        b.observe(ApiClass::Describe, true);
-        assert_eq!(b.wait(ApiClass::Mutating), Duration::ZERO, "the saved token kept");
     }
 
     #[test]
