@@ -60,13 +60,19 @@ pub struct EniMode<C, N> {
     /// Attached ENIs of this cluster whose delete-on-termination is not set yet (the call after
     /// the attach was throttled or failed, or a process stopped in between): id → attachment.
     unprotected: BTreeMap<String, String>,
+    last_protect: Option<Instant>,
     /// When each subnet's free count was read (`subnets` holds it, less what this node took since).
     subnets_read: BTreeMap<String, Instant>,
     /// The subnets matching `eni.subnet_tags`, and when they were looked up.
     tagged: Option<(Vec<String>, Instant)>,
+    /// The subnets whose count was read from EC2 in the step under way.
+    read_this_step: BTreeSet<String>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
 }
+
+/// How often the missing delete-on-termination calls are asked again.
+const PROTECT_EVERY: Duration = Duration::from_secs(30);
 
 /// An attached ENI waiting for its link.
 #[derive(Debug, Clone, Copy)]
@@ -110,8 +116,10 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             attached_at_read: BTreeSet::new(),
             indexes_stand: false,
             unprotected: BTreeMap::new(),
+            last_protect: None,
             subnets_read: BTreeMap::new(),
             tagged: None,
+            read_this_step: BTreeSet::new(),
             last_gc: None,
             last_recheck: None,
         }
@@ -246,6 +254,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         if deleted {
             self.metrics.eni_deleted();
         }
+        // Its device index is free only once EC2 has finished the detach: read the instance
+        // again before the next attach.
+        self.indexes_stand = false;
         state.record_error(format!(
             "gave up on {}: its link did not appear within {bound} ms ({why}); detached and {}",
             eni.id,
@@ -269,11 +280,17 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     async fn subnet_counts(&mut self, ids: &[String], need: u32) -> Result<Vec<Subnet>> {
         let max_age = self.subnet_max_age();
         let stale = ids.iter().any(|id| self.subnets_read.get(id).is_none_or(|t| t.elapsed() >= max_age));
-        let short = ids.iter().all(|id| self.subnets.get(id).is_none_or(|s| s.available_addresses < need));
+        let now_ms = unix_ms();
+        let paused = |id: &String| self.paused.get(id).is_some_and(|u| *u > now_ms);
+        let short = ids
+            .iter()
+            .filter(|id| !paused(id))
+            .all(|id| self.subnets.get(id).is_none_or(|s| s.available_addresses < need));
         if !ids.is_empty() && (stale || short) {
             let now = Instant::now();
             for s in self.cloud.subnets(ids).await? {
                 self.subnets_read.insert(s.id.clone(), now);
+                self.read_this_step.insert(s.id.clone());
                 self.subnets.insert(s.id.clone(), s);
             }
         }
@@ -308,9 +325,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         for s in found.into_iter().filter(|s| s.availability_zone == self.node.availability_zone) {
             ids.push(s.id.clone());
             self.subnets_read.insert(s.id.clone(), now);
+            self.read_this_step.insert(s.id.clone());
             self.subnets.insert(s.id.clone(), s);
         }
-        self.tagged = Some((ids.clone(), now));
+        // An empty match is looked up again next time (a subnet tagged meanwhile is seen).
+        self.tagged = (!ids.is_empty()).then(|| (ids.clone(), now));
         Ok(ids)
     }
 
@@ -336,6 +355,19 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             }
             Blocker::SubnetExhausted(format!("subnet exhausted: {}", why.join("; ")))
         }))
+    }
+
+    /// EC2 refused `what` for lack of addresses in the subnet. Asked on a count read in this
+    /// step, the subnet is paused; asked on a kept count (others took from the subnet since), the
+    /// count is dropped instead and the next step reads it and asks for what is there.
+    fn refused_by_subnet(&mut self, subnet: &str, what: &str) -> String {
+        if self.read_this_step.contains(subnet) {
+            self.pause(subnet);
+            format!("subnet exhausted: {subnet} refused {what}; paused")
+        } else {
+            self.subnets_read.remove(subnet);
+            format!("subnet exhausted: {subnet} refused {what} on an older count; reading it again")
+        }
     }
 
     fn pause(&mut self, subnet: &str) {
@@ -437,11 +469,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 Err(CloudError::LimitReached {
                     limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, ..
                 }) => {
-                    self.pause(&known.subnet_id);
-                    blocker = Some(Blocker::SubnetExhausted(format!(
-                        "subnet exhausted: {} refused more addresses; paused",
-                        known.subnet_id
-                    )));
+                    blocker =
+                        Some(Blocker::SubnetExhausted(self.refused_by_subnet(&known.subnet_id, "more addresses")));
                 }
                 // The ENI may hold more than ipamd knows: this assign (its fate unknown: a 5xx or
                 // a lost reply; the cloud layer does not repeat it) or an earlier one acted in EC2
@@ -540,11 +569,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 e
             }
             Err(CloudError::LimitReached { limit: LimitKind::SubnetAddresses | LimitKind::SubnetPrefixes, .. }) => {
-                self.pause(&subnet.id);
-                return Ok(Some(Blocker::SubnetExhausted(format!(
-                    "subnet exhausted: {} refused a new ENI; paused",
-                    subnet.id
-                ))));
+                return Ok(Some(Blocker::SubnetExhausted(self.refused_by_subnet(&subnet.id, "a new ENI"))));
             }
             Err(e) => return Err(e.into()),
         };
@@ -635,7 +660,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     /// (found by the lost-reply test once the read stopped preceding every new ENI).
     async fn adopt_strays(&mut self, state: &NodeState, enis: Vec<CloudEni>) {
         for e in enis {
-            let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
+            // One on its way off (a give-up's detach) is not a stray.
+            let Some(idx) = e.attachment.as_ref().filter(|a| !a.status.starts_with("detach")).map(|a| a.device_index)
+            else {
+                continue;
+            };
             if idx > 0
                 && !self.known.contains_key(&e.id)
                 && !self.pending.contains_key(&e.id)
@@ -643,6 +672,22 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             {
                 state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
                 self.adopt(state, e, idx).await;
+            }
+        }
+    }
+
+    /// This cluster's attached ENIs that EC2 would not delete with the instance (an earlier
+    /// process stopped between an attach and its delete-on-termination; a call answered
+    /// NotFound before EC2 caught up with the attach): asked again at the end of the steps.
+    fn note_unprotected(&mut self, enis: &[CloudEni]) {
+        for e in enis {
+            if let Some(a) = e.attachment.as_ref().filter(|a| {
+                a.device_index > 0
+                    && !a.delete_on_termination
+                    && !a.status.starts_with("detach")
+                    && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster)
+            }) {
+                self.unprotected.entry(e.id.clone()).or_insert_with(|| a.id.clone());
             }
         }
     }
@@ -658,6 +703,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     /// answer was lost): waiting for its link, then in the pool. The attach's second step (delete
     /// on termination) never ran for it: done now, or the ENI would outlive the instance.
     async fn adopt(&mut self, state: &NodeState, eni: underway_cloud::Eni, idx: u32) {
+        if self.spare.as_ref().is_some_and(|s| s.id == eni.id) {
+            self.spare = None;
+        }
         if let Some(a) = eni.attachment.as_ref().filter(|a| !a.delete_on_termination) {
             self.protect(state, &eni.id, &a.id.clone()).await;
         }
@@ -670,6 +718,24 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     /// the pods' next ENI comes first (the leak GC covers an ENI whose instance ends meanwhile).
     fn protect_now(&self, state: &NodeState) -> bool {
         self.cloud.mutating_wait().is_zero() || state.read(|b| b.waiting) == 0
+    }
+
+    /// Asks again for the delete-on-termination still missing, first in every step (an error
+    /// further on must not skip it), at most every [`PROTECT_EVERY`] (a refusal that lasts, say
+    /// an IAM policy without the action, must not spend the account's refill every step), and
+    /// only when [`protect_now`](Self::protect_now) says the pods' growth does not need the token.
+    async fn protect_again(&mut self, state: &NodeState) {
+        if self.unprotected.is_empty()
+            || self.last_protect.is_some_and(|t| t.elapsed() < PROTECT_EVERY)
+            || !self.protect_now(state)
+            || self.cloud.mutating_wait() > Duration::from_millis(self.cfg.cloud.call_timeout_ms)
+        {
+            return;
+        }
+        self.last_protect = Some(Instant::now());
+        for (eni, attachment) in self.unprotected.clone() {
+            self.protect(state, &eni, &attachment).await;
+        }
     }
 
     /// Lets EC2 delete an attached ENI with the instance: the second mutating call of every attach.
@@ -878,6 +944,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         self.saw_attached(&enis);
+        self.note_unprotected(&enis);
         let mut strays = Vec::new();
         for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
@@ -946,6 +1013,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         }
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         self.saw_attached(&enis);
+        self.note_unprotected(&enis);
         // One look at the host for the whole sync: each offer marks the running pods' addresses.
         let running = self.node_ops.pods(&self.cfg.veth_prefix).await?;
         let mut seen = Vec::new();
@@ -953,14 +1021,6 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         for e in enis {
             let Some(idx) = e.attachment.as_ref().map(|a| a.device_index) else { continue };
             seen.push(idx);
-            // An earlier process stopped between an attach and its delete-on-termination.
-            if let Some(a) = e
-                .attachment
-                .as_ref()
-                .filter(|a| idx > 0 && !a.delete_on_termination && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster))
-            {
-                self.unprotected.insert(e.id.clone(), a.id.clone());
-            }
             self.known.insert(e.id.clone(), e.clone());
             if idx > 0
                 && let Err(err) = self.setup_link(&e, idx).await
@@ -984,6 +1044,8 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
     }
 
     async fn step(&mut self, state: &NodeState) -> Result<Step> {
+        self.read_this_step.clear();
+        self.protect_again(state).await;
         self.finish_pending(state).await?;
         // Not fatal to the step: the addresses stay out of use meanwhile, and growth goes on.
         if let Err(e) = self.resume_releases(state).await {
@@ -1035,14 +1097,6 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         }
         if d.release > 0 {
             self.release(state, d.release).await?;
-        }
-        if !self.unprotected.is_empty()
-            && self.protect_now(state)
-            && self.cloud.mutating_wait() <= Duration::from_millis(self.cfg.cloud.call_timeout_ms)
-        {
-            for (eni, attachment) in self.unprotected.clone() {
-                self.protect(state, &eni, &attachment).await;
-            }
         }
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every) {

@@ -205,6 +205,11 @@ async fn throttling_fails_steps_that_later_succeed() {
     }
     assert!(throttled > 0);
     assert!(state.read(|b| b.pool.stats().free()) >= 20, "the target is reached all the same");
+    // A delete-on-termination throttled late is asked again at most every 30 s.
+    for _ in 0..4 {
+        let _ = src.step(&state).await;
+        tokio::time::advance(Duration::from_secs(10)).await;
+    }
     assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
     assert!(rule_refusals(&r.ec2).is_empty(), "{:?}", r.ec2.counts());
 }
@@ -352,6 +357,45 @@ async fn a_stray_attached_eni_is_adopted_instead_of_a_new_one() {
     assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
     let errors: Vec<String> = state.errors().into_iter().map(|e| e.what).collect();
     assert!(errors.iter().any(|e| e.contains("was not tracked: adopted")), "{errors:?}");
+}
+
+/// A subnet's count is kept between reads (lowered by what the node takes); others may take
+/// from the subnet meanwhile. A request EC2 refuses for lack of addresses on such a kept count
+/// does not pause the subnet (it did, for `eni.subnet_pause_ms`, found by a review): the count
+/// is read again and the next request asks for what is there.
+#[tokio::test(start_paused = true)]
+async fn a_refusal_on_a_kept_subnet_count_reads_it_again_instead_of_pausing() {
+    use underway_cloud::{AddressCount, CreateEni, Interfaces, eni_tags};
+    let r = rig("m5.large", "10.0.0.0/26", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(9));
+    src.sync(&state).await.unwrap();
+    src.step(&state).await.unwrap();
+    assert_eq!(state.read(|b| b.pool.stats().free()), 9, "the primary ENI filled on a fresh count");
+    // Another node takes all but 4 of the subnet's addresses.
+    let left = r.ec2.subnets(std::slice::from_ref(&r.subnet.id)).await.unwrap()[0].available_addresses;
+    let other = CreateEni {
+        subnet_id: r.subnet.id.clone(),
+        security_groups: vec![],
+        description: "another node's".into(),
+        tags: eni_tags("c1", "i-0ther", 0),
+        initial: AddressCount::ips(left - 5),
+    };
+    r.ec2.create_eni(&other).await.unwrap();
+    for i in 0..9 {
+        add(&state, &format!("p{i}")).unwrap();
+    }
+    let step = src.step(&state).await.unwrap();
+    assert!(
+        matches!(&step.blocker, Some(Blocker::SubnetExhausted(m)) if m.contains("older count")),
+        "{:?}",
+        step.blocker
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    src.step(&state).await.unwrap();
+    tokio::time::advance(Duration::from_secs(1)).await;
+    src.step(&state).await.unwrap();
+    assert_eq!(state.read(|b| b.pool.stats().free()), 3, "a new ENI with the 3 addresses left (and its own)");
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
 }
 
 /// A step whose growth the node's own budget would refuse (no mutating token before the call's
