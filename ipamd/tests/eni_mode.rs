@@ -386,10 +386,11 @@ async fn an_eni_attached_despite_a_failed_call_is_adopted_not_duplicated() {
             .count()
     };
     let before = modifies(false);
-    eventually(Duration::from_secs(20), "delete on termination asked again", || modifies(false) > before);
+    eventually(Duration::from_secs(45), "delete on termination asked again", || modifies(false) > before);
     assert_eq!(modifies(true), 0, "none got through while throttled");
     w.account().front.configure(|c| c.faults.throttle = 0.0);
-    eventually(Duration::from_secs(20), "delete on termination made", || modifies(true) == 1);
+    // Asked again at most every 30 s.
+    eventually(Duration::from_secs(45), "delete on termination made", || modifies(true) == 1);
 }
 
 /// Issue 14, item 9: the socket directory, socket and state file are as private as claimed (the
