@@ -590,9 +590,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             // Throttled on every try (or no token from the node's budget): EC2 did nothing, as
             // no try of an attach is repeated after a 5xx. The ENI is the next step's, with no
             // describe (at its share of the account a node meets this after most creates).
-            Err(CloudError::Throttled { op: "AttachNetworkInterface", .. }) => {
+            Err(e @ CloudError::Throttled { op: "AttachNetworkInterface", .. }) => {
                 self.spare = Some(eni);
-                return Ok(None);
+                return Err(e.into());
             }
             Err(e) => {
                 // The attach may have happened all the same (a lost reply, or the
