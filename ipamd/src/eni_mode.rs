@@ -595,12 +595,11 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 return Err(e.into());
             }
             Err(e) => {
-                // The attach may have happened all the same (a lost reply, or the
-                // delete-on-termination step after it failed, even throttled): never leave the
-                // ENI untracked; the instance's device indexes are read again before the next
-                // attach. Detached after a throttle or a 5xx, it is kept for the next step.
+                // The attach may have happened all the same (a lost reply): never leave the ENI
+                // untracked; the instance's device indexes are read again before the next
+                // attach. Detached after a 5xx, it is kept for the next step.
                 self.indexes_stand = false;
-                let keep = matches!(e, CloudError::Transient { .. } | CloudError::Throttled { .. });
+                let keep = matches!(e, CloudError::Transient { .. });
                 if self.settle_failed_attach(state, &eni, keep).await {
                     return Ok(None);
                 }
@@ -660,33 +659,28 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     /// (found by the lost-reply test once the read stopped preceding every new ENI).
     async fn adopt_strays(&mut self, state: &NodeState, enis: Vec<CloudEni>) {
         for e in enis {
-            // One on its way off (a give-up's detach) is not a stray.
-            let Some(idx) = e.attachment.as_ref().filter(|a| !a.status.starts_with("detach")).map(|a| a.device_index)
-            else {
-                continue;
-            };
-            if idx > 0
-                && !self.known.contains_key(&e.id)
-                && !self.pending.contains_key(&e.id)
-                && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster)
-            {
+            let Some(idx) = self.ours_attached(&e).map(|a| a.device_index) else { continue };
+            if !self.known.contains_key(&e.id) && !self.pending.contains_key(&e.id) {
                 state.record_error(format!("{} is attached at device {idx} but was not tracked: adopted", e.id));
                 self.adopt(state, e, idx).await;
             }
         }
     }
 
+    /// The attachment of a secondary ENI of this cluster that EC2 has attached and is not
+    /// detaching (one on its way off, a give-up's detach, is neither a stray nor to protect).
+    fn ours_attached<'e>(&self, e: &'e CloudEni) -> Option<&'e Attachment> {
+        e.attachment.as_ref().filter(|a| {
+            a.device_index > 0 && !a.status.starts_with("detach") && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster)
+        })
+    }
+
     /// This cluster's attached ENIs that EC2 would not delete with the instance (an earlier
     /// process stopped between an attach and its delete-on-termination; a call answered
-    /// NotFound before EC2 caught up with the attach): asked again at the end of the steps.
+    /// NotFound before EC2 caught up with the attach): asked again by `protect_again`.
     fn note_unprotected(&mut self, enis: &[CloudEni]) {
         for e in enis {
-            if let Some(a) = e.attachment.as_ref().filter(|a| {
-                a.device_index > 0
-                    && !a.delete_on_termination
-                    && !a.status.starts_with("detach")
-                    && e.tags.get(TAG_CLUSTER) == Some(&self.cfg.cluster)
-            }) {
+            if let Some(a) = self.ours_attached(e).filter(|a| !a.delete_on_termination) {
                 self.unprotected.entry(e.id.clone()).or_insert_with(|| a.id.clone());
             }
         }
@@ -707,7 +701,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             self.spare = None;
         }
         if let Some(a) = eni.attachment.as_ref().filter(|a| !a.delete_on_termination) {
-            self.protect(state, &eni.id, &a.id.clone()).await;
+            self.protect(state, &eni.id, &a.id).await;
         }
         self.pending.insert(eni.id.clone(), Pending::new(idx));
         self.known.insert(eni.id.clone(), eni);
@@ -743,8 +737,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Lets EC2 delete an attached ENI with the instance: the second mutating call of every attach.
     /// Not fatal: a call that fails (throttled: the node's budget or the account's) is made again
-    /// at the end of later steps, after growth; meanwhile an instance that ends leaves the ENI
-    /// detached and tagged, and the cluster GC deletes it.
+    /// by `protect_again`; meanwhile an instance that ends leaves the ENI detached and tagged,
+    /// and the cluster GC deletes it.
     async fn protect(&mut self, state: &NodeState, eni: &str, attachment: &str) {
         match self.cloud.set_delete_on_termination(eni, attachment).await {
             Ok(()) | Err(CloudError::NotFound { .. }) => {
