@@ -165,16 +165,9 @@ impl TokenBucket {
         TokenBucket { cfg, adaptive, state: Mutex::new(state) }
     }
 
-    /// A bucket that drops to `share` calls per second when the account throttles (see
-    /// [`BudgetConfig::share_of`]).
-    pub fn sharing(cfg: BucketConfig, share: f64) -> Self {
-        let b = Self::new(cfg);
-        b.set_share(share);
-        b
-    }
-
-    /// A new share (the cluster grew or shrank). As with the first: the rate comes down to it at
-    /// the account's first throttle; a rate already below it (an earlier, smaller share) rises.
+    /// Makes the bucket share the account (see [`BudgetConfig::share_of`]), or changes its share
+    /// (the cluster grew or shrank): the rate comes down to it at the account's first throttle;
+    /// a rate already below it (an earlier, smaller share) rises.
     pub fn set_share(&self, share: f64) {
         let mut st = self.state.lock().expect("bucket lock");
         self.refill(&mut st);
