@@ -401,6 +401,137 @@ fn invalid(field: &str, reason: impl Into<String>) -> IpamdError {
     IpamdError::Config { field: field.to_string(), reason: reason.into() }
 }
 
+/// A label value (what a pool's name is on the Node): 1–63 of [A-Za-z0-9._-], alphanumeric at
+/// both ends.
+fn label_value(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.ends_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// The sections a pool sets, each checked on its own; `at` is where they live (`""` at the top
+/// level, `pools.<name>.` in a pool), so every error names the field as the file spells it.
+fn check_pool_sections(
+    at: &str,
+    mode: Mode,
+    targets: &Targets,
+    eni: &EniConfig,
+    vpc_route: &VpcRouteConfig,
+    pod_cidr_required: bool,
+) -> Result<(), IpamdError> {
+    check_targets(&format!("{at}targets."), targets)?;
+    eni.check(&format!("{at}eni."))?;
+    if mode == Mode::VpcRoute {
+        vpc_route.check(&format!("{at}vpc_route."), pod_cidr_required)?;
+    }
+    Ok(())
+}
+
+fn check_targets(at: &str, t: &Targets) -> Result<(), IpamdError> {
+    if t.max_eni == Some(0) {
+        return Err(invalid(&format!("{at}max_eni"), "must be at least 1 (the primary ENI)"));
+    }
+    if t.prefix_mode && !t.ip_targets() && t.warm_prefix_target == 0 {
+        return Err(invalid(&format!("{at}warm_prefix_target"), "0 with no IP target keeps no free address at all"));
+    }
+    Ok(())
+}
+
+impl EgressConfig {
+    fn check(&self) -> Result<(), IpamdError> {
+        for (i, c) in self.exclude.iter().enumerate() {
+            if c.parse::<ipnet::Ipv4Net>().is_err() {
+                return Err(invalid(&format!("egress.exclude[{i}]"), format!("{c:?} is not an IPv4 CIDR (a.b.c.d/n)")));
+            }
+        }
+        if self.refresh_ms < 1_000 {
+            return Err(invalid("egress.refresh_ms", "at least 1000"));
+        }
+        let m = self.mark;
+        if m.count_ones() != 1 {
+            return Err(invalid("egress.mark", format!("{m:#x}: exactly one bit")));
+        }
+        if m & 0xc000 != 0 {
+            return Err(invalid("egress.mark", format!("{m:#x} is kube-proxy's (0x4000 masquerade, 0x8000 drop)")));
+        }
+        if m & 0xffff_0000 != 0 {
+            return Err(invalid("egress.mark", format!("{m:#x} is inside Calico's default mark mask 0xffff0000")));
+        }
+        Ok(())
+    }
+}
+
+impl EniConfig {
+    /// Ranges and ids; `at` is the section's place (`eni.` or `pools.<name>.eni.`).
+    fn check(&self, at: &str) -> Result<(), IpamdError> {
+        let f = |field: &str| format!("{at}{field}");
+        for s in &self.subnets {
+            underway_cloud::check_id("subnets", s, "subnet-").map_err(|e| invalid(&f("subnets"), e.to_string()))?;
+        }
+        if !self.subnets.is_empty() && !self.subnet_tags.is_empty() {
+            return Err(invalid(&f("subnet_tags"), "give subnets by id or by tags, not both"));
+        }
+        for g in &self.security_groups {
+            underway_cloud::check_id("security_groups", g, "sg-")
+                .map_err(|e| invalid(&f("security_groups"), e.to_string()))?;
+        }
+        if !(1..=30_000).contains(&self.route_table_base) {
+            return Err(invalid(&f("route_table_base"), "must be within 1..=30000 (tables 253–255 are the kernel's)"));
+        }
+        if !(576..=9001).contains(&self.mtu) {
+            return Err(invalid(&f("mtu"), format!("{} is outside 576..=9001", self.mtu)));
+        }
+        if self.pending_give_up_ms < self.link_wait_ms {
+            return Err(invalid(&f("pending_give_up_ms"), format!("at least {at}link_wait_ms")));
+        }
+        if self.recheck_interval_ms < 1_000 {
+            return Err(invalid(&f("recheck_interval_ms"), "at least 1000 (each re-check is a describe call)"));
+        }
+        if self.gc_interval_ms == 0 {
+            return Err(invalid(&f("gc_interval_ms"), "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
+impl VpcRouteConfig {
+    /// The pod CIDR and its tables; `at` is the section's place. `pod_cidr_required`: this node
+    /// runs standalone with this section (with Kubernetes the Node's `spec.podCIDR` fills it in
+    /// before the effective config is validated again, `k8s::node::effective`).
+    fn check(&self, at: &str, pod_cidr_required: bool) -> Result<(), IpamdError> {
+        let f = |field: &str| format!("{at}{field}");
+        match self.pod_cidr {
+            None if pod_cidr_required => {
+                return Err(invalid(&f("pod_cidr"), "required in vpc-route mode (standalone)"));
+            }
+            None => {}
+            Some(c) if !(16..=28).contains(&c.prefix_len()) => {
+                return Err(invalid(&f("pod_cidr"), format!("{c}: between /16 and /28")));
+            }
+            Some(c) if c.network() != c.addr() => {
+                return Err(invalid(&f("pod_cidr"), format!("{c} has host bits set (did you mean {}?)", c.trunc())));
+            }
+            Some(c) if self.cluster_cidr.is_some_and(|cl| !cl.contains(&c)) => {
+                return Err(invalid(&f("cluster_cidr"), format!("does not contain pod_cidr {c}")));
+            }
+            _ => {}
+        }
+        if !(1..=1000).contains(&self.route_table_capacity) {
+            return Err(invalid(&f("route_table_capacity"), "1..=1000 (AWS allows at most 1,000 routes a table)"));
+        }
+        for t in &self.route_tables {
+            underway_cloud::check_id("route_tables", t, "rtb-")
+                .map_err(|e| invalid(&f("route_tables"), e.to_string()))?;
+        }
+        if self.check_interval_ms == 0 {
+            return Err(invalid(&f("check_interval_ms"), "must be > 0"));
+        }
+        Ok(())
+    }
+}
+
 impl Config {
     /// Defaults, then the file (when given), then `UNDERWAY_*` variables from `env`.
     pub fn load(file: Option<&Path>, env: &[(String, String)]) -> Result<Config, IpamdError> {
@@ -451,11 +582,6 @@ impl Config {
 
     /// Checks what types cannot: ranges, names and relations between fields.
     pub fn validate(&self) -> Result<(), IpamdError> {
-        // The sections a pool sets (`targets`, `eni`, `vpc_route`) are named as the pool's.
-        let pooled = |f: &str| match &self.pool {
-            Some(p) => format!("pools.{p}.{f}"),
-            None => f.to_string(),
-        };
         if self.cluster.is_empty()
             || self.cluster.len() > 63
             || !self.cluster.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
@@ -491,24 +617,7 @@ impl Config {
         if self.health_stall_ms < 10_000 {
             return Err(invalid("health_stall_ms", "at least 10000 (a step may wait on EC2 for a while)"));
         }
-        for (i, c) in self.egress.exclude.iter().enumerate() {
-            if c.parse::<ipnet::Ipv4Net>().is_err() {
-                return Err(invalid(&format!("egress.exclude[{i}]"), format!("{c:?} is not an IPv4 CIDR (a.b.c.d/n)")));
-            }
-        }
-        if self.egress.refresh_ms < 1_000 {
-            return Err(invalid("egress.refresh_ms", "at least 1000"));
-        }
-        let m = self.egress.mark;
-        if m.count_ones() != 1 {
-            return Err(invalid("egress.mark", format!("{m:#x}: exactly one bit")));
-        }
-        if m & 0xc000 != 0 {
-            return Err(invalid("egress.mark", format!("{m:#x} is kube-proxy's (0x4000 masquerade, 0x8000 drop)")));
-        }
-        if m & 0xffff_0000 != 0 {
-            return Err(invalid("egress.mark", format!("{m:#x} is inside Calico's default mark mask 0xffff0000")));
-        }
+        self.egress.check()?;
         if !self.proc_sys.is_absolute() {
             return Err(invalid("proc_sys", format!("{} must be an absolute path", self.proc_sys.display())));
         }
@@ -521,53 +630,11 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", format!("{} must be an absolute path", self.state_dir.display())));
         }
-        let t = &self.targets;
-        if t.max_eni == Some(0) {
-            return Err(invalid(&pooled("targets.max_eni"), "must be at least 1 (the primary ENI)"));
-        }
-        if t.prefix_mode && !t.ip_targets() && t.warm_prefix_target == 0 {
-            return Err(invalid(
-                &pooled("targets.warm_prefix_target"),
-                "0 with no IP target keeps no free address at all",
-            ));
-        }
-        for s in &self.eni.subnets {
-            underway_cloud::check_id("eni.subnets", s, "subnet-")
-                .map_err(|e| invalid(&pooled("eni.subnets"), e.to_string()))?;
-        }
-        if !self.eni.subnets.is_empty() && !self.eni.subnet_tags.is_empty() {
-            return Err(invalid(&pooled("eni.subnet_tags"), "give subnets by id or by tags, not both"));
-        }
-        for g in &self.eni.security_groups {
-            underway_cloud::check_id("eni.security_groups", g, "sg-")
-                .map_err(|e| invalid(&pooled("eni.security_groups"), e.to_string()))?;
-        }
-        if !(1..=30_000).contains(&self.eni.route_table_base) {
-            return Err(invalid(
-                &pooled("eni.route_table_base"),
-                "must be within 1..=30000 (tables 253–255 are the kernel's)",
-            ));
-        }
-        if !(576..=9001).contains(&self.eni.mtu) {
-            return Err(invalid(&pooled("eni.mtu"), format!("{} is outside 576..=9001", self.eni.mtu)));
-        }
         if self.add_wait_ms > 120_000 {
             return Err(invalid("add_wait_ms", "at most 120000: the runtime gives up on the CNI call before that"));
         }
         if self.reconcile_interval_ms == 0 || self.reconcile_min_interval_ms > self.reconcile_interval_ms {
             return Err(invalid("reconcile_interval_ms", "must be > 0 and at least reconcile_min_interval_ms"));
-        }
-        if self.eni.pending_give_up_ms < self.eni.link_wait_ms {
-            return Err(invalid(&pooled("eni.pending_give_up_ms"), "at least eni.link_wait_ms"));
-        }
-        if self.eni.recheck_interval_ms < 1_000 {
-            return Err(invalid(
-                &pooled("eni.recheck_interval_ms"),
-                "at least 1000 (each re-check is a describe call)",
-            ));
-        }
-        if self.eni.gc_interval_ms == 0 {
-            return Err(invalid(&pooled("eni.gc_interval_ms"), "must be > 0"));
         }
         if self.veth_prefix.is_empty()
             || self.veth_prefix.len() > 4
@@ -575,50 +642,34 @@ impl Config {
         {
             return Err(invalid("veth_prefix", format!("{:?}: 1–4 letters or digits", self.veth_prefix)));
         }
-        if self.mode == Mode::VpcRoute {
-            let v = &self.vpc_route;
-            let f = |f: &str| pooled(&format!("vpc_route.{f}"));
-            match v.pod_cidr {
-                // With Kubernetes the Node's spec.podCIDR fills it in before the effective config
-                // is validated again (k8s::node::effective).
-                None if self.kubernetes.enabled => {}
-                None => return Err(invalid(&f("pod_cidr"), "required in vpc-route mode (standalone)")),
-                Some(c) if !(16..=28).contains(&c.prefix_len()) => {
-                    return Err(invalid(&f("pod_cidr"), format!("{c}: between /16 and /28")));
-                }
-                Some(c) if c.network() != c.addr() => {
-                    return Err(invalid(
-                        &f("pod_cidr"),
-                        format!("{c} has host bits set (did you mean {}?)", c.trunc()),
-                    ));
-                }
-                Some(c) if v.cluster_cidr.is_some_and(|cl| !cl.contains(&c)) => {
-                    return Err(invalid(&f("cluster_cidr"), format!("does not contain pod_cidr {c}")));
-                }
-                _ => {}
-            }
-            // (With Kubernetes and no pod CIDR yet, checked again on the effective config.)
-            if self.egress.enabled
-                && self.egress.snat == SnatMode::Node
-                && v.pod_cidr.is_some()
-                && v.cluster_cidr.is_none()
-            {
+        // The pool's sections: this node's (named as its pool's when it selected one), then
+        // every other pool of the file, so that a mistake in one is found on every node that
+        // reads the file, not only on the nodes of that pool.
+        let here = self.pool.as_ref().map_or(String::new(), |p| format!("pools.{p}."));
+        check_pool_sections(&here, self.mode, &self.targets, &self.eni, &self.vpc_route, !self.kubernetes.enabled)?;
+        for (name, p) in &self.pools {
+            if !label_value(name) {
                 return Err(invalid(
-                    &f("cluster_cidr"),
-                    "required in vpc-route mode with egress.snat = \"node\": traffic to other nodes' pods must keep \
-                     its source address (set it to the range every node's pod CIDR comes from)",
+                    &format!("pools.{name}"),
+                    "a pool's name must be a label value: 1–63 of [A-Za-z0-9._-], alphanumeric at both ends",
                 ));
             }
-            if !(1..=1000).contains(&v.route_table_capacity) {
-                return Err(invalid(&f("route_table_capacity"), "1..=1000 (AWS allows at most 1,000 routes a table)"));
+            if self.pool.as_ref() != Some(name) {
+                check_pool_sections(&format!("pools.{name}."), p.mode, &p.targets, &p.eni, &p.vpc_route, false)?;
             }
-            for t in &v.route_tables {
-                underway_cloud::check_id("route_tables", t, "rtb-")
-                    .map_err(|e| invalid(&f("route_tables"), e.to_string()))?;
-            }
-            if v.check_interval_ms == 0 {
-                return Err(invalid(&f("check_interval_ms"), "must be > 0"));
-            }
+        }
+        if self.mode == Mode::VpcRoute
+            && self.egress.enabled
+            && self.egress.snat == SnatMode::Node
+            && self.vpc_route.pod_cidr.is_some()
+            && self.vpc_route.cluster_cidr.is_none()
+        {
+            // (With Kubernetes and no pod CIDR yet, checked again on the effective config.)
+            return Err(invalid(
+                &format!("{here}vpc_route.cluster_cidr"),
+                "required in vpc-route mode with egress.snat = \"node\": traffic to other nodes' pods must keep \
+                 its source address (set it to the range every node's pod CIDR comes from)",
+            ));
         }
         match (&self.cni.conf_dir, &self.cni.conflist) {
             (Some(_), None) => return Err(invalid("cni.conflist", "required with cni.conf_dir")),
@@ -653,12 +704,7 @@ impl Config {
             _ => {}
         }
         let (prefix, name) = k.pool_label.rsplit_once('/').unwrap_or(("", &k.pool_label));
-        let name_ok = !name.is_empty()
-            && name.len() <= 63
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
-        if !name_ok || (k.pool_label.contains('/') && !dns_subdomain(prefix)) {
+        if !label_value(name) || (k.pool_label.contains('/') && !dns_subdomain(prefix)) {
             return Err(invalid("kubernetes.pool_label", format!("{:?} is not a label key", k.pool_label)));
         }
         let gc = &k.gc;
@@ -859,6 +905,22 @@ subnets = ["subnet-1a"]
                 "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\n[pools.g.targets]\nmax_eni = 0",
                 &[],
                 "pools.g.targets.max_eni",
+            ),
+            (
+                "cluster = \"c\"\npool = \"cpu\"\n[pools.cpu]\nmode = \"eni\"\n[pools.gpu]\nmode = \"eni\"\neni = { mtu = 100 }",
+                &[],
+                "pools.gpu.eni.mtu",
+            ),
+            (
+                "cluster = \"c\"\n[pools.routed]\nmode = \"vpc-route\"\nvpc_route = { pod_cidr = \"100.64.0.0/12\" }",
+                &[],
+                "pools.routed.vpc_route.pod_cidr: 100.64.0.0/12: between /16 and /28",
+            ),
+            ("cluster = \"c\"\n[pools.\"gpu pool\"]\nmode = \"eni\"", &[], "pools.gpu pool"),
+            (
+                "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\neni = { link_wait_ms = 700000 }",
+                &[],
+                "pools.g.eni.pending_give_up_ms: at least pools.g.eni.link_wait_ms",
             ),
             ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
             (
