@@ -130,7 +130,18 @@ struct BucketState {
     /// When the account last throttled this class (sharing budgets: the rate stays at the share
     /// until [`QUIET`] has passed since).
     throttled_at: Option<Instant>,
+    /// Throttled answers in a row (fixed buckets: how far the next token is pushed back).
+    throttles: u32,
 }
+
+/// A fixed bucket (neither adaptive nor sharing) pushes its next token back after each
+/// throttled answer, by this much doubled per throttle in a row (with jitter, up to
+/// [`BACKOFF_MAX`]), and forgets it at the first answer. The node backs off as a whole: every
+/// call and step of the class waits, where each call's own retries used to start again from
+/// the call's first delay (the simulated 1,000-node wave without a share: 251 mutating
+/// attempts per node, 95 % throttled; docs/benchmarks.md).
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The lowest an adaptive rate goes, as a share of the configured one. Lower floors made the
 /// simulator's 100-node wave slower, not calmer: a reservation at a tiny rate waits past the
@@ -161,6 +172,7 @@ impl TokenBucket {
             qps: cfg.qps,
             share: None,
             throttled_at: None,
+            throttles: 0,
         };
         TokenBucket { cfg, adaptive, state: Mutex::new(state) }
     }
@@ -214,13 +226,22 @@ impl TokenBucket {
         Some(wait)
     }
 
-    /// What the cloud answered a call that used a token (adaptive buckets only).
+    /// What the cloud answered a call that used a token.
     pub fn observe(&self, throttled: bool) {
         let mut st = self.state.lock().expect("bucket lock");
+        self.refill(&mut st);
         if !self.adaptive && st.share.is_none() {
+            if !throttled {
+                st.throttles = st.throttles.saturating_sub(1);
+                return;
+            }
+            // Half the doubled delay, plus up to half again at random.
+            let d = BACKOFF_FIRST.mul_f64(2f64.powi(st.throttles.min(16) as i32)).min(BACKOFF_MAX);
+            let d = d.mul_f64(0.5 + 0.5 * fastrand::f64());
+            st.throttles = st.throttles.saturating_add(1);
+            st.level = st.level.min(0.0) - d.as_secs_f64() * st.qps;
             return;
         }
-        self.refill(&mut st);
         if let Some(share) = st.share {
             if throttled {
                 // Down to the share, not below: at its share a node collides with others now
@@ -488,6 +509,44 @@ mod tests {
         assert_eq!(b.rate(ApiClass::Mutating), 2.0, "back to the configured rate, not above");
         assert!(BudgetConfig { share_of: Some(0), ..cfg }.validate().unwrap_err().contains("rate_budget.share_of"));
         assert!(BudgetConfig { adaptive: true, ..cfg }.validate().unwrap_err().contains("set one"));
+    }
+
+    /// A fixed bucket backs off as a whole: each throttled answer in a row pushes the class's
+    /// next token back twice as far (jittered to 50–100 %, at most a minute), whatever call it
+    /// was; an answered call takes one doubling back and pushes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_fixed_bucket_pushes_its_next_token_back_on_each_throttle_in_a_row() {
+        let b = TokenBucket::new(BucketConfig { qps: 100.0, burst: 1 });
+        let mut last = Duration::ZERO;
+        for n in 0..10u32 {
+            b.acquire().await;
+            b.observe(true);
+            let full = BACKOFF_FIRST.mul_f64(2f64.powi(n as i32)).min(BACKOFF_MAX);
+            // The token's own refill (10 ms at 100/s) comes on top of the push.
+            let wait = b.wait().saturating_sub(Duration::from_millis(10));
+            assert!(wait >= full / 2 && wait <= full + Duration::from_millis(1), "throttle {n}: {wait:?} of {full:?}");
+            last = wait;
+            tokio::time::advance(b.wait()).await;
+        }
+        assert!(last >= BACKOFF_MAX / 2, "capped at a minute, not below half: {last:?}");
+        assert_eq!(b.rate(), 100.0, "the rate itself is left alone");
+        // Answers push nothing, and each takes one doubling back. After 10 throttles, 3
+        // answers leave 7: the next throttle pushes by 2^7 × 0.5 s, capped at 60 s (8 now);
+        // 5 answers more leave 3 (4 s), and 4 more leave none (0.5 s).
+        for (answers, want) in [(3u32, BACKOFF_MAX), (5, Duration::from_secs(4)), (4, BACKOFF_FIRST)] {
+            for _ in 0..answers {
+                b.acquire().await;
+                b.observe(false);
+                assert!(b.wait() <= Duration::from_millis(10), "an answer pushes nothing: {:?}", b.wait());
+                tokio::time::advance(b.wait()).await;
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+            b.acquire().await;
+            b.observe(true);
+            let wait = b.wait().saturating_sub(Duration::from_millis(10));
+            assert!(wait >= want / 2 && wait <= want + Duration::from_millis(1), "{wait:?} of {want:?}");
+            tokio::time::advance(b.wait()).await;
+        }
     }
 
     #[tokio::test(start_paused = true)]
