@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use underway_api::client::{ClientError, call};
 use underway_api::{AddRequest, ApiError, AttachmentKey, ErrorKind, GcRequest, Request, Response};
 use underway_routes::{
-    PodSpec, check_pod, gc_host_veths, host_veth_name, pod_veth_name, setup_pod, teardown_attachment,
+    PodSpec, VethSpec, check_pod, gc_host_veths, host_veth_name, make_veth, pod_veth_name, teardown_attachment,
 };
 
 use crate::config::NetConf;
@@ -145,6 +145,9 @@ fn veth_name(env: &Env, conf: &NetConf) -> String {
     pod_veth_name(&conf.veth_prefix, pod, &env.container_id, &env.ifname)
 }
 
+/// The MTU of pod veths when neither the conflist nor ipamd says (ipamd's `eni.mtu` default).
+const DEFAULT_MTU: u32 = 9001;
+
 fn spec_for(env: &Env, conf: &NetConf, alloc: &underway_api::Allocation) -> PodSpec {
     PodSpec {
         network: conf.name.clone(),
@@ -153,7 +156,7 @@ fn spec_for(env: &Env, conf: &NetConf, alloc: &underway_api::Allocation) -> PodS
         ifname: env.ifname.clone(),
         address: alloc.address,
         gateway: alloc.gateway,
-        mtu: conf.mtu.or(alloc.mtu).unwrap_or(9001),
+        mtu: conf.mtu.or(alloc.mtu).unwrap_or(DEFAULT_MTU),
         route_table: alloc.route_table,
     }
 }
@@ -166,28 +169,61 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
         pod_namespace: env.pod_namespace(),
         pod_name: env.pod_name(),
     });
-    let alloc = match rpc(conf, &req).map_err(unreachable_err)? {
-        Response::Added(a) => a,
-        Response::Error(e) => return Err(api_err(WHAT, e)),
-        other => return Err(unexpected(WHAT, other)),
+    // ipamd answers while the veth pair is made (it needs no address): an ADD waits for the
+    // longer of the two instead of both. The MTU is the conflist's, else ipamd's default; an
+    // answer with another makes the pair follow it.
+    let asked = {
+        let (socket, timeout) = (conf.ipamd_socket.clone(), conf.ipamd_timeout);
+        std::thread::spawn(move || call(&socket, &req, timeout))
+    };
+    let veth = VethSpec {
+        network: conf.name.clone(),
+        attachment: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
+        host_veth: veth_name(env, conf),
+        ifname: env.ifname.clone(),
+        mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
+    };
+    let made = rt.block_on(make_veth(None, Path::new(&env.netns), &veth));
+    let answer = asked.join().unwrap_or_else(|_| {
+        Err(ClientError::Io {
+            path: conf.ipamd_socket.display().to_string(),
+            source: std::io::Error::other("panicked"),
+        })
+    });
+    let alloc = match answer.map_err(unreachable_err).and_then(|r| match r {
+        Response::Added(a) => Ok(a),
+        Response::Error(e) => Err(api_err(WHAT, e)),
+        other => Err(unexpected(WHAT, other)),
+    }) {
+        Ok(a) => a,
+        Err(e) => {
+            // No address: the pair goes (no half-made veth is left).
+            if let Ok(v) = made
+                && let Err(d) = rt.block_on(v.discard())
+            {
+                log.write("error", &format!("removing the veth {} after ipamd's refusal: {d}", veth.host_veth));
+            }
+            return Err(e);
+        }
     };
     let spec = spec_for(env, conf, &alloc);
     log.write("debug", &format!("ADD {} → {} table {:?}", spec.host_veth, alloc.address, alloc.route_table));
-    match rt.block_on(setup_pod(None, Path::new(&env.netns), &spec)) {
-        Ok(links) => {
-            Ok(result::add_result(&conf.cni_version, &spec.host_veth, &env.ifname, &env.netns, &links, &alloc)
-                .to_string())
-        }
-        Err(e) => {
-            // setup_pod removed what it made; hand the address back so nothing leaks.
-            let released = rpc(conf, &Request::Del(key(env, conf)));
-            log.write(
-                "error",
-                &format!("ADD datapath failed ({e}); address {} released: {}", alloc.address, released.is_ok()),
-            );
-            Err(CniError::new(code::IO, "setting up the pod's network failed", e.to_string()))
-        }
+    match made {
+        Ok(v) => rt.block_on(v.finish(&spec)),
+        Err(e) => Err(e),
     }
+    .map(|links| {
+        result::add_result(&conf.cni_version, &spec.host_veth, &env.ifname, &env.netns, &links, &alloc).to_string()
+    })
+    .map_err(|e| {
+        // make_veth and finish removed what they made; the address goes back so nothing leaks.
+        let released = rpc(conf, &Request::Del(key(env, conf)));
+        log.write(
+            "error",
+            &format!("ADD datapath failed ({e}); address {} released: {}", alloc.address, released.is_ok()),
+        );
+        CniError::new(code::IO, "setting up the pod's network failed", e.to_string())
+    })
 }
 
 fn del(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Result<(), CniError> {

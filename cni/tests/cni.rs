@@ -184,6 +184,40 @@ fn del_variants_succeed_and_ipamd_down_is_try_again_later() {
     assert_eq!(host_veths(&node), 0, "veth removed before the error");
 }
 
+/// The veth pair is made while ipamd answers: an ADD ipamd refuses, or cannot answer, leaves no
+/// veth behind (and no address: none was given); with no MTU in the conflist the pair takes the
+/// one ipamd's answer carries (the fake's 1500), though it was made before the answer came.
+#[test]
+fn a_refused_or_unanswered_add_leaves_no_veth_and_the_pair_follows_ipamds_mtu() {
+    let mut ipamd = FakeIpamd::start();
+    let node = node();
+    let pod = TempNs::new("pod").unwrap();
+    let netns = pod.path().display().to_string();
+    ipamd.state.lock().unwrap().not_ready = Some("the first sync with the cloud".into());
+    let r = cni(Some(&node), &env("ADD", "refused01", &netns), &conf("1.1.0", &ipamd));
+    assert_eq!((r.status, r.json["code"].as_u64()), (1, Some(11)), "{}", r.raw);
+    assert!(r.json["details"].as_str().unwrap().contains("the first sync"), "{}", r.raw);
+    assert_eq!(host_veths(&node), 0, "no veth left by a refused ADD");
+    assert!(!pod.sh("ip -br link").1.contains("eth0"), "nor its pod end");
+
+    ipamd.state.lock().unwrap().not_ready = None;
+    let no_mtu = json!({ "cniVersion": "1.1.0", "name": "underway", "type": "underway", "ipamdSocket": ipamd.socket })
+        .to_string();
+    let r = cni(Some(&node), &env("ADD", "mtu01", &netns), &no_mtu);
+    assert_eq!(r.status, 0, "{}", r.raw);
+    assert!(pod.sh("ip link show eth0").1.contains("mtu 1500"), "{}", pod.sh("ip link show eth0").1);
+    let host =
+        node.sh("ip -br link").1.lines().find(|l| l.starts_with("uw")).unwrap().split('@').next().unwrap().to_string();
+    assert!(node.sh(&format!("ip link show {host}")).1.contains("mtu 1500"), "the host end too");
+    assert!(pod.sh("ping -c1 -W2 10.99.1.1").0, "wired: the pod reaches the node");
+    assert_eq!(cni(Some(&node), &env("DEL", "mtu01", &netns), &no_mtu).status, 0);
+
+    ipamd.stop();
+    let r = cni(Some(&node), &env("ADD", "down02", &netns), &conf("1.1.0", &ipamd));
+    assert_eq!((r.status, r.json["code"].as_u64()), (1, Some(11)), "{}", r.raw);
+    assert_eq!(host_veths(&node), 0, "no veth left when ipamd is down");
+}
+
 #[test]
 fn a_failure_after_the_rpc_leaves_no_veth_and_releases_the_address() {
     let ipamd = FakeIpamd::start();

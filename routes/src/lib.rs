@@ -11,8 +11,8 @@ pub mod pod;
 
 pub use eni::{EniSpec, setup_eni, teardown_eni};
 pub use pod::{
-    PodLinks, PodSpec, attachment_veth, check_pod, gc_host_veths, host_veth_name, pod_veth_name, pod_veths,
-    pod_veths_named, setup_pod, teardown_attachment, teardown_pod, teardown_veth,
+    PodLinks, PodSpec, PodVeth, VethSpec, attachment_veth, check_pod, gc_host_veths, host_veth_name, make_veth,
+    pod_veth_name, pod_veths, pod_veths_named, setup_pod, teardown_attachment, teardown_pod, teardown_veth,
 };
 
 /// Errors of the datapath. `op` says what was being done, so a failure names its step.

@@ -31,6 +31,8 @@ pub const RULE_FROM_POD: u32 = 1536;
 pub const MAIN_TABLE: u32 = 254;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_INDEX: u32 = 1;
 
 /// What to build for one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,25 +135,237 @@ fn ok_if_exists(r: Result<()>) -> Result<()> {
     }
 }
 
-/// Builds the pod's datapath. `host` is the node's namespace (`None`: this process's own).
-/// On failure, whatever was made is removed again before the error is returned.
-pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<PodLinks> {
-    check_ifname("host_veth", &spec.host_veth)?;
-    check_ifname("ifname", &spec.ifname)?;
+/// The veth pair of an attachment: everything of a pod's datapath that needs no address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VethSpec {
+    /// See [`PodSpec::network`] and [`PodSpec::attachment`]: written into the host veth's alias.
+    pub network: String,
+    pub attachment: String,
+    pub host_veth: String,
+    pub ifname: String,
+    pub mtu: u32,
+}
+
+impl PodSpec {
+    /// The veth pair this pod's datapath starts from.
+    pub fn veth(&self) -> VethSpec {
+        VethSpec {
+            network: self.network.clone(),
+            attachment: self.attachment.clone(),
+            host_veth: self.host_veth.clone(),
+            ifname: self.ifname.clone(),
+            mtu: self.mtu,
+        }
+    }
+}
+
+/// A pod's veth pair, both ends up, without an address yet: the first half of [`setup_pod`],
+/// which the CNI plugin makes while ipamd answers (it needs nothing from ipamd), then
+/// [`finish`](Self::finish)es with the address or [`discard`](Self::discard)s.
+pub struct PodVeth {
+    host: Ns,
+    pod: Ns,
+    veth: VethSpec,
+    host_index: u32,
+    host_mac: Vec<u8>,
+    pod_index: u32,
+    pod_mac: Vec<u8>,
+}
+
+impl std::fmt::Debug for PodVeth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodVeth").field("veth", &self.veth).field("host_index", &self.host_index).finish()
+    }
+}
+
+/// Makes an attachment's veth pair: the host end in `host` (`None`: this process's namespace), the
+/// pod end in `pod_netns` under its final name, both up, the host end's alias naming the
+/// attachment. A host veth of the same name is replaced first (one left by an earlier,
+/// interrupted ADD of this attachment, or an older sandbox's of the same pod: policy-engine
+/// names are per pod), with the rules of the addresses it routed. On failure whatever was made
+/// is removed again.
+pub async fn make_veth(host: Option<&Path>, pod_netns: &Path, v: &VethSpec) -> Result<PodVeth> {
+    check_ifname("host_veth", &v.host_veth)?;
+    check_ifname("ifname", &v.ifname)?;
     let host = handle_in(host)?;
     let pod = handle_in(Some(pod_netns))?;
-    let res = build(&host, &pod, spec).await;
-    match &res {
-        // The address's rules belong to the pod that holds it: only our veth goes.
-        Err(RoutesError::InUse { .. }) => {
-            let _ = remove_veth(&host.handle, &spec.host_veth, None).await;
+    match make(&host, &pod, v).await {
+        Ok((host_index, host_mac, pod_index, pod_mac)) => {
+            Ok(PodVeth { host, pod, veth: v.clone(), host_index, host_mac, pod_index, pod_mac })
         }
-        Err(_) => {
-            let _ = remove(&host.handle, spec).await;
+        Err(e) => {
+            let _ = remove_veth(&host.handle, &v.host_veth, None).await;
+            Err(e)
         }
-        Ok(_) => {}
     }
-    res
+}
+
+/// (host index, host MAC, pod index, pod MAC) of the pair made.
+async fn make(host: &Ns, pod: &Ns, v: &VethSpec) -> Result<(u32, Vec<u8>, u32, Vec<u8>)> {
+    let (h, p) = (&host.handle, &pod.handle);
+    if let Some((idx, _)) = link(h, &v.host_veth).await? {
+        remove_link(h, &v.host_veth, Some(idx), None).await?;
+    }
+    // Both ends are made by one RTM_NEWLINK, the pod's directly in the pod netns under its final
+    // name: moving a link between namespaces afterwards costs the kernel a synchronize_net (about
+    // 18 ms here, most of an ADD). (Up it cannot be made there: the kernel opens the peer before
+    // the pair is joined and refuses, ENOTCONN.)
+    let peer = LinkUnspec::new_with_name(&v.ifname).mtu(v.mtu).setns_by_fd(pod.file.as_raw_fd()).build();
+    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
+        .name(v.host_veth.clone())
+        .mtu(v.mtu)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+        .build();
+    h.link()
+        .add(veth)
+        .execute()
+        .await
+        .map_err(RoutesError::netlink(format!("create veth {} with {} in the pod netns", v.host_veth, v.ifname)))?;
+    let (pidx, pod_mac) = need_link(p, &v.ifname, "pod netns").await?;
+    p.link()
+        .set(LinkUnspec::new_with_index(pidx).up().build())
+        .execute()
+        .await
+        .map_err(RoutesError::netlink("pod link up"))?;
+    // The loopback device is index 1 in every network namespace.
+    if let Err(e) = p.link().set(LinkUnspec::new_with_index(LOOPBACK_INDEX).up().build()).execute().await {
+        let e = RoutesError::Netlink { op: "pod lo up".into(), source: e };
+        if e.errno() != Some(ENODEV) {
+            return Err(e);
+        }
+    }
+    let (hidx, host_mac) = need_link(h, &v.host_veth, "host").await?;
+    let mut up = LinkUnspec::new_with_index(hidx).up().build();
+    up.attributes.push(LinkAttribute::IfAlias(veth_alias(&v.network, &v.attachment)));
+    h.link().set(up).execute().await.map_err(RoutesError::netlink("host veth up"))?;
+    Ok((hidx, host_mac, pidx, pod_mac))
+}
+
+impl PodVeth {
+    /// Gives the pod `spec`'s address, routes, neighbour and rules (the veth must be `spec`'s).
+    /// On failure the veth is removed, with the rules of the address unless another pod holds
+    /// it ([`RoutesError::InUse`]: those rules are that pod's).
+    pub async fn finish(self, spec: &PodSpec) -> Result<PodLinks> {
+        if spec.host_veth != self.veth.host_veth || spec.ifname != self.veth.ifname {
+            let _ = self.discard().await;
+            return Err(RoutesError::Invalid {
+                field: "host_veth",
+                reason: format!("{}/{} is not the veth made for it", spec.host_veth, spec.ifname),
+            });
+        }
+        let res = self.wire(spec).await;
+        let h = &self.host.handle;
+        match &res {
+            // The address's rules belong to the pod that holds it: only our veth goes.
+            Err(RoutesError::InUse { .. }) => {
+                let _ = remove_link(h, &spec.host_veth, Some(self.host_index), None).await;
+            }
+            Err(_) => {
+                let _ = remove_link(h, &spec.host_veth, Some(self.host_index), Some(spec.address)).await;
+            }
+            Ok(_) => {}
+        }
+        res
+    }
+
+    /// Removes the veth pair (nothing was routed through it yet).
+    pub async fn discard(self) -> Result<()> {
+        remove_link(&self.host.handle, &self.veth.host_veth, Some(self.host_index), None).await
+    }
+
+    async fn wire(&self, spec: &PodSpec) -> Result<PodLinks> {
+        let (h, p) = (&self.host.handle, &self.pod.handle);
+        let (hidx, pidx) = (self.host_index, self.pod_index);
+        if spec.mtu != self.veth.mtu {
+            // Made before ipamd said which MTU (the conflist sets none): both ends follow it.
+            p.link()
+                .set(LinkUnspec::new_with_index(pidx).mtu(spec.mtu).build())
+                .execute()
+                .await
+                .map_err(RoutesError::netlink("pod link mtu"))?;
+            h.link()
+                .set(LinkUnspec::new_with_index(hidx).mtu(spec.mtu).build())
+                .execute()
+                .await
+                .map_err(RoutesError::netlink("host veth mtu"))?;
+        }
+        ok_if_exists(
+            p.address()
+                .add(pidx, IpAddr::V4(spec.address), 32)
+                .execute()
+                .await
+                .map_err(RoutesError::netlink(format!("add {}/32 in the pod", spec.address))),
+        )?;
+        let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(spec.gateway, 32)
+            .output_interface(pidx)
+            .scope(RouteScope::Link)
+            .build();
+        p.route().add(gw_route).replace().execute().await.map_err(RoutesError::netlink("pod route to the gateway"))?;
+        let default = RouteMessageBuilder::<Ipv4Addr>::new().gateway(spec.gateway).output_interface(pidx).build();
+        p.route().add(default).replace().execute().await.map_err(RoutesError::netlink("pod default route"))?;
+        p.neighbours()
+            .add(pidx, IpAddr::V4(spec.gateway))
+            .link_layer_address(&self.host_mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(RoutesError::netlink("pod neighbour for the gateway"))?;
+
+        let host_route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(spec.address, 32)
+            .output_interface(hidx)
+            .scope(RouteScope::Link)
+            .build();
+        // Created exclusively: if the address already leads to another pod's veth (handed out
+        // twice, or another ADD racing for it) this fails, naming the holder, before this pod
+        // takes any of its traffic (issue 14, item 1): the pod side made so far goes with the veth.
+        if let Err(e) = h.route().add(host_route).execute().await.map_err(RoutesError::netlink("host route to the pod"))
+        {
+            if e.errno() == Some(EEXIST) {
+                refuse_if_held(h, spec).await?;
+            }
+            return Err(e);
+        }
+
+        // Every pod: traffic *to* it is delivered locally even when the sender's own `from` rule
+        // would send it out through a secondary ENI (a secondary-ENI pod answering a primary one).
+        ok_if_exists(
+            h.rule()
+                .add()
+                .v4()
+                .destination_prefix(spec.address, 32)
+                .table_id(MAIN_TABLE)
+                .action(RuleAction::ToTable)
+                .priority(RULE_TO_POD)
+                .execute()
+                .await
+                .map_err(RoutesError::netlink("rule to pod lookup main")),
+        )?;
+        if let Some(table) = spec.route_table {
+            ok_if_exists(
+                h.rule()
+                    .add()
+                    .v4()
+                    .source_prefix(spec.address, 32)
+                    .table_id(table)
+                    .action(RuleAction::ToTable)
+                    .priority(RULE_FROM_POD)
+                    .execute()
+                    .await
+                    .map_err(RoutesError::netlink(format!("rule from pod lookup {table}"))),
+            )?;
+        }
+        Ok(PodLinks { host_mac: mac_string(&self.host_mac), pod_mac: mac_string(&self.pod_mac) })
+    }
+}
+
+/// Builds the pod's datapath ([`make_veth`], then [`PodVeth::finish`]). `host` is the node's
+/// namespace (`None`: this process's own). On failure, whatever was made is removed again
+/// before the error is returned.
+pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<PodLinks> {
+    make_veth(host, pod_netns, &spec.veth()).await?.finish(spec).await
 }
 
 /// The link another pod's host route for `address` goes through, if there is one (a route through
@@ -190,118 +404,6 @@ async fn refuse_if_held(h: &Handle, spec: &PodSpec) -> Result<()> {
         Some(holder) => Err(RoutesError::InUse { address: spec.address, holder }),
         None => Ok(()),
     }
-}
-
-async fn build(host: &Ns, pod: &Ns, spec: &PodSpec) -> Result<PodLinks> {
-    let (h, p) = (&host.handle, &pod.handle);
-    // A veth of the same name is replaced: one left by an earlier, interrupted ADD of this
-    // attachment, or an older sandbox's of the same pod (policy-engine names are per pod), with
-    // the rules of the addresses it routed.
-    if let Some((idx, _)) = link(h, &spec.host_veth).await? {
-        remove_link(h, &spec.host_veth, Some(idx), None).await?;
-    }
-    // The host route is this pod's alone: if the address already leads to another pod's veth,
-    // fail before anything is made rather than take that pod's traffic (issue 14, item 1).
-    refuse_if_held(h, spec).await?;
-    // Both ends are made by one RTM_NEWLINK, the pod's directly in the pod netns under its final
-    // name: moving a link between namespaces afterwards costs the kernel a synchronize_net
-    // (about 18 ms here, most of an ADD).
-    let peer = LinkUnspec::new_with_name(&spec.ifname).mtu(spec.mtu).setns_by_fd(pod.file.as_raw_fd()).build();
-    let veth = LinkMessageBuilder::<LinkVeth>::new_with_info_kind(InfoKind::Veth)
-        .name(spec.host_veth.clone())
-        .mtu(spec.mtu)
-        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
-        .build();
-    h.link().add(veth).execute().await.map_err(RoutesError::netlink(format!(
-        "create veth {} with {} in the pod netns",
-        spec.host_veth, spec.ifname
-    )))?;
-    let (pidx, _) = need_link(p, &spec.ifname, "pod netns").await?;
-    p.link()
-        .set(LinkUnspec::new_with_index(pidx).up().build())
-        .execute()
-        .await
-        .map_err(RoutesError::netlink("pod link up"))?;
-    if let Some((lo, _)) = link(p, "lo").await? {
-        p.link()
-            .set(LinkUnspec::new_with_index(lo).up().build())
-            .execute()
-            .await
-            .map_err(RoutesError::netlink("pod lo up"))?;
-    }
-    ok_if_exists(
-        p.address()
-            .add(pidx, IpAddr::V4(spec.address), 32)
-            .execute()
-            .await
-            .map_err(RoutesError::netlink(format!("add {}/32 in the pod", spec.address))),
-    )?;
-
-    let (hidx, host_mac) = need_link(h, &spec.host_veth, "host").await?;
-    let mut up = LinkUnspec::new_with_index(hidx).up().build();
-    up.attributes.push(LinkAttribute::IfAlias(veth_alias(&spec.network, &spec.attachment)));
-    h.link().set(up).execute().await.map_err(RoutesError::netlink("host veth up"))?;
-
-    let gw_route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(spec.gateway, 32)
-        .output_interface(pidx)
-        .scope(RouteScope::Link)
-        .build();
-    p.route().add(gw_route).replace().execute().await.map_err(RoutesError::netlink("pod route to the gateway"))?;
-    let default = RouteMessageBuilder::<Ipv4Addr>::new().gateway(spec.gateway).output_interface(pidx).build();
-    p.route().add(default).replace().execute().await.map_err(RoutesError::netlink("pod default route"))?;
-    p.neighbours()
-        .add(pidx, IpAddr::V4(spec.gateway))
-        .link_layer_address(&host_mac)
-        .state(NeighbourState::Permanent)
-        .replace()
-        .execute()
-        .await
-        .map_err(RoutesError::netlink("pod neighbour for the gateway"))?;
-
-    let host_route = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(spec.address, 32)
-        .output_interface(hidx)
-        .scope(RouteScope::Link)
-        .build();
-    // Created exclusively: another ADD racing for the same address fails here, naming the holder.
-    if let Err(e) = h.route().add(host_route).execute().await.map_err(RoutesError::netlink("host route to the pod")) {
-        if e.errno() == Some(EEXIST) {
-            refuse_if_held(h, spec).await?;
-        }
-        return Err(e);
-    }
-
-    // Every pod: traffic *to* it is delivered locally even when the sender's own `from` rule
-    // would send it out through a secondary ENI (a secondary-ENI pod answering a primary one).
-    ok_if_exists(
-        h.rule()
-            .add()
-            .v4()
-            .destination_prefix(spec.address, 32)
-            .table_id(MAIN_TABLE)
-            .action(RuleAction::ToTable)
-            .priority(RULE_TO_POD)
-            .execute()
-            .await
-            .map_err(RoutesError::netlink("rule to pod lookup main")),
-    )?;
-    if let Some(table) = spec.route_table {
-        ok_if_exists(
-            h.rule()
-                .add()
-                .v4()
-                .source_prefix(spec.address, 32)
-                .table_id(table)
-                .action(RuleAction::ToTable)
-                .priority(RULE_FROM_POD)
-                .execute()
-                .await
-                .map_err(RoutesError::netlink(format!("rule from pod lookup {table}"))),
-        )?;
-    }
-    let (_, pod_mac) = need_link(p, &spec.ifname, "pod netns").await?;
-    Ok(PodLinks { host_mac: mac_string(&host_mac), pod_mac: mac_string(&pod_mac) })
 }
 
 fn route_dump() -> RouteMessage {
