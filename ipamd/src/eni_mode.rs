@@ -834,29 +834,33 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         if open.is_empty() {
             return Ok(());
         }
-        let prefix_mode = self.prefix_mode();
+        // Each release is finished as it was begun, whatever the mode is now (a node switched
+        // between secondary IPs and prefixes with a release open): a releasing prefix by prefix,
+        // a releasing address outside every releasing prefix by address.
         let mut again = Vec::new();
         for (eni, (prefixes, ips)) in open {
-            if prefix_mode && prefixes.is_empty() {
-                continue;
-            }
             let (held_ips, held_prefixes) = match self.cloud.eni(&eni).await {
                 Ok(now) => (now.secondary_ips, now.prefixes),
                 Err(CloudError::NotFound { .. }) => (Vec::new(), Vec::new()),
                 Err(e) => return Err(e.into()),
             };
+            let (in_prefixes, single): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                ips.iter().partition(|a| prefixes.iter().any(|p| p.contains(*a)));
             let (gone_p, still_p): (Vec<Ipv4Net>, Vec<Ipv4Net>) =
                 prefixes.iter().partition(|p| !held_prefixes.contains(p));
-            let (gone, still): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = if prefix_mode {
-                ips.iter().partition(|a| gone_p.iter().any(|p| p.contains(*a)))
-            } else {
-                ips.iter().partition(|a| !held_ips.contains(a))
-            };
+            let (mut gone, still_in_prefixes): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                in_prefixes.iter().partition(|a| gone_p.iter().any(|p| p.contains(*a)));
+            let (gone_single, still_single): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                single.iter().partition(|a| !held_ips.contains(a));
+            gone.extend(gone_single);
             if !gone.is_empty() {
                 self.forget_released(state, &eni, &gone, &gone_p).await?;
             }
-            if !still.is_empty() {
-                again.push((eni, if prefix_mode { still_p } else { Vec::new() }, still));
+            if !still_p.is_empty() {
+                again.push((eni.clone(), still_p, still_in_prefixes));
+            }
+            if !still_single.is_empty() {
+                again.push((eni, Vec::new(), still_single));
             }
         }
         if !again.is_empty() {

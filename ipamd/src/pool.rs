@@ -363,11 +363,14 @@ impl Pool {
         let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
         let mut left = n;
         for e in self.enis.values_mut().rev() {
+            let prefixes = &e.prefixes;
             for (ip, s) in e.slots.iter_mut().rev() {
                 if left == 0 {
                     return out;
                 }
-                if *s == Slot::Free {
+                // An address of a prefix goes back only with its whole prefix (EC2 unassigns
+                // prefixes, not their addresses): a node switched from prefix mode keeps them.
+                if *s == Slot::Free && !prefixes.iter().any(|p| p.contains(ip)) {
                     *s = Slot::Releasing;
                     out.entry(e.id.clone()).or_default().push(*ip);
                     left -= 1;
@@ -654,12 +657,17 @@ mod tests {
         p.finish_release_prefixes(&[b]);
         assert_eq!(p.enis().next().unwrap().prefixes, vec![a]);
         assert_eq!(p.stats().total, 16);
+        // A secondary address beside the prefix (a node switched from secondary IPs): the only
+        // one released by address; a prefix's addresses go back only with their prefix.
+        let single: Ipv4Addr = "10.0.2.5".parse().unwrap();
+        p.add_addresses("eni-0", &[single]).unwrap();
+        let picked = p.begin_release(5);
+        assert_eq!(picked, BTreeMap::from([("eni-0".to_string(), vec![single])]), "not a prefix's address");
+        let (eni, ips) = picked.iter().next().unwrap();
         // A release not confirmed before a restart stays releasing though EC2 still lists the
         // address (its unassign may yet act): never offered again, listed to be finished.
-        let picked = p.begin_release(1);
-        let (eni, ips) = picked.iter().next().unwrap();
-        p.sync_eni("eni-0", 0, None, &[], &[a]);
-        assert_eq!(p.stats().free(), 13, "16 - x - y - the releasing one");
+        p.sync_eni("eni-0", 0, None, &[single], &[a]);
+        assert_eq!(p.stats().free(), 14, "16 + 1 - x - y - the releasing one");
         assert_eq!(p.releasing(), BTreeMap::from([(eni.clone(), (vec![], ips.clone()))]));
         p.finish_release(ips);
         assert!(p.releasing().is_empty());

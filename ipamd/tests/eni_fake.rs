@@ -444,3 +444,64 @@ async fn growth_the_budget_would_refuse_spends_no_describes() {
     // The subnet's count read by the first step still stands (lowered by what the node took).
     assert_eq!(subnets(&r.ec2.counts()), subnets(&after), "no second DescribeSubnets within the re-check interval");
 }
+
+/// A node switched between secondary IPs and prefixes (a restart with `targets.prefix_mode`
+/// changed) while a release was open finishes that release as it was begun: addresses by
+/// address, a prefix by prefix. Before, prefix mode skipped the open release of addresses (they
+/// stayed releasing, out of use, for ever), and secondary-IP mode took a releasing prefix's
+/// addresses for gone (the prefix stayed in EC2, unused). Nor does secondary-IP mode release a
+/// prefix's address alone (EC2 refuses: it is not a secondary IP).
+#[tokio::test(start_paused = true)]
+async fn a_release_open_across_a_switch_of_prefix_mode_is_finished_as_begun() {
+    for from_prefixes in [false, true] {
+        let r = rig("m5.large", "10.0.0.0/22", FakeConfig::default());
+        // IP targets: with them, either mode gives back what is over (prefixes whole).
+        let set = |c: &mut Config, prefixes: bool, big: bool| {
+            c.targets.prefix_mode = prefixes;
+            c.targets.warm_ip_target = Some(match (prefixes, big) {
+                (true, true) => 40,
+                (false, true) => 12,
+                (_, false) => 2,
+            });
+        };
+        // Grown in the first mode, then asked to shrink: the unassign fails before acting, so
+        // the release stays open (on disk) when the process stops.
+        let (mut src, state) = source(&r, |c| set(c, from_prefixes, true));
+        src.sync(&state).await.unwrap();
+        for _ in 0..10 {
+            src.step(&state).await.unwrap();
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        state.flush().await.unwrap();
+        drop((src, state));
+        let (mut src, state) = source(&r, |c| set(c, from_prefixes, false));
+        src.sync(&state).await.unwrap();
+        r.ec2.fail_next(
+            "UnassignPrivateIpAddresses",
+            underway_cloud::CloudError::Transient { op: "UnassignPrivateIpAddresses", message: "test".into() },
+        );
+        assert!(src.step(&state).await.is_err(), "from_prefixes {from_prefixes}: the release failed");
+        let open = state.read(|b| b.pool.releasing());
+        assert!(!open.is_empty(), "from_prefixes {from_prefixes}: a release is open");
+        state.flush().await.unwrap();
+        drop((src, state));
+        // Restarted in the other mode.
+        let (mut src, state) = source(&r, |c| set(c, !from_prefixes, false));
+        src.sync(&state).await.unwrap();
+        for _ in 0..10 {
+            src.step(&state).await.unwrap();
+            tokio::time::advance(Duration::from_millis(500)).await;
+        }
+        let case = if from_prefixes { "prefixes → secondary IPs" } else { "secondary IPs → prefixes" };
+        assert_eq!(state.read(|b| b.pool.releasing()), BTreeMap::new(), "{case}: nothing left releasing");
+        let enis: BTreeMap<String, underway_cloud::Eni> =
+            r.ec2.all_enis().into_iter().map(|e| (e.id.clone(), e)).collect();
+        for (eni, (prefixes, ips)) in &open {
+            let now = &enis[eni];
+            assert!(prefixes.iter().all(|p| !now.prefixes.contains(p)), "{case}: {prefixes:?} given back: {now:?}");
+            assert!(ips.iter().all(|a| !now.secondary_ips.contains(a)), "{case}: {ips:?} given back: {now:?}");
+        }
+        assert_eq!(disagreements(&r, &state).await, Vec::<String>::new(), "{case}");
+        assert!(rule_refusals(&r.ec2).is_empty(), "{case}: {:?} {:#?}", r.ec2.counts(), state.errors());
+    }
+}
