@@ -136,7 +136,7 @@ struct BucketState {
 
 /// A fixed bucket (neither adaptive nor sharing) pushes its next token back after each
 /// throttled answer, by this much doubled per throttle in a row (with jitter, up to
-/// [`BACKOFF_MAX`]), and forgets it at the first answer. The node backs off as a whole: every
+/// [`BACKOFF_MAX`]); each answered call takes one doubling back. The node backs off as a whole: every
 /// call and step of the class waits, where each call's own retries used to start again from
 /// the call's first delay (the simulated 1,000-node wave without a share: 251 mutating
 /// attempts per node, 95 % throttled; docs/benchmarks.md).
@@ -239,7 +239,10 @@ impl TokenBucket {
             let d = BACKOFF_FIRST.mul_f64(2f64.powi(st.throttles.min(16) as i32)).min(BACKOFF_MAX);
             let d = d.mul_f64(0.5 + 0.5 * fastrand::f64());
             st.throttles = st.throttles.saturating_add(1);
-            st.level = st.level.min(0.0) - d.as_secs_f64() * st.qps;
+            // The longer of this push and what is already pending, not their sum: calls that
+            // reserved before an earlier throttle was heard come back throttled too, and would
+            // otherwise stack their pushes far past the cap (and past every call's deadline).
+            st.level = st.level.min(-d.as_secs_f64() * st.qps);
             return;
         }
         if let Some(share) = st.share {
@@ -547,6 +550,20 @@ mod tests {
             assert!(wait >= want / 2 && wait <= want + Duration::from_millis(1), "{wait:?} of {want:?}");
             tokio::time::advance(b.wait()).await;
         }
+    }
+
+    /// Throttled answers heard together (calls that took their tokens before the first was
+    /// heard) push the next token to the longest of their pushes, not their sum: never past
+    /// the cap, so a call's deadline is not outrun by pushes alone.
+    #[tokio::test(start_paused = true)]
+    async fn throttles_heard_together_push_no_further_than_the_cap() {
+        let b = TokenBucket::new(BucketConfig { qps: 100.0, burst: 100 });
+        for _ in 0..20 {
+            b.acquire().await;
+            b.observe(true);
+        }
+        let wait = b.wait();
+        assert!(wait >= BACKOFF_MAX / 2 && wait <= BACKOFF_MAX + Duration::from_millis(10), "{wait:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,7 +16,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use underway_api::client::{ClientError, call};
 use underway_api::{AddRequest, ApiError, AttachmentKey, ErrorKind, GcRequest, Request, Response};
 use underway_routes::{
-    PodSpec, VethSpec, check_pod, gc_host_veths, host_veth_name, make_veth, pod_veth_name, teardown_attachment,
+    PodSpec, Replace, RoutesError, VethSpec, check_pod, gc_host_veths, host_veth_name, make_veth, pod_veth_name,
+    teardown_attachment,
 };
 
 use crate::config::NetConf;
@@ -183,7 +184,9 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
         ifname: env.ifname.clone(),
         mtu: conf.mtu.unwrap_or(DEFAULT_MTU),
     };
-    let made = rt.block_on(make_veth(None, Path::new(&env.netns), &veth));
+    // Only this attachment's own leftover is replaced before ipamd answers: a veth of the same
+    // name that is an older sandbox's (names are per pod) goes only once this ADD has an address.
+    let made = rt.block_on(make_veth(None, Path::new(&env.netns), &veth, Replace::OnlyOurs));
     let answer = asked.join().unwrap_or_else(|_| {
         Err(ClientError::Io {
             path: conf.ipamd_socket.display().to_string(),
@@ -198,16 +201,23 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
         Ok(a) => a,
         Err(e) => {
             // No address: the pair goes (no half-made veth is left).
-            if let Ok(v) = made
-                && let Err(d) = rt.block_on(v.discard())
-            {
-                log.write("error", &format!("removing the veth {} after ipamd's refusal: {d}", veth.host_veth));
+            match made {
+                Ok(v) => {
+                    if let Err(d) = rt.block_on(v.discard()) {
+                        log.write("error", &format!("removing the veth {} after ipamd's refusal: {d}", veth.host_veth));
+                    }
+                }
+                Err(m) => log.write("debug", &format!("the veth pair was not made either: {m}")),
             }
             return Err(e);
         }
     };
     let spec = spec_for(env, conf, &alloc);
     log.write("debug", &format!("ADD {} → {} table {:?}", spec.host_veth, alloc.address, alloc.route_table));
+    let made = match made {
+        Err(RoutesError::Occupied { .. }) => rt.block_on(make_veth(None, Path::new(&env.netns), &veth, Replace::Any)),
+        other => other,
+    };
     match made {
         Ok(v) => rt.block_on(v.finish(&spec)),
         Err(e) => Err(e),

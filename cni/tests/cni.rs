@@ -480,6 +480,16 @@ fn the_host_veth_is_named_per_pod_and_an_older_sandboxs_del_spares_the_newer() {
     let r = cni(Some(&node), &same_pod("ADD", "sandbox01", old_ns), &c);
     assert_eq!(r.status, 0, "{}", r.raw);
     assert_eq!(r.json["interfaces"][0]["name"], want.as_str());
+    let old_ip = r.json["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").to_string();
+    // The newer sandbox's ADD refused by ipamd leaves the older sandbox's veth (of the same
+    // name) and its route as they were: the veth pair made while ipamd answers must not have
+    // replaced it.
+    ipamd.state.lock().unwrap().not_ready = Some("the first sync with the cloud".into());
+    let r = cni(Some(&node), &same_pod("ADD", "sandbox02", new_ns), &c);
+    assert_eq!((r.status, r.json["code"].as_u64()), (1, Some(11)), "{}", r.raw);
+    assert!(node.sh(&format!("ping -c1 -W2 {old_ip}")).0, "the older sandbox still answers");
+    assert_eq!(host_veths(&node), 1);
+    ipamd.state.lock().unwrap().not_ready = None;
     let r = cni(Some(&node), &same_pod("ADD", "sandbox02", new_ns), &c);
     assert_eq!(r.status, 0, "{}", r.raw);
     let new_ip = r.json["ips"][0]["address"].as_str().unwrap().trim_end_matches("/32").to_string();

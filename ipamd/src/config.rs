@@ -561,6 +561,11 @@ impl Config {
             let field = if field.is_empty() { "config".to_string() } else { field };
             invalid(&field, e.kind.to_string())
         })?;
+        if cfg.pool.is_some() {
+            // The selected pool's sections replace the top-level ones here, yet those are the
+            // settings of every node that selects none: checked all the same.
+            check_pool_sections("", cfg.mode, &cfg.targets, &cfg.eni, &cfg.vpc_route, false)?;
+        }
         cfg.select_pool()?;
         cfg.validate()?;
         Ok(cfg)
@@ -917,6 +922,7 @@ subnets = ["subnet-1a"]
                 "pools.routed.vpc_route.pod_cidr: 100.64.0.0/12: between /16 and /28",
             ),
             ("cluster = \"c\"\n[pools.\"gpu pool\"]\nmode = \"eni\"", &[], "pools.gpu pool"),
+            ("cluster = \"c\"\npool = \"g\"\n[eni]\nmtu = 100\n[pools.g]\nmode = \"eni\"", &[], "config: eni.mtu"),
             (
                 "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\neni = { link_wait_ms = 700000 }",
                 &[],

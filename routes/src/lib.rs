@@ -11,8 +11,8 @@ pub mod pod;
 
 pub use eni::{EniSpec, setup_eni, teardown_eni};
 pub use pod::{
-    PodLinks, PodSpec, PodVeth, VethSpec, attachment_veth, check_pod, gc_host_veths, host_veth_name, make_veth,
-    pod_veth_name, pod_veths, pod_veths_named, setup_pod, teardown_attachment, teardown_pod, teardown_veth,
+    PodLinks, PodSpec, PodVeth, Replace, VethSpec, attachment_veth, check_pod, gc_host_veths, host_veth_name,
+    make_veth, pod_veth_name, pod_veths, pod_veths_named, setup_pod, teardown_attachment, teardown_pod, teardown_veth,
 };
 
 /// Errors of the datapath. `op` says what was being done, so a failure names its step.
@@ -31,6 +31,10 @@ pub enum RoutesError {
         "address {address} is already routed to {holder}, another pod's veth: refusing to take its traffic (the address was handed out twice?)"
     )]
     InUse { address: std::net::Ipv4Addr, holder: String },
+    /// A host veth of the name wanted belongs to another attachment (an older sandbox of the
+    /// same pod) and may be replaced only once the pod has its address.
+    #[error("{veth} belongs to another attachment (alias {alias}): replaced only once ipamd has answered")]
+    Occupied { veth: String, alias: String },
 }
 
 impl RoutesError {

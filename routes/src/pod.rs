@@ -178,17 +178,51 @@ impl std::fmt::Debug for PodVeth {
     }
 }
 
+/// Which host veth of the same name [`make_veth`] may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replace {
+    /// Only this attachment's (an earlier, interrupted ADD of it); another's is
+    /// [`RoutesError::Occupied`]. For a veth made before the pod's address is known: a refused
+    /// ADD must not cut off an older sandbox of the same pod.
+    OnlyOurs,
+    /// Any (an older sandbox's of the same pod: policy-engine names are per pod), with the rules
+    /// of the addresses it routed.
+    Any,
+}
+
 /// Makes an attachment's veth pair: the host end in `host` (`None`: this process's namespace), the
 /// pod end in `pod_netns` under its final name, both up, the host end's alias naming the
-/// attachment. A host veth of the same name is replaced first (one left by an earlier,
-/// interrupted ADD of this attachment, or an older sandbox's of the same pod: policy-engine
-/// names are per pod), with the rules of the addresses it routed. On failure whatever was made
-/// is removed again.
-pub async fn make_veth(host: Option<&Path>, pod_netns: &Path, v: &VethSpec) -> Result<PodVeth> {
+/// attachment. A host veth of the same name is replaced first as `replace` allows, with the
+/// rules of the addresses it routed. On failure whatever was made is removed again.
+pub async fn make_veth(host: Option<&Path>, pod_netns: &Path, v: &VethSpec, replace: Replace) -> Result<PodVeth> {
     check_ifname("host_veth", &v.host_veth)?;
     check_ifname("ifname", &v.ifname)?;
     let host = handle_in(host)?;
     let pod = handle_in(Some(pod_netns))?;
+    let h = &host.handle;
+    let mut s = h.link().get().match_name(v.host_veth.clone()).execute();
+    let found = match s.try_next().await {
+        Ok(found) => found,
+        Err(e) => {
+            let e = RoutesError::Netlink { op: format!("get link {}", v.host_veth), source: e };
+            if e.errno() == Some(ENODEV) { None } else { return Err(e) }
+        }
+    };
+    if let Some(l) = found {
+        let alias =
+            l.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(n) = a { Some(n.clone()) } else { None });
+        let ours = match alias.as_deref().and_then(parse_alias) {
+            Some((net, Some(id))) => net == v.network && id == v.attachment,
+            Some((_, None)) | None => v.host_veth == v.attachment,
+        };
+        if !ours && replace == Replace::OnlyOurs {
+            return Err(RoutesError::Occupied {
+                veth: v.host_veth.clone(),
+                alias: alias.unwrap_or_else(|| "none".into()),
+            });
+        }
+        remove_link(h, &v.host_veth, Some(l.header.index), None).await?;
+    }
     match make(&host, &pod, v).await {
         Ok((host_index, host_mac, pod_index, pod_mac)) => {
             Ok(PodVeth { host, pod, veth: v.clone(), host_index, host_mac, pod_index, pod_mac })
@@ -203,9 +237,6 @@ pub async fn make_veth(host: Option<&Path>, pod_netns: &Path, v: &VethSpec) -> R
 /// (host index, host MAC, pod index, pod MAC) of the pair made.
 async fn make(host: &Ns, pod: &Ns, v: &VethSpec) -> Result<(u32, Vec<u8>, u32, Vec<u8>)> {
     let (h, p) = (&host.handle, &pod.handle);
-    if let Some((idx, _)) = link(h, &v.host_veth).await? {
-        remove_link(h, &v.host_veth, Some(idx), None).await?;
-    }
     // Both ends are made by one RTM_NEWLINK, the pod's directly in the pod netns under its final
     // name: moving a link between namespaces afterwards costs the kernel a synchronize_net (about
     // 18 ms here, most of an ADD). (Up it cannot be made there: the kernel opens the peer before
@@ -243,8 +274,8 @@ async fn make(host: &Ns, pod: &Ns, v: &VethSpec) -> Result<(u32, Vec<u8>, u32, V
 
 impl PodVeth {
     /// Gives the pod `spec`'s address, routes, neighbour and rules (the veth must be `spec`'s).
-    /// On failure the veth is removed, with the rules of the address unless another pod holds
-    /// it ([`RoutesError::InUse`]: those rules are that pod's).
+    /// On failure the veth is removed, and the address's rules only once its host route was
+    /// this pod's (before, they can only be another pod's: [`RoutesError::InUse`]).
     pub async fn finish(self, spec: &PodSpec) -> Result<PodLinks> {
         if spec.host_veth != self.veth.host_veth || spec.ifname != self.veth.ifname {
             let _ = self.discard().await;
@@ -253,19 +284,18 @@ impl PodVeth {
                 reason: format!("{}/{} is not the veth made for it", spec.host_veth, spec.ifname),
             });
         }
-        let res = self.wire(spec).await;
         let h = &self.host.handle;
-        match &res {
-            // The address's rules belong to the pod that holds it: only our veth goes.
-            Err(RoutesError::InUse { .. }) => {
-                let _ = remove_link(h, &spec.host_veth, Some(self.host_index), None).await;
-            }
-            Err(_) => {
-                let _ = remove_link(h, &spec.host_veth, Some(self.host_index), Some(spec.address)).await;
-            }
-            Ok(_) => {}
+        // Until the host route is this pod's, the address's rules (if any) are another pod's:
+        // only the veth goes (the pod side made so far goes with it).
+        if let Err(e) = self.wire(spec).await {
+            let _ = remove_link(h, &spec.host_veth, Some(self.host_index), None).await;
+            return Err(e);
         }
-        res
+        if let Err(e) = self.rules(spec).await {
+            let _ = remove_link(h, &spec.host_veth, Some(self.host_index), Some(spec.address)).await;
+            return Err(e);
+        }
+        Ok(PodLinks { host_mac: mac_string(&self.host_mac), pod_mac: mac_string(&self.pod_mac) })
     }
 
     /// Removes the veth pair (nothing was routed through it yet).
@@ -273,7 +303,8 @@ impl PodVeth {
         remove_link(&self.host.handle, &self.veth.host_veth, Some(self.host_index), None).await
     }
 
-    async fn wire(&self, spec: &PodSpec) -> Result<PodLinks> {
+    /// The pod side, then the host route (exclusive: refused if another pod holds the address).
+    async fn wire(&self, spec: &PodSpec) -> Result<()> {
         let (h, p) = (&self.host.handle, &self.pod.handle);
         let (hidx, pidx) = (self.host_index, self.pod_index);
         if spec.mtu != self.veth.mtu {
@@ -320,7 +351,7 @@ impl PodVeth {
             .build();
         // Created exclusively: if the address already leads to another pod's veth (handed out
         // twice, or another ADD racing for it) this fails, naming the holder, before this pod
-        // takes any of its traffic (issue 14, item 1): the pod side made so far goes with the veth.
+        // takes any of its traffic (issue 14, item 1).
         if let Err(e) = h.route().add(host_route).execute().await.map_err(RoutesError::netlink("host route to the pod"))
         {
             if e.errno() == Some(EEXIST) {
@@ -328,7 +359,12 @@ impl PodVeth {
             }
             return Err(e);
         }
+        Ok(())
+    }
 
+    /// The host's rules for the address, once its host route is this pod's.
+    async fn rules(&self, spec: &PodSpec) -> Result<()> {
+        let h = &self.host.handle;
         // Every pod: traffic *to* it is delivered locally even when the sender's own `from` rule
         // would send it out through a secondary ENI (a secondary-ENI pod answering a primary one).
         ok_if_exists(
@@ -357,7 +393,7 @@ impl PodVeth {
                     .map_err(RoutesError::netlink(format!("rule from pod lookup {table}"))),
             )?;
         }
-        Ok(PodLinks { host_mac: mac_string(&self.host_mac), pod_mac: mac_string(&self.pod_mac) })
+        Ok(())
     }
 }
 
@@ -365,7 +401,7 @@ impl PodVeth {
 /// namespace (`None`: this process's own). On failure, whatever was made is removed again
 /// before the error is returned.
 pub async fn setup_pod(host: Option<&Path>, pod_netns: &Path, spec: &PodSpec) -> Result<PodLinks> {
-    make_veth(host, pod_netns, &spec.veth()).await?.finish(spec).await
+    make_veth(host, pod_netns, &spec.veth(), Replace::Any).await?.finish(spec).await
 }
 
 /// The link another pod's host route for `address` goes through, if there is one (a route through

@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use underway_tests::netns::TempNs;
 
 use underway_routes::{
-    PodSpec, check_pod, gc_host_veths, host_veth_name, pod_veth_name, pod_veths, setup_pod, teardown_attachment,
-    teardown_pod, teardown_veth,
+    PodSpec, Replace, check_pod, gc_host_veths, host_veth_name, make_veth, pod_veth_name, pod_veths, setup_pod,
+    teardown_attachment, teardown_pod, teardown_veth,
 };
 
 type Netns = TempNs;
@@ -183,6 +183,31 @@ async fn an_address_routed_to_a_running_pod_is_refused_to_another() {
     setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap();
     let (_, route) = node.sh("ip route get 10.99.0.9");
     assert!(route.contains(&b.host_veth), "{route}");
+}
+
+/// An ADD given an address another pod holds, whose pod side fails before its host route is
+/// refused (here: the pod end vanishes, as when the runtime tears the sandbox down mid-ADD), must
+/// leave the holder's rules alone: until the host route is this pod's, the address's rules are
+/// the holder's. (Found by review: the failure path removed the address's rules whatever step
+/// failed, which the route dump before each ADD used to shield.)
+#[tokio::test]
+async fn a_failed_add_of_a_held_address_leaves_the_holders_rules() {
+    let node = Netns::new("node").unwrap();
+    let (first, second) = (Netns::new("pod").unwrap(), Netns::new("pod").unwrap());
+    assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo").0);
+    let a = spec([10, 99, 0, 11], Some(103));
+    setup_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
+    let mut b = a.clone();
+    b.host_veth = host_veth_name("uw", "another-container-2", "eth0");
+    b.attachment = b.host_veth.clone();
+    let made = make_veth(Some(&node.path()), &second.path(), &b.veth(), Replace::OnlyOurs).await.unwrap();
+    assert!(second.sh("ip link del eth0").0, "the pod end goes (and the host end with it)");
+    made.finish(&b).await.expect_err("the pod side cannot be made");
+    let (_, rules) = node.sh("ip rule");
+    assert!(rules.contains("512:\tfrom all to 10.99.0.11 lookup main"), "the holder's rules stay: {rules}");
+    assert!(rules.contains("1536:\tfrom 10.99.0.11 lookup 103"), "{rules}");
+    check_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
+    teardown_pod(Some(&node.path()), &a).await.unwrap();
 }
 
 /// Issue 15: host veths named per pod, as policy engines compute them (prefix + sha1 of
