@@ -45,7 +45,8 @@ pub struct BudgetConfig {
     /// How many nodes spend from the account (the cluster's size, or more when other clusters
     /// or tools share it). When set, a throttled answer drops its class (and a throttled
     /// describe the mutating class too) to this node's share of the account's refill
-    /// (`account`), at a random phase within one share's interval; once the account has not
+    /// (`account`), at a random phase within one share's interval (throttled again at its
+    /// share, the call's token comes back within a quarter interval); once the account has not
     /// throttled the class for 30 share intervals (10 minutes to 4 hours), each answered call
     /// raises the rate by 5 % up to the configured one. A node that is never throttled keeps its
     /// configured rate. In a wave of thousands of nodes, a fixed or halving rate cannot learn
@@ -246,12 +247,19 @@ impl TokenBucket {
             return;
         }
         if let Some(share) = st.share {
-            if throttled {
+            if throttled && st.qps <= share {
+                // Throttled at its share: the nodes' random phases bunched and the account's
+                // bucket ran dry for a moment. The call did not act, so its token comes back,
+                // a little later (within a quarter of an interval) rather than a whole new
+                // phase of one to two intervals: in the simulated 2,500-node wave the dozen
+                // nodes throttled so were its last, each a share interval (500 s) or two late.
+                st.level = st.level.min(0.0) + 1.0 - 0.25 * fastrand::f64();
+                st.throttled_at = Some(Instant::now());
+            } else if throttled {
                 // Down to the share, not below: at its share a node collides with others now
                 // and then (their phases are random), and a node halved below it would finish
                 // last (a floor of a quarter share made the simulated 1,000-node wave 4.9× the
-                // account's floor instead of 1.9×). The next token is phased anew, once per
-                // throttle.
+                // account's floor instead of 1.9×). The next token is phased anew.
                 st.qps = st.qps.min(share);
                 st.level = st.level.min(0.0) - fastrand::f64();
                 st.throttled_at = Some(Instant::now());
@@ -492,6 +500,14 @@ mod tests {
         own.observe(ApiClass::Mutating, true);
         let wait = own.mutating.reserve();
         assert!(wait > Duration::from_secs(20) && wait <= Duration::from_secs(40), "one phase per throttle: {wait:?}");
+        // Throttled again at its share (the nodes' phases bunched and the account's bucket ran
+        // dry for a moment): the call's token comes back within a quarter of an interval, not
+        // a whole new phase.
+        tokio::time::advance(wait).await;
+        own.observe(ApiClass::Mutating, true);
+        let again = own.mutating.reserve();
+        assert!(again <= Duration::from_secs(5), "the token back within 5 s of a 20 s interval: {again:?}");
+        assert_eq!(own.rate(ApiClass::Mutating), 0.05);
         for _ in 0..3 {
             b.observe(ApiClass::Mutating, true);
         }
