@@ -69,20 +69,14 @@ pub struct EniMode<C, N> {
     read_this_step: BTreeSet<String>,
     last_gc: Option<Instant>,
     last_recheck: Option<Instant>,
-    /// Each periodic describe's interval is stretched by a factor drawn anew each time (0.5 to
-    /// 1.5): nodes that started together do not sweep together for ever (their describes,
-    /// bunched and throttled, re-phased the mutating tokens of the nodes still growing; the
-    /// simulated 1,000-node wave: last node 1.39–1.45× the floor with them, 1.15× without).
+    /// Each periodic describe's interval times a factor drawn anew each time
+    /// ([`crate::clock::jitter`]).
     gc_jitter: f64,
     recheck_jitter: f64,
 }
 
 /// How often the missing delete-on-termination calls are asked again.
 const PROTECT_EVERY: Duration = Duration::from_secs(30);
-
-fn jitter() -> f64 {
-    0.5 + fastrand::f64()
-}
 
 /// An attached ENI waiting for its link.
 #[derive(Debug, Clone, Copy)]
@@ -132,8 +126,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             read_this_step: BTreeSet::new(),
             last_gc: None,
             last_recheck: None,
-            gc_jitter: jitter(),
-            recheck_jitter: jitter(),
+            gc_jitter: crate::clock::jitter(),
+            recheck_jitter: crate::clock::jitter(),
         }
     }
 
@@ -1115,7 +1109,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every.mul_f64(self.gc_jitter)) {
             self.last_gc = Some(Instant::now());
-            self.gc_jitter = jitter();
+            self.gc_jitter = crate::clock::jitter();
             self.gc_leaked(state).await?;
         }
         // Not in a step that changed EC2: a describe right after a change may not show it yet.
@@ -1124,7 +1118,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
             && self.last_recheck.is_none_or(|t| t.elapsed() >= recheck_every.mul_f64(self.recheck_jitter))
         {
             self.last_recheck = Some(Instant::now());
-            self.recheck_jitter = jitter();
+            self.recheck_jitter = crate::clock::jitter();
             self.recheck(state).await?;
         }
         Ok(Step { blocker, again: acted && d.limited.is_none() })
