@@ -6,8 +6,8 @@ pub fn unix_ms() -> u64 {
 }
 
 /// A factor between 0.5 and 1.5, drawn anew for each wait of a periodic describe (the ENI mode's
-/// leaked-ENI sweep and drift re-check; VPC-route mode's route check is not jittered yet): nodes
-/// that started together do not look together for ever. In step, their describes came together, were
+/// leaked-ENI sweep and drift re-check, VPC-route mode's route check): nodes that started
+/// together do not look together for ever. In step, their describes came together, were
 /// throttled, and each throttled describe re-phased the mutating token of a node still growing
 /// (the simulated 1,000-node wave's last node: 1.39–1.45× the floor in step, 1.15× jittered;
 /// docs/benchmarks.md).

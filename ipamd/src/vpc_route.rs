@@ -44,6 +44,8 @@ pub struct VpcRouteMode<C, N> {
     /// The routes are in place in every table (addresses are offered only then).
     routed: bool,
     last_check: Option<Instant>,
+    /// The next check's interval times this ([`crate::clock::jitter`]).
+    check_jitter: f64,
     /// What the last look at the tables found in the way (kept between looks).
     blocked: Option<Blocker>,
     /// The primary ENI's source/destination check is known to be off.
@@ -112,6 +114,7 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
             tables: Vec::new(),
             routed: false,
             last_check: None,
+            check_jitter: crate::clock::jitter(),
             blocked: None,
             source_check_off: false,
             metrics,
@@ -182,6 +185,7 @@ impl<C: Cloud + 'static, N: Node + 'static> VpcRouteMode<C, N> {
             }
         }
         self.last_check = Some(Instant::now());
+        self.check_jitter = crate::clock::jitter();
         Ok(blocker)
     }
 
@@ -290,7 +294,9 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         // (the simulator's 60 nodes on a 50-route table: 5,000 describes in 30 minutes).
         // Not yet routed and nothing in the way (the last attempt failed after the look): at once.
         let due = (!self.routed && self.blocked.is_none())
-            || self.last_check.is_none_or(|t| t.elapsed() >= self.cfg.route_check_interval(self.cloud.share_of()));
+            || self.last_check.is_none_or(|t| {
+                t.elapsed() >= self.cfg.route_check_interval(self.cloud.share_of()).mul_f64(self.check_jitter)
+            });
         if !due {
             return Ok(Step { blocker: self.blocked.clone(), again: false });
         }

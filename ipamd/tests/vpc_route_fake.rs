@@ -80,14 +80,15 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     let (mut src, state, host) = last.unwrap();
     let describes = |e: &FakeEc2| e.counts().calls.get("DescribeRouteTables").copied().unwrap_or(0);
     let before = describes(&ec2);
-    for _ in 0..30 {
+    // (The interval is 60 s, each wait jittered to 30–90 s.)
+    for _ in 0..29 {
         let step = src.step(&state).await.unwrap();
         assert!(matches!(step.blocker, Some(Blocker::RouteTableFull(_))), "{:?}", step.blocker);
         tokio::time::advance(std::time::Duration::from_secs(1)).await;
     }
     assert_eq!(describes(&ec2), before, "no describe within the check interval");
     ec2.delete_route(&table, "100.64.0.0/26".parse().unwrap()).await.unwrap();
-    tokio::time::advance(std::time::Duration::from_secs(31)).await;
+    tokio::time::advance(std::time::Duration::from_secs(62)).await;
     // The route goes in, but reading the host's pods fails once: the next step offers the
     // addresses (a node once left routed with an empty pool and no blocker until a restart).
     host.fail_pods.store(1, std::sync::atomic::Ordering::Relaxed);
@@ -109,7 +110,7 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     ec2.replace_route(&vpc, &table, "100.64.50.0/26".parse().unwrap(), &RouteTarget::Eni(first_eni.clone()))
         .await
         .unwrap();
-    tokio::time::advance(std::time::Duration::from_secs(61)).await;
+    tokio::time::advance(std::time::Duration::from_secs(91)).await;
     let step = src.step(&state).await.unwrap();
     assert!(matches!(step.blocker, Some(Blocker::RouteConflict(_))), "{:?}", step.blocker);
     assert_eq!(state.read(|b| (b.pool.stats().free(), b.pool.lease_of(&pod).map(|l| l.address))), (0, Some(leased)));
