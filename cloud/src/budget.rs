@@ -45,8 +45,9 @@ pub struct BudgetConfig {
     /// How many nodes spend from the account (the cluster's size, or more when other clusters
     /// or tools share it). When set, a throttled answer drops its class (and a throttled
     /// describe the mutating class too) to this node's share of the account's refill
-    /// (`account`), at a random phase within one share's interval (throttled again at its
-    /// share, the call's token comes back within a quarter interval); once the account has not
+    /// (`account`), at a random phase within one share's interval (a call throttled at its
+    /// share gets its token back within a quarter interval, once until a call is answered);
+    /// once the account has not
     /// throttled the class for 30 share intervals (10 minutes to 4 hours), each answered call
     /// raises the rate by 5 % up to the configured one. A node that is never throttled keeps its
     /// configured rate. In a wave of thousands of nodes, a fixed or halving rate cannot learn
@@ -133,6 +134,10 @@ struct BucketState {
     throttled_at: Option<Instant>,
     /// Throttled answers in a row (fixed buckets: how far the next token is pushed back).
     throttles: u32,
+    /// A call throttled at the share got its token back, and no call has been answered since:
+    /// the next throttle gets a new phase instead (a give-back per throttle would let a node
+    /// retry at several times its share while the account stays busy).
+    gave_back: bool,
 }
 
 /// A fixed bucket (neither adaptive nor sharing) pushes its next token back after each
@@ -174,6 +179,7 @@ impl TokenBucket {
             share: None,
             throttled_at: None,
             throttles: 0,
+            gave_back: false,
         };
         TokenBucket { cfg, adaptive, state: Mutex::new(state) }
     }
@@ -247,14 +253,19 @@ impl TokenBucket {
             return;
         }
         if let Some(share) = st.share {
-            if throttled && st.qps <= share {
+            if !throttled {
+                st.gave_back = false;
+            }
+            if throttled && st.qps <= share && !st.gave_back {
                 // Throttled at its share: the nodes' random phases bunched and the account's
                 // bucket ran dry for a moment. The call did not act, so its token comes back,
-                // a little later (within a quarter of an interval) rather than a whole new
-                // phase of one to two intervals: in the simulated 2,500-node wave the dozen
-                // nodes throttled so were its last, each a share interval (500 s) or two late.
+                // a little later (within a quarter of an interval, after any calls already
+                // waiting) rather than a whole new phase of one to two intervals: in the
+                // simulated 2,500-node wave the dozen nodes throttled so were its last, each a
+                // share interval (500 s) or two late. Once until a call is answered.
                 st.level = st.level.min(0.0) + 1.0 - 0.25 * fastrand::f64();
                 st.throttled_at = Some(Instant::now());
+                st.gave_back = true;
             } else if throttled {
                 // Down to the share, not below: at its share a node collides with others now
                 // and then (their phases are random), and a node halved below it would finish
@@ -508,6 +519,18 @@ mod tests {
         let again = own.mutating.reserve();
         assert!(again <= Duration::from_secs(5), "the token back within 5 s of a 20 s interval: {again:?}");
         assert_eq!(own.rate(ApiClass::Mutating), 0.05);
+        // Throttled again before any answer: a new phase (one to two intervals), not another
+        // give-back (a node throttled on every try would otherwise retry at several times its
+        // share while the account stays busy). An answer allows the give-back again.
+        tokio::time::advance(again).await;
+        own.observe(ApiClass::Mutating, true);
+        let phased = own.mutating.reserve();
+        assert!(phased > Duration::from_secs(20), "a new phase: {phased:?}");
+        tokio::time::advance(phased).await;
+        own.observe(ApiClass::Mutating, false);
+        own.mutating.reserve();
+        own.observe(ApiClass::Mutating, true);
+        assert!(own.mutating.reserve() <= Duration::from_secs(25), "given back again after an answer");
         for _ in 0..3 {
             b.observe(ApiClass::Mutating, true);
         }

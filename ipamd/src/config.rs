@@ -484,7 +484,7 @@ impl EniConfig {
             return Err(invalid(&f("mtu"), format!("{} is outside 576..=9001", self.mtu)));
         }
         if self.pending_give_up_ms < self.link_wait_ms {
-            return Err(invalid(&f("pending_give_up_ms"), format!("at least {at}link_wait_ms")));
+            return Err(invalid(&f("pending_give_up_ms"), "at least link_wait_ms"));
         }
         if self.recheck_interval_ms < 1_000 {
             return Err(invalid(&f("recheck_interval_ms"), "at least 1000 (each re-check is a describe call)"));
@@ -926,7 +926,7 @@ subnets = ["subnet-1a"]
             (
                 "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\neni = { link_wait_ms = 700000 }",
                 &[],
-                "pools.g.eni.pending_give_up_ms: at least pools.g.eni.link_wait_ms",
+                "pools.g.eni.pending_give_up_ms: at least link_wait_ms",
             ),
             ("cluster = \"c\"\n[kubernetes]\nenabled = true", &[], "kubernetes.node_name"),
             (

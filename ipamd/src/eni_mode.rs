@@ -809,7 +809,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Gives `n` free slots back through the release handshake: picked addresses are never handed
     /// out; the cloud's answer forgets them, or frees them again.
-    async fn release(&mut self, state: &NodeState, n: u32) -> Result<()> {
+    /// Gives up to `n` free slots back; returns how many addresses were picked (0: none could
+    /// be, and nothing is written).
+    async fn release(&mut self, state: &NodeState, n: u32) -> Result<usize> {
         let prefix_mode = self.prefix_mode();
         // Per ENI: the prefixes (prefix mode) and every address that goes back.
         let (picked, g) = state.change(|b| -> Vec<(String, Vec<Ipv4Net>, Vec<Ipv4Addr>)> {
@@ -826,10 +828,15 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 b.pool.begin_release(n).into_iter().map(|(e, ips)| (e, Vec::new(), ips)).collect()
             }
         });
+        let count = picked.iter().map(|(_, _, ips)| ips.len()).sum();
+        if count == 0 {
+            return Ok(0);
+        }
         // On disk before EC2 is asked: a process stopped after the unassign acted must not leave
         // a store that offers these addresses as free (issue 14; found by the kill storm).
         state.commit(g).await?;
-        self.carry_out_release(state, picked).await
+        self.carry_out_release(state, picked).await?;
+        Ok(count)
     }
 
     /// Finishes releases an earlier process (or a step whose confirmation failed) began: EC2 is
@@ -1102,9 +1109,10 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
                 self.cfg.targets.max_eni.map(|m| format!(" (max_eni = {m})")).unwrap_or_default()
             )));
         }
-        if d.release > 0 {
-            self.release(state, d.release).await?;
-        }
+        // What was picked, not what was asked: after a switch out of prefix mode a prefix's
+        // free addresses count as surplus yet go back only with their prefix, and a step that
+        // picks nothing must not hold the re-check off for ever.
+        let released = if d.release > 0 { self.release(state, d.release).await? } else { 0 };
         self.protect_again(state, true).await;
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every.mul_f64(self.gc_jitter)) {
@@ -1114,7 +1122,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         }
         // Not in a step that changed EC2: a describe right after a change may not show it yet.
         if !acted
-            && d.release == 0
+            && released == 0
             && self.last_recheck.is_none_or(|t| t.elapsed() >= recheck_every.mul_f64(self.recheck_jitter))
         {
             self.last_recheck = Some(Instant::now());
