@@ -33,8 +33,8 @@ pub enum RoutesError {
     InUse { address: std::net::Ipv4Addr, holder: String },
     /// A host veth of the name wanted belongs to another attachment (an older sandbox of the
     /// same pod) and may be replaced only once the pod has its address.
-    #[error("{veth} belongs to another attachment (alias {alias}): replaced only once ipamd has answered")]
-    Occupied { veth: String, alias: String },
+    #[error("{veth} belongs to another attachment ({owner}): replaced only once ipamd has answered")]
+    Occupied { veth: String, owner: String },
 }
 
 impl RoutesError {

@@ -106,22 +106,26 @@ pub fn check_ifname(field: &'static str, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
-    let mut s = h.link().get().match_name(name.to_string()).execute();
-    match s.try_next().await {
-        Ok(Some(m)) => {
-            let mac = m.attributes.iter().find_map(|a| match a {
-                LinkAttribute::Address(mac) => Some(mac.clone()),
-                _ => None,
-            });
-            Ok(Some((m.header.index, mac.unwrap_or_default())))
-        }
-        Ok(None) => Ok(None),
+/// The link named `name`, if there is one (ENODEV is "none").
+async fn link_message(h: &Handle, name: &str) -> Result<Option<rtnetlink::packet_route::link::LinkMessage>> {
+    match h.link().get().match_name(name.to_string()).execute().try_next().await {
+        Ok(found) => Ok(found),
         Err(e) => {
             let e = RoutesError::Netlink { op: format!("get link {name}"), source: e };
             if e.errno() == Some(ENODEV) { Ok(None) } else { Err(e) }
         }
     }
+}
+
+/// The index and MAC of the link named `name`, if there is one.
+async fn link(h: &Handle, name: &str) -> Result<Option<(u32, Vec<u8>)>> {
+    Ok(link_message(h, name).await?.map(|m| {
+        let mac = m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(mac) => Some(mac.clone()),
+            _ => None,
+        });
+        (m.header.index, mac.unwrap_or_default())
+    }))
 }
 
 async fn need_link(h: &Handle, name: &str, where_: &str) -> Result<(u32, Vec<u8>)> {
@@ -200,28 +204,19 @@ pub async fn make_veth(host: Option<&Path>, pod_netns: &Path, v: &VethSpec, repl
     let host = handle_in(host)?;
     let pod = handle_in(Some(pod_netns))?;
     let h = &host.handle;
-    let mut s = h.link().get().match_name(v.host_veth.clone()).execute();
-    let found = match s.try_next().await {
-        Ok(found) => found,
-        Err(e) => {
-            let e = RoutesError::Netlink { op: format!("get link {}", v.host_veth), source: e };
-            if e.errno() == Some(ENODEV) { None } else { return Err(e) }
-        }
-    };
-    if let Some(l) = found {
-        let alias =
-            l.attributes.iter().find_map(|a| if let LinkAttribute::IfAlias(n) = a { Some(n.clone()) } else { None });
-        let ours = match alias.as_deref().and_then(parse_alias) {
-            Some((net, Some(id))) => net == v.network && id == v.attachment,
-            Some((_, None)) | None => v.host_veth == v.attachment,
-        };
+    if let Some(l) = link_message(h, &v.host_veth).await? {
+        let index = l.header.index;
+        // Ours by its alias (or, made before aliases were written, by its name).
+        let owner = veth_of(l, "");
+        let ours = owner
+            .as_ref()
+            .is_some_and(|o| o.attachment == v.attachment && o.network.as_deref().is_none_or(|n| n == v.network));
         if !ours && replace == Replace::OnlyOurs {
-            return Err(RoutesError::Occupied {
-                veth: v.host_veth.clone(),
-                alias: alias.unwrap_or_else(|| "none".into()),
-            });
+            let owner =
+                owner.map_or("unknown".into(), |o| format!("{}/{}", o.network.unwrap_or_default(), o.attachment));
+            return Err(RoutesError::Occupied { veth: v.host_veth.clone(), owner });
         }
-        remove_link(h, &v.host_veth, Some(l.header.index), None).await?;
+        remove_link(h, &v.host_veth, Some(index), None).await?;
     }
     match make(&host, &pod, v).await {
         Ok((host_index, host_mac, pod_index, pod_mac)) => {
@@ -699,14 +694,7 @@ pub async fn teardown_attachment(
 /// name, the common case), else any of `prefix`'s veths whose alias does (a dump): a pod made
 /// before veths were named per pod, or a DEL without the pod's name.
 async fn find_attachment(h: &Handle, prefix: &str, host_veth: &str, attachment: &str) -> Result<Option<HostVeth>> {
-    let named = match h.link().get().match_name(host_veth.to_string()).execute().try_next().await {
-        Ok(Some(l)) => veth_of(l, prefix),
-        Ok(None) => None,
-        Err(e) => {
-            let e = RoutesError::Netlink { op: format!("get link {host_veth}"), source: e };
-            if e.errno() == Some(ENODEV) { None } else { return Err(e) }
-        }
-    };
+    let named = link_message(h, host_veth).await?.and_then(|l| veth_of(l, prefix));
     Ok(match named.filter(|v| v.attachment == attachment) {
         Some(v) => Some(v),
         None => host_veths(h, prefix).await?.into_iter().find(|v| v.attachment == attachment),

@@ -25,6 +25,12 @@ fn spec(addr: [u8; 4], table: Option<u32>) -> PodSpec {
     }
 }
 
+/// Another attachment (of `container`) given `a`'s address: an address handed out twice.
+fn same_address(a: &PodSpec, container: &str) -> PodSpec {
+    let veth = host_veth_name("uw", container, "eth0");
+    PodSpec { host_veth: veth.clone(), attachment: veth, ..a.clone() }
+}
+
 #[tokio::test]
 async fn setup_pings_both_ways_and_teardown_leaves_nothing() {
     let node = Netns::new("node").unwrap();
@@ -164,9 +170,7 @@ async fn an_address_routed_to_a_running_pod_is_refused_to_another() {
     assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo").0);
     let a = spec([10, 99, 0, 9], Some(102));
     setup_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
-    let mut b = a.clone();
-    b.host_veth = host_veth_name("uw", "another-container", "eth0");
-    b.attachment = b.host_veth.clone();
+    let b = same_address(&a, "another-container");
     let e = setup_pod(Some(&node.path()), &second.path(), &b).await.unwrap_err();
     assert!(matches!(e, underway_routes::RoutesError::InUse { .. }), "{e}");
     assert!(e.to_string().contains(&a.host_veth), "names the holder: {e}");
@@ -197,9 +201,7 @@ async fn a_failed_add_of_a_held_address_leaves_the_holders_rules() {
     assert!(node.sh("ip link set lo up && ip addr add 10.99.1.1/32 dev lo").0);
     let a = spec([10, 99, 0, 11], Some(103));
     setup_pod(Some(&node.path()), &first.path(), &a).await.unwrap();
-    let mut b = a.clone();
-    b.host_veth = host_veth_name("uw", "another-container-2", "eth0");
-    b.attachment = b.host_veth.clone();
+    let b = same_address(&a, "another-container-2");
     let made = make_veth(Some(&node.path()), &second.path(), &b.veth(), Replace::OnlyOurs).await.unwrap();
     assert!(second.sh("ip link del eth0").0, "the pod end goes (and the host end with it)");
     made.finish(&b).await.expect_err("the pod side cannot be made");
