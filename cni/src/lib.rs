@@ -173,10 +173,6 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
     // ipamd answers while the veth pair is made (it needs no address): an ADD waits for the
     // longer of the two instead of both. The MTU is the conflist's, else ipamd's default; an
     // answer with another makes the pair follow it.
-    let asked = {
-        let (socket, timeout) = (conf.ipamd_socket.clone(), conf.ipamd_timeout);
-        std::thread::spawn(move || call(&socket, &req, timeout))
-    };
     let veth = VethSpec {
         network: conf.name.clone(),
         attachment: host_veth_name(&conf.veth_prefix, &env.container_id, &env.ifname),
@@ -186,8 +182,12 @@ fn add(rt: &tokio::runtime::Runtime, env: &Env, conf: &NetConf, log: &Log) -> Re
     };
     // Only this attachment's own leftover is replaced before ipamd answers: a veth of the same
     // name that is an older sandbox's (names are per pod) goes only once this ADD has an address.
-    let made = rt.block_on(make_veth(None, Path::new(&env.netns), &veth, Replace::OnlyOurs));
-    let answer = asked.join().unwrap_or_else(|_| {
+    let (answer, made) = std::thread::scope(|s| {
+        let asked = s.spawn(|| rpc(conf, &req));
+        let made = rt.block_on(make_veth(None, Path::new(&env.netns), &veth, Replace::OnlyOurs));
+        (asked.join(), made)
+    });
+    let answer = answer.unwrap_or_else(|_| {
         Err(ClientError::Io {
             path: conf.ipamd_socket.display().to_string(),
             source: std::io::Error::other("panicked"),
