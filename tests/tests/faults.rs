@@ -71,7 +71,9 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
         c.invisible_after_create = Duration::from_secs(1);
     });
     let started = Instant::now();
-    let cfg = "cooldown_ms = 1000\nadd_wait_ms = 60000\n[targets]\nwarm_ip_target = 2\n[eni]\nleak_grace_ms = 20000\n";
+    // The leak GC every 20 s (each wait jittered to 10–30 s): a lost reply's duplicate ENI is
+    // deleted well within the check's 90 s below, even with a sweep or two throttled.
+    let cfg = "cooldown_ms = 1000\nadd_wait_ms = 60000\n[targets]\nwarm_ip_target = 2\n[eni]\nleak_grace_ms = 20000\ngc_interval_ms = 20000\n";
     let ds: Vec<IpamdProcess> =
         nodes.iter().map(|n| IpamdProcess::start(&w, n, &bin_path("underway-ipamd").unwrap(), cfg).unwrap()).collect();
     for d in &ds {
