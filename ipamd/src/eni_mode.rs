@@ -68,6 +68,11 @@ pub struct EniMode<C, N> {
     /// The subnets whose count was read from EC2 in the step under way.
     read_this_step: BTreeSet<String>,
     last_gc: Option<Instant>,
+    /// When this process made its EniMode (Unix seconds, the clock of the node's `created-at`
+    /// tags): a detached ENI tagged for this node and made before it is an earlier run's.
+    started_s: u64,
+    /// Subnets EC2 refused an assign asked with no count read: read before the next ask.
+    read_first: BTreeSet<String>,
     last_recheck: Option<Instant>,
     /// Each periodic describe's interval times a factor drawn anew each time
     /// ([`crate::clock::jitter`]).
@@ -125,6 +130,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             tagged: None,
             read_this_step: BTreeSet::new(),
             last_gc: None,
+            started_s: unix_ms() / 1000,
+            read_first: BTreeSet::new(),
             last_recheck: None,
             gc_jitter: crate::clock::jitter(),
             recheck_jitter: crate::clock::jitter(),
@@ -297,6 +304,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             for s in self.cloud.subnets(ids).await? {
                 self.subnets_read.insert(s.id.clone(), now);
                 self.read_this_step.insert(s.id.clone());
+                self.read_first.remove(&s.id);
                 self.subnets.insert(s.id.clone(), s);
             }
         }
@@ -370,6 +378,9 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         if self.read_this_step.contains(subnet) {
             self.pause(subnet);
             format!("subnet exhausted: {subnet} refused {what}; paused")
+        } else if !self.subnets.contains_key(subnet) {
+            self.read_first.insert(subnet.to_string());
+            format!("subnet exhausted: {subnet} refused {what} asked before its count was read; reading it")
         } else {
             self.subnets_read.remove(subnet);
             format!("subnet exhausted: {subnet} refused {what} on an older count; reading it again")
@@ -417,8 +428,16 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
         });
         // Never ask a subnet for more than it has by the last count (a full subnet hangs
         // LocalStack and wastes a call on AWS); the count is read again when it is old or short.
-        let mut subnet_ids: Vec<String> =
-            rooms.iter().filter_map(|(id, _)| self.known.get(id).map(|k| k.subnet_id.clone())).collect();
+        // A subnet whose count this node has not read (its first growth on an ENI of the
+        // subnet) is asked blind: EC2 refuses an assign the subnet cannot fill as a whole, and
+        // a refusal has the count read before the next ask. The read cost each node of a wave
+        // one of the account's describes before its first mutating call, at its share of the
+        // describe refill (docs/benchmarks.md).
+        let mut subnet_ids: Vec<String> = rooms
+            .iter()
+            .filter_map(|(id, _)| self.known.get(id).map(|k| k.subnet_id.clone()))
+            .filter(|s| self.subnets.contains_key(s) || self.read_first.contains(s))
+            .collect();
         subnet_ids.sort();
         subnet_ids.dedup();
         let mut free_in: BTreeMap<String, u32> = self
@@ -433,7 +452,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
                 break;
             }
             let Some(known) = self.known.get(&id).cloned() else { continue };
-            let left = free_in.entry(known.subnet_id.clone()).or_default();
+            let left = free_in.entry(known.subnet_id.clone()).or_insert(u32::MAX);
             let free = *left / self.per_slot();
             if self.paused.get(&known.subnet_id).is_some_and(|u| *u > unix_ms()) || free == 0 {
                 blocker = Some(Blocker::SubnetExhausted(format!(
@@ -1012,19 +1031,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
 impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
-        // This process has created no ENI yet: a detached one tagged for this node is an earlier
-        // run's, cut off between create and attach (a crash), and is deleted now rather than
-        // after leak_grace_ms (an attach of it still in flight makes the delete fail: adopted below).
-        // Done once: a sync that failed after it is retried without it (at its share of a
-        // 2,500-node account's describes a node gets one per 125 s, and each retry from the top
-        // spent one more; found by the simulator). It is also the steps' first leak sweep.
-        // (Skipping it on a node's first run saves a describe, yet made the simulated 1,000-node
-        // wave slower: p50 1,446 → 1,735 s. Its throttle at start is what spreads the nodes'
-        // phases before their first mutating call; see RateBudget::observe.)
-        if self.last_gc.is_none() {
-            self.gc_detached(state, 0).await?;
-            self.last_gc = Some(Instant::now());
-        }
+        // One describe: the leak sweep waits for the end of the first step (see `step`).
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         self.saw_attached(&enis);
         self.note_unprotected(&enis);
@@ -1115,7 +1122,19 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         let released = if d.release > 0 { self.release(state, d.release).await? } else { 0 };
         self.protect_again(state, true).await;
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
-        if self.last_gc.is_none_or(|t| t.elapsed() >= gc_every.mul_f64(self.gc_jitter)) {
+        if self.last_gc.is_none() {
+            // The first sweep, after the first growth (in the sync before, its describe sat
+            // between a new node and its first mutating call, at its share of a wave's
+            // describes). A detached ENI tagged for this node and made before this process
+            // started is an earlier run's, cut off between create and attach (a crash): deleted
+            // now, not after leak_grace_ms. One this process made (a spare whose attach was
+            // throttled) is younger. An earlier run's attach still in flight makes the delete
+            // fail; the ENI is adopted once the instance's ENIs are read again. A sweep that
+            // failed is made again at the next step's end.
+            let since_start_ms = (unix_ms() / 1000).saturating_sub(self.started_s).saturating_add(1) * 1000;
+            self.gc_detached(state, since_start_ms.min(self.cfg.eni.leak_grace_ms)).await?;
+            self.last_gc = Some(Instant::now());
+        } else if self.last_gc.is_some_and(|t| t.elapsed() >= gc_every.mul_f64(self.gc_jitter)) {
             self.last_gc = Some(Instant::now());
             self.gc_jitter = crate::clock::jitter();
             self.gc_leaked(state).await?;

@@ -56,14 +56,6 @@ fn primary_with(prefixes: &[&str], ips: &[&str]) -> ReplayEvent {
     ))
 }
 
-fn subnet(free: u32) -> ReplayEvent {
-    ok(format!(
-        "<DescribeSubnetsResponse {NS}><requestId>r</requestId><subnetSet><item><subnetId>subnet-0a1b2c3d</subnetId>\
-         <vpcId>vpc-0a1b2c3d</vpcId><cidrBlock>10.0.0.0/16</cidrBlock><availabilityZone>us-east-1a</availabilityZone>\
-         <availableIpAddressCount>{free}</availableIpAddressCount><tagSet/></item></subnetSet></DescribeSubnetsResponse>"
-    ))
-}
-
 fn assigned(prefix: &str) -> ReplayEvent {
     ok(format!(
         "<AssignPrivateIpAddressesResponse {NS}><requestId>r</requestId><networkInterfaceId>eni-0000000000000000a</networkInterfaceId>\
@@ -141,14 +133,13 @@ fn source_in(
 #[tokio::test]
 async fn prefix_mode_asks_for_whole_prefixes_and_hands_out_their_addresses() {
     let events = vec![
-        // sync: this node's detached ENIs (none), then its ENIs (a fresh node: no prefix yet)
-        no_enis(),
+        // sync: this node's ENIs (a fresh node: no prefix yet)
         primary(&[]),
-        // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI (the sync's look
-        // for leaked ENIs was the first sweep)
-        subnet(4000),
+        // step 1: warm_prefix_target = 1 → grow one prefix on the primary ENI (asked before
+        // the subnet's count is read), then the first sweep for leaked ENIs (none)
         assigned("10.0.1.16/28"),
-        // step 2 (16 pods later): one more prefix (the subnet's count read in step 1 stands)
+        no_enis(),
+        // step 2 (16 pods later): one more prefix
         assigned("10.0.1.32/28"),
     ];
     let (mut src, state, replay, dir) = source(events, |c| {
@@ -197,7 +188,7 @@ async fn a_throttled_grow_becomes_the_throttled_blocker() {
             ))
             .unwrap(),
     );
-    let (mut src, state, replay, dir) = source(vec![no_enis(), primary(&[]), subnet(4000), throttled], |c| {
+    let (mut src, state, replay, dir) = source(vec![primary(&[]), throttled], |c| {
         c.targets.warm_ip_target = Some(3);
     });
     src.sync(&state).await.unwrap();
@@ -208,11 +199,7 @@ async fn a_throttled_grow_becomes_the_throttled_blocker() {
         "{b:?}"
     );
     assert_eq!(state.read(|b| b.pool.stats().total), 0, "nothing was added");
-    assert_eq!(
-        replay.actual_requests().count(),
-        4,
-        "the detached-ENI look, the ENIs, the subnet, the throttled assign"
-    );
+    assert_eq!(replay.actual_requests().count(), 2, "the ENIs, the throttled assign");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -244,8 +231,7 @@ async fn a_limit_refusal_from_a_lost_reply_is_learned_not_reported() {
         "10.0.1.18",
         "10.0.1.19",
     ];
-    let events =
-        vec![no_enis(), primary(&[]), subnet(4000), limit, primary_with(&[], &ips), no_enis(), primary_with(&[], &ips)];
+    let events = vec![primary(&[]), limit, primary_with(&[], &ips), no_enis()];
     let (mut src, state, _replay, dir) = source(events, |c| {
         c.targets.warm_ip_target = Some(3);
     });
@@ -278,12 +264,11 @@ fn error(status: u16, code: &str) -> ReplayEvent {
 async fn an_assign_of_unknown_fate_is_read_from_ec2_before_the_next_assign() {
     let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16", "10.0.1.17"];
     let events = vec![
-        no_enis(),
         primary(&[]),
-        subnet(4000),
         error(500, "InternalError"),
         error(503, "RequestLimitExceeded"),
         primary_with(&[], &ips),
+        no_enis(),
     ];
     let (mut src, state, replay, dir) = source(events, |c| {
         c.targets.warm_ip_target = Some(3);
@@ -304,13 +289,13 @@ async fn an_assign_of_unknown_fate_is_read_from_ec2_before_the_next_assign() {
         actions,
         [
             "DescribeNetworkInterfaces",
-            "DescribeNetworkInterfaces",
-            "DescribeSubnets",
             "AssignPrivateIpAddresses",
             "DescribeNetworkInterfaces",
             "DescribeNetworkInterfaces",
+            "DescribeNetworkInterfaces",
         ],
-        "one assign: the second step reads the ENI (throttled once, retried) and assigns nothing more"
+        "one assign: the second step reads the ENI (throttled once, retried), assigns nothing more, \
+         and sweeps for leaked ENIs"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -349,8 +334,7 @@ async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart()
     let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16"];
     // The first process: its unassign's fate unknown (a 5xx) and EC2 cannot be read (throttled):
     // the step fails with the addresses picked, as a process killed during the call would leave them.
-    let events =
-        vec![no_enis(), primary_with(&[], &ips), error(500, "InternalError"), error(503, "RequestLimitExceeded")];
+    let events = vec![primary_with(&[], &ips), error(500, "InternalError"), error(503, "RequestLimitExceeded")];
     let (mut src, state, replay, dir) = source(events, |c| {
         c.targets.warm_ip_target = Some(2);
     });
@@ -374,8 +358,9 @@ async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart()
     drop((src, state));
 
     // A restart on that store; EC2 still lists every address (the unassign has not acted yet).
-    // The sync's look, the resumed release's look (EC2 still lists them), its unassign.
-    let events = vec![no_enis(), primary_with(&[], &ips), primary_with(&[], &ips), unassigned(), no_enis(), no_enis()];
+    // The sync's look, the resumed release's look (EC2 still lists them), its unassign, the
+    // first leak sweep.
+    let events = vec![primary_with(&[], &ips), primary_with(&[], &ips), unassigned(), no_enis(), no_enis()];
     let (mut src, state, replay, dir) = source_in(dir, events, |c| {
         c.targets.warm_ip_target = Some(2);
     });
@@ -408,7 +393,7 @@ async fn a_release_is_on_disk_before_ec2_is_asked_and_finished_after_a_restart()
 #[tokio::test]
 async fn an_unassign_of_unknown_fate_never_frees_its_addresses() {
     let ips = ["10.0.1.11", "10.0.1.12", "10.0.1.13", "10.0.1.14", "10.0.1.15", "10.0.1.16"];
-    let events = vec![no_enis(), primary_with(&[], &ips), error(500, "InternalError"), primary_with(&[], &ips)];
+    let events = vec![primary_with(&[], &ips), error(500, "InternalError"), primary_with(&[], &ips)];
     let (mut src, state, _replay, dir) = source(events, |c| {
         c.targets.warm_ip_target = Some(2);
     });
