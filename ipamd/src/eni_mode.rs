@@ -68,9 +68,6 @@ pub struct EniMode<C, N> {
     /// The subnets whose count was read from EC2 in the step under way.
     read_this_step: BTreeSet<String>,
     last_gc: Option<Instant>,
-    /// When this process made its EniMode (Unix seconds, the clock of the node's `created-at`
-    /// tags): a detached ENI tagged for this node and made before it is an earlier run's.
-    started_s: u64,
     /// Subnets EC2 refused an assign asked with no count read: read before the next ask.
     read_first: BTreeSet<String>,
     last_recheck: Option<Instant>,
@@ -130,7 +127,6 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             tagged: None,
             read_this_step: BTreeSet::new(),
             last_gc: None,
-            started_s: unix_ms() / 1000,
             read_first: BTreeSet::new(),
             last_recheck: None,
             gc_jitter: crate::clock::jitter(),
@@ -373,7 +369,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// EC2 refused `what` for lack of addresses in the subnet. Asked on a count read in this
     /// step, the subnet is paused; asked on a kept count (others took from the subnet since), the
-    /// count is dropped instead and the next step reads it and asks for what is there.
+    /// count is dropped instead and the next step reads it and asks for what is there; asked
+    /// with no count (a first growth, asked blind), the count is read before the next ask.
     fn refused_by_subnet(&mut self, subnet: &str, what: &str) -> String {
         if self.read_this_step.contains(subnet) {
             self.pause(subnet);
@@ -556,6 +553,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Creates an ENI with `first` slots, attaches it, sets it up and offers its addresses.
     async fn new_eni(&mut self, state: &NodeState, first: u32) -> Result<Option<Blocker>> {
+        self.first_sweep(state).await?;
         // Before creating: a failed describe must not leave a new ENI behind, detached. An ENI
         // the read finds attached and untracked is adopted, and is this step's new ENI (creating
         // one more went past the type's ENI limit: found by the lost-reply test).
@@ -1001,14 +999,34 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Deletes ENIs this cluster made for this node that have stayed detached past the grace.
     async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
-        self.gc_detached(state, self.cfg.eni.leak_grace_ms).await
+        self.gc_detached(state, self.cfg.eni.leak_grace_ms, false).await
     }
 
-    /// Deletes this node's detached ENIs created at least `grace_ms` ago.
-    async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64) -> Result<()> {
+    /// The first leak sweep of this process. Every detached ENI tagged for this node but the
+    /// spare (this process's own, its attach throttled) is an earlier run's, cut off between
+    /// create and attach (a crash): deleted now, not after `leak_grace_ms`; an earlier run's
+    /// attach still in flight makes the delete fail, and the ENI is adopted once the instance's
+    /// ENIs are read again. Made before this process's first create (a crash loop leaves at most
+    /// one ENI behind, and a regional ENI quota an earlier run filled is freed before a create
+    /// it would refuse), else at the end of the first step; a sweep that failed is made again.
+    /// Not in `sync`: there its describe sat between a new node and its first mutating call,
+    /// at the node's share of a wave's describes (docs/benchmarks.md).
+    async fn first_sweep(&mut self, state: &NodeState) -> Result<()> {
+        if self.last_gc.is_none() {
+            self.gc_detached(state, 0, true).await?;
+            self.last_gc = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Deletes this node's detached ENIs created at least `grace_ms` ago (but the spare when
+    /// `keep_spare`).
+    async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64, keep_spare: bool) -> Result<()> {
         let now = unix_ms();
         for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
-            if !crate::gc::detached_past_grace(&e, now, grace_ms) {
+            if !crate::gc::detached_past_grace(&e, now, grace_ms)
+                || (keep_spare && self.spare.as_ref().is_some_and(|s| s.id == e.id))
+            {
                 continue;
             }
             let deleted = self.cloud.delete_eni(&e.id).await;
@@ -1123,17 +1141,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         self.protect_again(state, true).await;
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none() {
-            // The first sweep, after the first growth (in the sync before, its describe sat
-            // between a new node and its first mutating call, at its share of a wave's
-            // describes). A detached ENI tagged for this node and made before this process
-            // started is an earlier run's, cut off between create and attach (a crash): deleted
-            // now, not after leak_grace_ms. One this process made (a spare whose attach was
-            // throttled) is younger. An earlier run's attach still in flight makes the delete
-            // fail; the ENI is adopted once the instance's ENIs are read again. A sweep that
-            // failed is made again at the next step's end.
-            let since_start_ms = (unix_ms() / 1000).saturating_sub(self.started_s).saturating_add(1) * 1000;
-            self.gc_detached(state, since_start_ms.min(self.cfg.eni.leak_grace_ms)).await?;
-            self.last_gc = Some(Instant::now());
+            self.first_sweep(state).await?;
         } else if self.last_gc.is_some_and(|t| t.elapsed() >= gc_every.mul_f64(self.gc_jitter)) {
             self.last_gc = Some(Instant::now());
             self.gc_jitter = crate::clock::jitter();

@@ -491,7 +491,8 @@ async fn a_release_open_across_a_switch_of_prefix_mode_is_finished_as_begun() {
         state.flush().await.unwrap();
         drop((src, state));
         // Restarted in the other mode (the drift re-check every second, the leaked-ENI sweep
-        // never: the describes after the release are the re-check's).
+        // only once, in the first step: the describes counted after ten steps are the
+        // re-check's).
         let (mut src, state) = source(&r, |c| {
             set(c, !from_prefixes, false);
             c.eni.recheck_interval_ms = 1_000;
@@ -579,28 +580,35 @@ async fn a_blind_first_assign_refused_by_a_short_subnet_reads_its_count() {
     assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
 }
 
-/// The first leak sweep (at the end of the first step) deletes a detached ENI tagged for this
-/// node that was made before this process started (an earlier run's, cut off between create
-/// and attach) without waiting for `leak_grace_ms`, and leaves one made since.
+/// The first leak sweep deletes a detached ENI tagged for this node (an earlier run's, cut off
+/// between create and attach) without waiting for `leak_grace_ms`, whatever its `created-at`
+/// tag says (a clock stepped back between runs), and before the step's first create: a crash
+/// loop in that window leaves at most one ENI behind. Not in `sync`, whose one describe is the
+/// node's ENIs.
 #[tokio::test(start_paused = true)]
-async fn the_first_sweep_deletes_an_earlier_runs_detached_eni_and_keeps_a_younger_one() {
+async fn the_first_sweep_deletes_an_earlier_runs_detached_eni_before_the_first_create() {
     use underway_cloud::{AddressCount, CreateEni, Interfaces, eni_tags};
     let r = rig("m5.large", "10.0.0.0/24", FakeConfig::default());
     let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let made = |at: u64| CreateEni {
+    let earlier = CreateEni {
         subnet_id: r.subnet.id.clone(),
         security_groups: vec![],
         description: "underway pod ENI".into(),
-        tags: eni_tags("c1", &r.node.id, at),
+        tags: eni_tags("c1", &r.node.id, now_s + 3600),
         initial: AddressCount::ips(0),
     };
-    let earlier = r.ec2.create_eni(&made(now_s - 30)).await.unwrap();
-    let (mut src, state) = source(&r, |_| {});
-    let younger = r.ec2.create_eni(&made(now_s + 5)).await.unwrap();
+    let earlier = r.ec2.create_eni(&earlier).await.unwrap();
+    // 12 addresses: the primary ENI's 9, then a new ENI.
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(12));
     src.sync(&state).await.unwrap();
     let ids = || r.ec2.all_enis().into_iter().map(|e| e.id).collect::<Vec<_>>();
     assert!(ids().contains(&earlier.id), "the sync sweeps nothing");
-    src.step(&state).await.unwrap();
+    for _ in 0..3 {
+        src.step(&state).await.unwrap();
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
     assert!(!ids().contains(&earlier.id), "the earlier run's ENI is deleted");
-    assert!(ids().contains(&younger.id), "one made since this process started is kept");
+    assert_eq!(ids().len(), 2, "the primary and the one new ENI: {:?}", ids());
+    assert_eq!(state.read(|b| b.pool.stats().free()), 12);
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
 }
