@@ -121,3 +121,56 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
     assert_eq!(state.read(|b| b.pool.stats().free()), 0);
     std::fs::remove_dir_all(&base).unwrap();
 }
+
+/// A new node's first mutating call (the source/destination check off) comes after one
+/// describe, the primary ENI's, not after the VPC's and the route table's reads too: with the
+/// node's one budget phase for both call classes a single describe comes before the mutating
+/// token, and a wave's calls stay spread (the simulated 1,000-node wave with three describes
+/// first: 49 % of mutating calls throttled).
+#[tokio::test(start_paused = true)]
+async fn a_new_nodes_first_mutating_call_comes_after_one_describe() {
+    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
+    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
+    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/20".parse().unwrap(), Tags::new());
+    let table = ec2.tables()[0].id.clone();
+    ec2.tag_table(&table, TAG_CLUSTER, "c1");
+    let dir = std::env::temp_dir().join(format!("underway-vpc-fake-one-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let node = ec2.add_instance("t3.medium", &subnet.id);
+    let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), mode: Mode::VpcRoute, ..Config::default() };
+    cfg.vpc_route.pod_cidr = Some("100.64.7.0/26".parse().unwrap());
+    cfg.vpc_route.route_tables = vec![table.clone()];
+    cfg.vpc_route.cluster_cidr = Some("100.64.0.0/16".parse().unwrap());
+    cfg.validate().unwrap();
+    let state = Arc::new(NodeState::new(
+        Store::open(&dir).unwrap(),
+        Book {
+            mode: Mode::VpcRoute,
+            pool: Pool::new(0),
+            pods: Default::default(),
+            waiting: 0,
+            deleted_veths: Default::default(),
+        },
+        Status::default(),
+    ));
+    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+    let mut src =
+        VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, Arc::new(MemoryNode::default()), metrics).unwrap();
+    // The VPC's read fails: by then the one mutating call is made, after one describe.
+    ec2.fail_next("DescribeVpcs", underway_cloud::CloudError::Transient { op: "DescribeVpcs", message: "test".into() });
+    assert!(src.sync(&state).await.is_err());
+    let c = ec2.counts();
+    assert_eq!(c.calls.get("ModifyNetworkInterfaceAttribute"), Some(&1), "{c:?}");
+    assert_eq!(c.calls.get("DescribeNetworkInterfaces"), Some(&1), "{c:?}");
+    assert_eq!(c.calls.get("DescribeRouteTables"), None, "{c:?}");
+    // The retried sync keeps what it learnt: no second look at the ENI, no second change.
+    src.sync(&state).await.unwrap();
+    let c = ec2.counts();
+    assert_eq!(
+        (c.calls.get("ModifyNetworkInterfaceAttribute"), c.calls.get("DescribeNetworkInterfaces")),
+        (Some(&1), Some(&1)),
+        "{c:?}"
+    );
+    assert_eq!(state.read(|b| b.pool.stats().free()), 62);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
