@@ -661,6 +661,19 @@ impl Config {
             }
             if self.pool.as_ref() != Some(name) {
                 check_pool_sections(&format!("pools.{name}."), p.mode, &p.targets, &p.eni, &p.vpc_route, false)?;
+                // The egress relation too (egress is the file's, the pool's pod CIDR each
+                // node's): every node of the pool would refuse to start without it.
+                if p.mode == Mode::VpcRoute
+                    && self.egress.enabled
+                    && self.egress.snat == SnatMode::Node
+                    && p.vpc_route.cluster_cidr.is_none()
+                {
+                    return Err(invalid(
+                        &format!("pools.{name}.vpc_route.cluster_cidr"),
+                        "required in vpc-route mode with egress.snat = \"node\": traffic to other nodes' pods must \
+                         keep its source address (set it to the range every node's pod CIDR comes from)",
+                    ));
+                }
             }
         }
         if self.mode == Mode::VpcRoute
@@ -901,6 +914,11 @@ subnets = ["subnet-1a"]
             ("cluster = \"c\"\n[egress]\nmark = 3", &[], "egress.mark"),
             ("cluster = \"c\"\n[egress]\nmark = 65536", &[], "egress.mark"),
             ("cluster = \"c\"\npool = \"r\"\n[pools.r]\nmode = \"vpc-route\"", &[], "pools.r.vpc_route.pod_cidr"),
+            (
+                "cluster = \"c\"\npool = \"e\"\n[pools.e]\nmode = \"eni\"\n[pools.r]\nmode = \"vpc-route\"",
+                &[],
+                "pools.r.vpc_route.cluster_cidr: required in vpc-route mode with egress.snat",
+            ),
             (
                 "cluster = \"c\"\npool = \"g\"\n[pools.g]\nmode = \"eni\"\n[pools.g.eni]\nmtu = 100",
                 &[],
