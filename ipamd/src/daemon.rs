@@ -225,12 +225,12 @@ async fn background(
     };
     let _ = sh.effective.set(cfg.clone());
     state.set_status(|s| s.waiting_for = Some(format!("instance {instance_id} from EC2")));
-    let node = (|| identity::node_info(&*cloud, &instance_id))
+    let node = (|| identity::node_info(&*cloud, &instance_id, &macs))
         .retry(retry_policy())
         .notify(waiting(state, format!("instance {instance_id} from EC2")))
         .await
         .expect("retried forever");
-    let (limits, from) = (|| async { cloud.instance_limits(&node.instance_type).await.map_err(Into::into) })
+    let (limits, from) = (|| identity::limits(&*cloud, &node.instance_type))
         .retry(retry_policy())
         .notify(waiting(state, format!("the limits of {}", node.instance_type)))
         .await

@@ -1049,7 +1049,8 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
 impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
     async fn sync(&mut self, state: &NodeState) -> Result<()> {
-        // One describe: the leak sweep waits for the end of the first step (see `step`).
+        // One describe: the leak sweep waits for the first create or the first step's end
+        // (`first_sweep`).
         let enis = self.cloud.enis_of_instance(&self.node.id).await?;
         self.saw_attached(&enis);
         self.note_unprotected(&enis);

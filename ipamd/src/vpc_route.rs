@@ -243,8 +243,8 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for VpcRouteMode<C, N> {
         // that describe comes before the mutating token; with the VPC's and the table's reads
         // first, most of a wave's nodes made the call as soon as their describes were answered,
         // in the same stretch (the simulated 1,000-node wave: 49 % of mutating calls
-        // throttled). Turning it off on a node whose pod CIDR then proves unroutable changes
-        // nothing that node could use.
+        // throttled). The price: a node whose pod CIDR then proves unroutable (inside the VPC)
+        // is left with the check off, though it routes nothing.
         if !self.source_check_off {
             let primary = self.cloud.eni(&self.node.primary_eni).await?;
             if primary.source_dest_check {

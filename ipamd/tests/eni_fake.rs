@@ -527,7 +527,7 @@ async fn a_release_open_across_a_switch_of_prefix_mode_is_finished_as_begun() {
 }
 
 /// A new node's first mutating call comes after one describe (its ENIs), in both modes: the
-/// leak sweep waits for the end of the first step, and the first assign on the primary ENI is
+/// leak sweep waits for the first create or the first step's end, and the first assign on the primary ENI is
 /// asked before its subnet's count is read (EC2 refuses an assign the subnet cannot fill). At
 /// thousands of nodes each describe before that call waited for the node's share of the
 /// account's describes: the simulated 5,000-node wave in prefix mode took 2.19× the floor.
@@ -611,4 +611,55 @@ async fn the_first_sweep_deletes_an_earlier_runs_detached_eni_before_the_first_c
     assert_eq!(ids().len(), 2, "the primary and the one new ENI: {:?}", ids());
     assert_eq!(state.read(|b| b.pool.stats().free()), 12);
     assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+}
+
+/// With IMDS (how a node runs on AWS) the node's identity and its type's limits cost no EC2
+/// call: before, `DescribeInstances` and `DescribeInstanceTypes` came before a new node's first
+/// mutating call, each at its share of a wave's describes. A type the generated table does not
+/// know is still asked of EC2.
+#[tokio::test]
+async fn a_node_with_imds_makes_no_describe_for_its_identity_or_limits() {
+    use underway_cloud::imds::ImdsIdentity;
+    use underway_ipamd::identity::{Macs, limits, node_info};
+    let m = "/latest/meta-data";
+    let mut paths = BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        paths.insert(format!("{m}/{k}"), v.to_string());
+    };
+    put("instance-id", "i-0a1b2c3d4e5f");
+    put("instance-type", "m5.large");
+    put("placement/availability-zone", "us-east-1a");
+    put("mac", "02:1a:2b:3c:4d:5e");
+    let i = "network/interfaces/macs/02:1a:2b:3c:4d:5e";
+    put(&format!("{i}/device-number"), "0");
+    put(&format!("{i}/interface-id"), "eni-0000000000000a");
+    put(&format!("{i}/subnet-id"), "subnet-0a1b2c3d");
+    put(&format!("{i}/subnet-ipv4-cidr-block"), "10.0.0.0/18");
+    put(&format!("{i}/vpc-id"), "vpc-0a1b2c3d");
+    put(&format!("{i}/vpc-ipv4-cidr-blocks"), "10.0.0.0/16");
+    put(&format!("{i}/security-group-ids"), "sg-1\nsg-2");
+    put(&format!("{i}/local-ipv4s"), "10.0.1.10\n10.0.1.11");
+    let imds = underway_tests::imds::FakeImds::start(paths).await.unwrap();
+    let ec2 = FakeEc2::new(FakeConfig::default());
+    let macs = Macs::Imds(ImdsIdentity::with_endpoint(&imds.endpoint()).unwrap());
+    let node = node_info(&ec2, "i-0a1b2c3d4e5f", &macs).await.unwrap();
+    assert_eq!(
+        node,
+        Instance {
+            id: "i-0a1b2c3d4e5f".into(),
+            instance_type: "m5.large".into(),
+            availability_zone: "us-east-1a".into(),
+            vpc_id: "vpc-0a1b2c3d".into(),
+            subnet_id: "subnet-0a1b2c3d".into(),
+            security_groups: vec!["sg-1".into(), "sg-2".into()],
+            primary_eni: "eni-0000000000000a".into(),
+            primary_ip: Some("10.0.1.10".parse().unwrap()),
+            state: "running".into(),
+        }
+    );
+    let (l, from) = limits(&ec2, "m5.large").await.unwrap();
+    assert_eq!((l, from), (static_limits("m5.large").unwrap(), underway_cloud::LimitsSource::StaticTable));
+    assert_eq!(ec2.counts().describe, 0, "{:?}", ec2.counts());
+    assert!(limits(&ec2, "x9.huge").await.is_err());
+    assert_eq!(ec2.counts().describe, 1, "an unknown type is asked of EC2: {:?}", ec2.counts());
 }
