@@ -603,11 +603,18 @@ async fn the_first_sweep_deletes_an_earlier_runs_detached_eni_before_the_first_c
     src.sync(&state).await.unwrap();
     let ids = || r.ec2.all_enis().into_iter().map(|e| e.id).collect::<Vec<_>>();
     assert!(ids().contains(&earlier.id), "the sync sweeps nothing");
+    // The first create fails (as one refused for a regional ENI quota the earlier run filled
+    // would): the sweep came before it, so the earlier ENI is gone even though the step failed.
+    r.ec2.fail_next(
+        "CreateNetworkInterface",
+        underway_cloud::CloudError::Transient { op: "CreateNetworkInterface", message: "test".into() },
+    );
+    assert!(src.step(&state).await.is_err(), "the create failed");
+    assert!(!ids().contains(&earlier.id), "the earlier run's ENI is deleted before the first create");
     for _ in 0..3 {
-        src.step(&state).await.unwrap();
         tokio::time::advance(Duration::from_secs(1)).await;
+        src.step(&state).await.unwrap();
     }
-    assert!(!ids().contains(&earlier.id), "the earlier run's ENI is deleted");
     assert_eq!(ids().len(), 2, "the primary and the one new ENI: {:?}", ids());
     assert_eq!(state.read(|b| b.pool.stats().free()), 12);
     assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
