@@ -999,12 +999,12 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
 
     /// Deletes ENIs this cluster made for this node that have stayed detached past the grace.
     async fn gc_leaked(&mut self, state: &NodeState) -> Result<()> {
-        self.gc_detached(state, self.cfg.eni.leak_grace_ms, false).await
+        self.gc_detached(state, self.cfg.eni.leak_grace_ms).await
     }
 
-    /// The first leak sweep of this process. Every detached ENI tagged for this node but the
-    /// spare (this process's own, its attach throttled) is an earlier run's, cut off between
-    /// create and attach (a crash): deleted now, not after `leak_grace_ms`; an earlier run's
+    /// The first leak sweep of this process. It comes before this process creates any ENI, so
+    /// every detached ENI tagged for this node is an earlier run's, cut off between create and
+    /// attach (a crash): deleted now, not after `leak_grace_ms`; an earlier run's
     /// attach still in flight makes the delete fail, and the ENI is adopted once the instance's
     /// ENIs are read again. Made before this process's first create (a crash loop leaves at most
     /// one ENI behind, and a regional ENI quota an earlier run filled is freed before a create
@@ -1013,20 +1013,17 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
     /// at the node's share of a wave's describes (docs/benchmarks.md).
     async fn first_sweep(&mut self, state: &NodeState) -> Result<()> {
         if self.last_gc.is_none() {
-            self.gc_detached(state, 0, true).await?;
+            self.gc_detached(state, 0).await?;
             self.last_gc = Some(Instant::now());
         }
         Ok(())
     }
 
-    /// Deletes this node's detached ENIs created at least `grace_ms` ago (but the spare when
-    /// `keep_spare`).
-    async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64, keep_spare: bool) -> Result<()> {
+    /// Deletes this node's detached ENIs created at least `grace_ms` ago.
+    async fn gc_detached(&mut self, state: &NodeState, grace_ms: u64) -> Result<()> {
         let now = unix_ms();
         for e in self.cloud.enis_by_tags(&self.cfg.node_tags(&self.node.id)).await? {
-            if !crate::gc::detached_past_grace(&e, now, grace_ms)
-                || (keep_spare && self.spare.as_ref().is_some_and(|s| s.id == e.id))
-            {
+            if !crate::gc::detached_past_grace(&e, now, grace_ms) {
                 continue;
             }
             let deleted = self.cloud.delete_eni(&e.id).await;

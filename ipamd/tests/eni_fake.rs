@@ -114,6 +114,21 @@ fn rule_refusals(ec2: &FakeEc2) -> BTreeMap<String, u64> {
     ec2.counts().refused.into_iter().filter(|(code, _)| !code.ends_with(".NotFound")).collect()
 }
 
+/// Another node takes all but `keep` of the rig's subnet's addresses (an ENI of its own: its
+/// primary address and `left - keep - 1` more).
+async fn others_take_all_but(r: &Rig, keep: u32) {
+    use underway_cloud::{AddressCount, CreateEni, Interfaces, eni_tags};
+    let left = r.ec2.subnets(std::slice::from_ref(&r.subnet.id)).await.unwrap()[0].available_addresses;
+    let other = CreateEni {
+        subnet_id: r.subnet.id.clone(),
+        security_groups: vec![],
+        description: "another node's".into(),
+        tags: eni_tags("c1", "i-0ther", 0),
+        initial: AddressCount::ips(left - keep - 1),
+    };
+    r.ec2.create_eni(&other).await.unwrap();
+}
+
 /// Adds a pod (an Add served from the pool) when an address is free; returns its address.
 fn add(state: &NodeState, name: &str) -> Option<Ipv4Addr> {
     let (r, g) = state.change(|b| b.pool.assign(&key(name), 0));
@@ -368,7 +383,6 @@ async fn a_stray_attached_eni_is_adopted_instead_of_a_new_one() {
 /// is read again and the next request asks for what is there.
 #[tokio::test(start_paused = true)]
 async fn a_refusal_on_a_kept_subnet_count_reads_it_again_instead_of_pausing() {
-    use underway_cloud::{AddressCount, CreateEni, Interfaces, eni_tags};
     let r = rig("m5.large", "10.0.0.0/26", FakeConfig::default());
     // 9 addresses fill the primary ENI (m5.large: 9 secondaries per ENI), asked before any
     // count is read; the 3 more go to a new ENI, whose subnet is picked on a count read then.
@@ -379,15 +393,7 @@ async fn a_refusal_on_a_kept_subnet_count_reads_it_again_instead_of_pausing() {
     src.step(&state).await.unwrap();
     assert_eq!(state.read(|b| b.pool.stats().free()), 12, "the primary ENI full, 3 on a second one");
     // Another node takes all but 4 of the subnet's addresses.
-    let left = r.ec2.subnets(std::slice::from_ref(&r.subnet.id)).await.unwrap()[0].available_addresses;
-    let other = CreateEni {
-        subnet_id: r.subnet.id.clone(),
-        security_groups: vec![],
-        description: "another node's".into(),
-        tags: eni_tags("c1", "i-0ther", 0),
-        initial: AddressCount::ips(left - 5),
-    };
-    r.ec2.create_eni(&other).await.unwrap();
+    others_take_all_but(&r, 4).await;
     for i in 0..12 {
         add(&state, &format!("p{i}")).unwrap();
     }
@@ -552,17 +558,9 @@ async fn a_new_nodes_first_mutating_call_comes_after_one_describe() {
 /// count is read before the next ask, which asks for what is there (no blind ask again).
 #[tokio::test(start_paused = true)]
 async fn a_blind_first_assign_refused_by_a_short_subnet_reads_its_count() {
-    use underway_cloud::{AddressCount, CreateEni, Interfaces, eni_tags};
     let r = rig("m5.large", "10.0.0.0/26", FakeConfig::default());
-    let left = r.ec2.subnets(std::slice::from_ref(&r.subnet.id)).await.unwrap()[0].available_addresses;
-    let other = CreateEni {
-        subnet_id: r.subnet.id.clone(),
-        security_groups: vec![],
-        description: "another node's".into(),
-        tags: eni_tags("c1", "i-0ther", 0),
-        initial: AddressCount::ips(left - 5),
-    };
-    r.ec2.create_eni(&other).await.unwrap();
+    // Another node takes all but 4 of the subnet's addresses.
+    others_take_all_but(&r, 4).await;
     let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(9));
     src.sync(&state).await.unwrap();
     let step = src.step(&state).await.unwrap();

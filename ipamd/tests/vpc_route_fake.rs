@@ -15,6 +15,38 @@ use underway_ipamd::state::{Blocker, Book, NodeState, Status};
 use underway_ipamd::store::Store;
 use underway_ipamd::vpc_route::VpcRouteMode;
 
+/// A VPC-route source for `node` on `table`, pod CIDR `cidr` (in 100.64.0.0/16), its state in
+/// `dir`, starting empty; with the in-memory node it reads pods from.
+fn route_node(
+    ec2: &Arc<FakeEc2>,
+    node: underway_cloud::Instance,
+    table: &str,
+    cidr: &str,
+    dir: &std::path::Path,
+) -> (VpcRouteMode<FakeEc2, MemoryNode>, Arc<NodeState>, Arc<MemoryNode>) {
+    let mut cfg =
+        Config { cluster: "c1".into(), state_dir: dir.to_path_buf(), mode: Mode::VpcRoute, ..Config::default() };
+    cfg.vpc_route.pod_cidr = Some(cidr.parse().unwrap());
+    cfg.vpc_route.route_tables = vec![table.to_string()];
+    cfg.vpc_route.cluster_cidr = Some("100.64.0.0/16".parse().unwrap());
+    cfg.validate().unwrap();
+    let state = Arc::new(NodeState::new(
+        Store::open(dir).unwrap(),
+        Book {
+            mode: Mode::VpcRoute,
+            pool: Pool::new(0),
+            pods: Default::default(),
+            waiting: 0,
+            deleted_veths: Default::default(),
+        },
+        Status::default(),
+    ));
+    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
+    let host = Arc::new(MemoryNode::default());
+    let src = VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, host.clone(), metrics).unwrap();
+    (src, state, host)
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() {
     let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
@@ -32,27 +64,8 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
         if i == 0 {
             first_eni = node.primary_eni.clone();
         }
-        let dir = base.join(i.to_string());
-        let mut cfg =
-            Config { cluster: "c1".into(), state_dir: dir.clone(), mode: Mode::VpcRoute, ..Config::default() };
-        cfg.vpc_route.pod_cidr = Some(format!("100.64.{i}.0/26").parse().unwrap());
-        cfg.vpc_route.route_tables = vec![table.clone()];
-        cfg.vpc_route.cluster_cidr = Some("100.64.0.0/16".parse().unwrap());
-        cfg.validate().unwrap();
-        let state = Arc::new(NodeState::new(
-            Store::open(&dir).unwrap(),
-            Book {
-                mode: Mode::VpcRoute,
-                pool: Pool::new(0),
-                pods: Default::default(),
-                waiting: 0,
-                deleted_veths: Default::default(),
-            },
-            Status::default(),
-        ));
-        let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
-        let host = Arc::new(MemoryNode::default());
-        let mut src = VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, host.clone(), metrics).unwrap();
+        let (mut src, state, host) =
+            route_node(&ec2, node, &table, &format!("100.64.{i}.0/26"), &base.join(i.to_string()));
         src.sync(&state).await.unwrap();
         let step = src.step(&state).await.unwrap();
         outcomes.push((state.read(|b| b.pool.stats().free()), step.blocker));
@@ -137,25 +150,7 @@ async fn a_new_nodes_first_mutating_call_comes_after_one_describe() {
     let dir = std::env::temp_dir().join(format!("underway-vpc-fake-one-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let node = ec2.add_instance("t3.medium", &subnet.id);
-    let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), mode: Mode::VpcRoute, ..Config::default() };
-    cfg.vpc_route.pod_cidr = Some("100.64.7.0/26".parse().unwrap());
-    cfg.vpc_route.route_tables = vec![table.clone()];
-    cfg.vpc_route.cluster_cidr = Some("100.64.0.0/16".parse().unwrap());
-    cfg.validate().unwrap();
-    let state = Arc::new(NodeState::new(
-        Store::open(&dir).unwrap(),
-        Book {
-            mode: Mode::VpcRoute,
-            pool: Pool::new(0),
-            pods: Default::default(),
-            waiting: 0,
-            deleted_veths: Default::default(),
-        },
-        Status::default(),
-    ));
-    let metrics = Arc::new(Metrics::new(state.clone(), Arc::new(OnceLock::new()), Arc::new(OnceLock::new())));
-    let mut src =
-        VpcRouteMode::new(ec2.clone(), Arc::new(cfg), node, Arc::new(MemoryNode::default()), metrics).unwrap();
+    let (mut src, state, _host) = route_node(&ec2, node, &table, "100.64.7.0/26", &dir);
     // The VPC's read fails: by then the one mutating call is made, after one describe.
     ec2.fail_next("DescribeVpcs", underway_cloud::CloudError::Transient { op: "DescribeVpcs", message: "test".into() });
     assert!(src.sync(&state).await.is_err());
