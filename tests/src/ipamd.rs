@@ -26,6 +26,19 @@ pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
     })
 }
 
+/// The shipped CNI binary, `$CARGO_TARGET_DIR/cni/underway` (`cargo build-cni`: the `cni` profile,
+/// linked static), found from this executable's target directory.
+pub fn shipped_cni_path() -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> or target/<profile>/<bin>: the target directory is above the profile's.
+    exe.ancestors().skip(2).take(2).map(|d| d.join("cni/underway")).find(|p| p.exists()).ok_or_else(|| {
+        HarnessError::Command(format!(
+            "the shipped CNI binary (cni/underway) is missing above {}: run `cargo build-cni` (tests/run does)",
+            exe.display()
+        ))
+    })
+}
+
 /// EC2 operations that change something (the ones the EC2 mutating rate limit meters).
 pub const MUTATING: &[&str] = &[
     "AssignPrivateIpAddresses",

@@ -246,3 +246,51 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     drop(_container);
     let _ = std::fs::remove_dir_all(&host);
 }
+
+/// The CNI binary runs on the host, not in the image, so it cannot lean on the C library it was
+/// built against: a glibc 2.36 build asks for GLIBC_2.34 symbols, which Amazon Linux 2 (glibc
+/// 2.26) or Ubuntu 20.04 (2.31) do not have, and every pod ADD would fail there. The shipped
+/// build (`cargo build-cni`) is run alone in an empty root (no loader, no /lib): it answers
+/// VERSION, and an ADD without CNI_NETNS gets the spec's error JSON naming the variable.
+#[test]
+fn the_shipped_cni_binary_needs_no_c_library() {
+    let bin = underway_tests::ipamd::shipped_cni_path().unwrap();
+    let root = std::env::temp_dir().join(format!("underway-empty-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    struct Gone(PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(root.clone());
+    std::fs::copy(&bin, root.join("underway")).unwrap();
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "the root holds the binary only");
+    let run = |env: &[(&str, &str)], stdin: &str| {
+        use std::io::Write;
+        let mut child = Command::new("/usr/sbin/chroot")
+            .arg(&root)
+            .arg("/underway")
+            .env_clear()
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("/usr/sbin/chroot (coreutils; root)");
+        child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let version = run(&[("CNI_COMMAND", "VERSION")], "");
+    assert!(version.status.success(), "{} alone in an empty root: {}", bin.display(), text(&version));
+    let v: Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(v["supportedVersions"].as_array().unwrap().iter().any(|s| s == "1.0.0"), "{v}");
+    let conf = r#"{"cniVersion": "1.0.0", "name": "underway", "type": "underway"}"#;
+    let add =
+        run(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/")], conf);
+    assert!(!add.status.success(), "{}", text(&add));
+    let e: Value = serde_json::from_slice(&add.stdout).unwrap_or_else(|_| panic!("error JSON: {}", text(&add)));
+    assert_eq!(e["code"], 4, "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("CNI_NETNS"), "{e}");
+}
