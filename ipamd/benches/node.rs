@@ -2,7 +2,7 @@
 //! CNI ADD/DEL through this ipamd against ptp + host-local, and a burst of 110 concurrent ADDs
 //! from a cold pool.
 //!
-//! `cargo build --release -p underway-cni && cargo bench -p underway-ipamd --bench node [-- SECTION…]`
+//! `cargo build-cni && cargo bench -p underway-ipamd --bench node [-- SECTION…]`
 //! (root; LocalStack is started by the harness when `UNDERWAY_LOCALSTACK_ENDPOINT` is unset).
 //! Sections: `store`, `calls`, `rss`, `kubernetes`, `add_del`, `burst`; all when none is named.
 //! `UNDERWAY_IPAMD_BIN=<path>` runs another build of ipamd (e.g. `--profile ipamd`'s). Each
@@ -190,10 +190,10 @@ async fn ec2_calls_for_100_pods(instance_type: &str, extra: &str) -> (f64, f64, 
     (mutating, describe, detail)
 }
 
-/// The release `underway` CNI binary beside this bench, checked to be newer than its sources.
+/// The shipped `underway` CNI binary (`cargo build-cni`: release, static), checked to be newer than
+/// its sources.
 fn cni_binary() -> String {
-    let bin = underway_tests::ipamd::bin_path("underway")
-        .unwrap_or_else(|e| panic!("{e}: run `cargo build --release -p underway-cni` first"));
+    let bin = underway_tests::ipamd::shipped_cni_path().unwrap_or_else(|e| panic!("{e}"));
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     for dir in ["cni/src", "ipamd/api/src", "routes/src"] {
@@ -201,7 +201,7 @@ fn cni_binary() -> String {
             let changed = f.metadata().and_then(|m| m.modified()).unwrap();
             assert!(
                 changed <= built,
-                "{} is older than {}: run `cargo build --release -p underway-cni` first",
+                "{} is older than {}: run `cargo build-cni` first",
                 bin.display(),
                 f.path().display()
             );
@@ -254,7 +254,10 @@ async fn add_del(n: usize) {
          (targets: ADD ≤ 0.5× at p50 and p99; DEL's own work above the veth teardown ≤ 3 ms at p50)"
     );
     let (w, node) = world("m5.4xlarge").await;
-    let p = start(&w, &node, &format!("{FAST}[targets]\nwarm_ip_target = 10\n"));
+    // The release hold at its default (30 s), not FAST's 1 s: one pod after another, the address
+    // whose cooldown ended is taken again instead of going back to EC2 and coming again.
+    let cfg = "cooldown_ms = 1000\nadd_wait_ms = 10000\nreconcile_interval_ms = 500\n[targets]\nwarm_ip_target = 10\n";
+    let p = start(&w, &node, cfg);
     p.wait_ready(10, Duration::from_secs(60)).unwrap();
     // One pod at a time never needs another ENI: the world's polling would only take CPU.
     eventually(Duration::from_secs(30), "the pool settles", || status(&p).reason == "serving");
@@ -320,6 +323,17 @@ async fn add_del(n: usize) {
     println!(
         "inside ipamd (request in → durable answer out): mean {:.2} ms over {adds} Adds",
         inside / adds.max(1.0) * 1000.0
+    );
+    let (ca, cb) = (calls(&after), calls(&before));
+    let during: Vec<String> = ca
+        .iter()
+        .map(|(op, n)| (op, n - cb.iter().find(|(o, _)| o == op).map_or(0.0, |(_, m)| *m)))
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    println!(
+        "EC2 calls by ipamd during the cycles: {}",
+        if during.is_empty() { "none".into() } else { during.join(", ") }
     );
 }
 

@@ -339,6 +339,12 @@ pub struct Config {
     pub pool: Option<String>,
     /// A released address is not handed out again for this long.
     pub cooldown_ms: u64,
+    /// With IP targets, free addresses over the target go back to EC2 only once a surplus has
+    /// lasted this long (0: at once). Under pod churn the surplus is the addresses whose
+    /// cooldown just ended, and the next Add takes one again: giving it back at once cost an
+    /// unassign and then an assign per pod (the AWS VPC CNI decreases its pool at most every
+    /// 30 s for the same reason).
+    pub release_hold_ms: u64,
     /// How long an Add waits for an address when the pool is empty.
     pub add_wait_ms: u64,
     /// Bursts of pool changes within this window are decided on once.
@@ -375,6 +381,7 @@ impl Default for Config {
             pools: BTreeMap::new(),
             pool: None,
             cooldown_ms: 30_000,
+            release_hold_ms: 30_000,
             add_wait_ms: 15_000,
             reconcile_min_interval_ms: 20,
             reconcile_interval_ms: 5_000,

@@ -71,6 +71,9 @@ pub struct EniMode<C, N> {
     /// Subnets EC2 refused an assign asked with no count read: read before the next ask.
     read_first: BTreeSet<String>,
     last_recheck: Option<Instant>,
+    /// Since when the pool has held more free slots than its IP targets want
+    /// ([`crate::targets::hold_release`]).
+    surplus_since: Option<Instant>,
     /// Each periodic describe's interval times a factor drawn anew each time
     /// ([`crate::clock::jitter`]).
     gc_jitter: f64,
@@ -127,6 +130,7 @@ impl<C: Cloud + 'static, N: Node + 'static> EniMode<C, N> {
             tagged: None,
             read_this_step: BTreeSet::new(),
             last_gc: None,
+            surplus_since: None,
             read_first: BTreeSet::new(),
             last_recheck: None,
             gc_jitter: crate::clock::jitter(),
@@ -1135,7 +1139,14 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         // What was picked, not what was asked: after a switch out of prefix mode a prefix's
         // free addresses count as surplus yet go back only with their prefix, and a step that
         // picks nothing must not hold the re-check off for ever.
-        let released = if d.release > 0 { self.release(state, d.release).await? } else { 0 };
+        let release;
+        (release, self.surplus_since) = crate::targets::hold_release(
+            d.release,
+            self.surplus_since,
+            Instant::now(),
+            Duration::from_millis(self.cfg.release_hold_ms),
+        );
+        let released = if release > 0 { self.release(state, release).await? } else { 0 };
         self.protect_again(state, true).await;
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());
         if self.last_gc.is_none() {

@@ -7,7 +7,10 @@
 //! Warm prefixes are counted in addresses (16 per prefix); the pool hands out addresses densely
 //! (a prefix fills before the next is used), which makes that the count of wholly free prefixes.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
 use underway_cloud::InstanceLimits;
 use underway_cloud::limits::ADDRESSES_PER_PREFIX;
 
@@ -188,6 +191,20 @@ impl Targets {
             d.release = surplus / per_slot;
         }
         d
+    }
+}
+
+/// Whether a surplus of `release` slots (from [`Targets::decide`]) goes back now, given when
+/// the surplus began (`since`) and how long it must last (`hold`): the slots to release now
+/// and when the surplus (still) began. A step with no surplus forgets it, so under pod churn,
+/// where an Add takes back the address whose cooldown just ended, nothing is given back.
+pub fn hold_release(release: u32, since: Option<Instant>, now: Instant, hold: Duration) -> (u32, Option<Instant>) {
+    match since {
+        _ if release == 0 => (0, None),
+        _ if hold.is_zero() => (release, None),
+        None => (0, Some(now)),
+        Some(t) if now.saturating_duration_since(t) >= hold => (release, None),
+        Some(t) => (0, Some(t)),
     }
 }
 
@@ -394,5 +411,26 @@ mod tests {
             "27 prefixes hold 432"
         );
         assert!(!Targets { max_eni: Some(0), ..Targets::default() }.unreachable(&M5_LARGE).is_empty());
+    }
+
+    #[test]
+    fn a_surplus_goes_back_only_once_it_has_lasted_the_hold() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hold = Duration::from_secs(30);
+        // (name, surplus, since, now, hold, expected)
+        type Case = (&'static str, u32, Option<Instant>, Instant, Duration, (u32, Option<Instant>));
+        let cases: Vec<Case> = vec![
+            ("no surplus, none held", 0, None, at(0), hold, (0, None)),
+            ("a surplus appears: held from now", 2, None, at(5), hold, (0, Some(at(5)))),
+            ("still held", 2, Some(at(5)), at(34), hold, (0, Some(at(5)))),
+            ("lasted the hold: all of it goes", 3, Some(at(5)), at(35), hold, (3, None)),
+            ("gone before the hold (an Add took it): forgotten", 0, Some(at(5)), at(20), hold, (0, None)),
+            ("back again later: held anew", 1, None, at(21), hold, (0, Some(at(21)))),
+            ("no hold: at once", 4, None, at(0), Duration::ZERO, (4, None)),
+        ];
+        for (name, release, since, now, hold, want) in cases {
+            assert_eq!(hold_release(release, since, now, hold), want, "{name}");
+        }
     }
 }

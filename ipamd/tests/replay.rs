@@ -102,7 +102,14 @@ fn source_in(
         .http_client(replay.clone())
         .build();
     let cloud = Arc::new(Ec2Cloud::from_sdk_config(&sdk, &Ec2Config { max_attempts: 1, ..Ec2Config::default() }));
-    let mut cfg = Config { cluster: "c1".into(), state_dir: dir.clone(), cooldown_ms: 0, ..Config::default() };
+    // A surplus goes back in the step that sees it: these sequences are one step each.
+    let mut cfg = Config {
+        cluster: "c1".into(),
+        state_dir: dir.clone(),
+        cooldown_ms: 0,
+        release_hold_ms: 0,
+        ..Config::default()
+    };
     edit(&mut cfg);
     cfg.validate().unwrap();
     let store = Store::open(&cfg.state_dir).unwrap();

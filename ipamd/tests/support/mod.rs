@@ -18,7 +18,9 @@ use underway_tests::world::{Node, World};
 pub const IPAMD: &str = env!("CARGO_BIN_EXE_underway-ipamd");
 
 /// Timings short enough for tests; top-level keys only (tables may follow).
-pub const FAST: &str = "cooldown_ms = 1000\nadd_wait_ms = 10000\nreconcile_interval_ms = 500\n";
+/// Short timings for tests: cooldowns and the release hold of 1 s instead of 30 (surplus goes back
+/// within a test's patience), a reconcile every 500 ms.
+pub const FAST: &str = "cooldown_ms = 1000\nrelease_hold_ms = 1000\nadd_wait_ms = 10000\nreconcile_interval_ms = 500\n";
 
 pub async fn world(instance_type: &str) -> (World, Arc<Node>) {
     let w = World::create().await.unwrap();
