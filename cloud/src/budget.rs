@@ -139,6 +139,9 @@ struct BucketState {
     throttled_at: Option<Instant>,
     /// Throttled answers in a row (fixed buckets: how far the next token is pushed back).
     throttles: u32,
+    /// Whether a token was taken since the last drop to the share: a throttled answer before
+    /// one was is a call that left before the drop, which the drop already answered.
+    reserved_since_drop: bool,
     /// Calls throttled at the share that got their token back since a call was last answered:
     /// after [`GIVE_BACKS`] of them, a new phase (a give-back per throttle would let a node
     /// retry at several times its share for as long as the account stays busy).
@@ -191,6 +194,7 @@ impl TokenBucket {
             share: None,
             throttled_at: None,
             throttles: 0,
+            reserved_since_drop: true,
             gave_back: 0,
         };
         TokenBucket { cfg, adaptive, phase: fastrand::f64(), state: Mutex::new(state) }
@@ -224,6 +228,7 @@ impl TokenBucket {
         if st.qps > share || st.level > 1.0 {
             st.qps = st.qps.min(share);
             st.level = st.level.min(1.0) - self.phase;
+            st.reserved_since_drop = false;
         }
         st.throttled_at = Some(Instant::now());
     }
@@ -240,6 +245,7 @@ impl TokenBucket {
         let mut st = self.state.lock().expect("bucket lock");
         self.refill(&mut st);
         st.level -= 1.0;
+        st.reserved_since_drop = true;
         if st.level >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-st.level / st.qps) }
     }
 
@@ -252,6 +258,7 @@ impl TokenBucket {
             return None;
         }
         st.level -= 1.0;
+        st.reserved_since_drop = true;
         Some(wait)
     }
 
@@ -281,6 +288,11 @@ impl TokenBucket {
             if throttled && st.qps > share {
                 // The first throttle of the wave (or after the rate rose again).
                 self.to_share(&mut st, share);
+            } else if throttled && !st.reserved_since_drop {
+                // A call that left before the drop, throttled with the one that caused it: the
+                // drop set the node's phase for both. A give-back here would bring the next token
+                // within a quarter interval and erase the phase.
+                st.throttled_at = Some(Instant::now());
             } else if throttled && st.gave_back < GIVE_BACKS {
                 // Throttled at its share: the nodes' random phases bunched and the account's
                 // bucket ran dry for a moment. The call did not act, so its token comes back,
@@ -587,6 +599,27 @@ mod tests {
         assert_eq!(b.rate(ApiClass::Mutating), 2.0, "back to the configured rate, not above");
         assert!(BudgetConfig { share_of: Some(0), ..cfg }.validate().unwrap_err().contains("rate_budget.share_of"));
         assert!(BudgetConfig { adaptive: true, ..cfg }.validate().unwrap_err().contains("set one"));
+    }
+
+    /// Two calls in flight when the account first throttles, both throttled: the first answer
+    /// drops the bucket to its share with the next token at the node's phase; the second,
+    /// heard before any token was taken since, leaves that token where it is (a give-back
+    /// brought it within a quarter interval, erasing the phase).
+    #[tokio::test(start_paused = true)]
+    async fn a_second_throttle_from_before_the_drop_keeps_the_phase() {
+        for _ in 0..20 {
+            let b = RateBudget::new(BudgetConfig { share_of: Some(100), ..BudgetConfig::default() });
+            b.mutating.reserve();
+            b.mutating.reserve();
+            b.observe(ApiClass::Mutating, true);
+            let phased = b.mutating.wait();
+            b.observe(ApiClass::Mutating, true);
+            assert_eq!(b.mutating.wait(), phased, "the in-flight call's throttle keeps the phase");
+            // A call that took its token after the drop and is throttled gets it back as before.
+            tokio::time::advance(b.mutating.reserve()).await;
+            b.observe(ApiClass::Mutating, true);
+            assert!(b.mutating.wait() <= Duration::from_secs(5), "given back: {:?}", b.mutating.wait());
+        }
     }
 
     /// A fixed bucket backs off as a whole: each throttled answer in a row pushes the class's
