@@ -642,6 +642,9 @@ impl Config {
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", format!("{} must be an absolute path", self.state_dir.display())));
         }
+        if self.release_hold_ms > 3_600_000 {
+            return Err(invalid("release_hold_ms", "at most 3600000 (an hour); 0 gives a surplus back at once"));
+        }
         if self.add_wait_ms > 120_000 {
             return Err(invalid("add_wait_ms", "at most 120000: the runtime gives up on the CNI call before that"));
         }
@@ -890,6 +893,7 @@ subnets = ["subnet-1a"]
             ("cluster = \"c\"\n[cloud]\nendpoint = \"localhost\"", &[], "cloud.endpoint"),
             ("cluster = \"c\"\n[cloud.rate_budget.mutating]\nqps = 0.0\nburst = 1", &[], "rate_budget.mutating.qps"),
             ("cluster = \"c\"", &[("UNDERWAY_ADD_WAIT_MS", "many")], "add_wait_ms"),
+            ("cluster = \"c\"\nrelease_hold_ms = 86400000", &[], "release_hold_ms"),
             ("cluster = \"c\"", &[("UNDERWAY_VETH_PREFIX", "toolong")], "veth_prefix"),
             ("cluster = \"c\"\nproc_sys = \"proc/sys\"", &[], "proc_sys"),
             ("cluster = \"c\"\nmode = \"overlay\"", &[], "mode"),

@@ -1099,6 +1099,15 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         stats.assigned += waiting;
         stats.enis += self.pending.len() as u32;
         let mut d = self.cfg.targets.decide(&stats, &self.limits);
+        // The hold is settled here, before anything can fail the step: a step that grew (no
+        // surplus) must forget an older surplus even when its growth then fails.
+        let release;
+        (release, self.surplus_since) = crate::targets::hold_release(
+            d.release,
+            self.surplus_since,
+            Instant::now(),
+            Duration::from_millis(self.cfg.release_hold_ms),
+        );
         let mut blocker = None;
         let mut acted = false;
         // Growth whose mutating call the node's budget would refuse anyway (no token before
@@ -1139,13 +1148,6 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         // What was picked, not what was asked: after a switch out of prefix mode a prefix's
         // free addresses count as surplus yet go back only with their prefix, and a step that
         // picks nothing must not hold the re-check off for ever.
-        let release;
-        (release, self.surplus_since) = crate::targets::hold_release(
-            d.release,
-            self.surplus_since,
-            Instant::now(),
-            Duration::from_millis(self.cfg.release_hold_ms),
-        );
         let released = if release > 0 { self.release(state, release).await? } else { 0 };
         self.protect_again(state, true).await;
         let (gc_every, recheck_every) = self.cfg.periodic_describes(self.cloud.share_of());

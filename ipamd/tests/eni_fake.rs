@@ -243,6 +243,9 @@ async fn failures_and_lost_replies_leave_the_pool_agreeing_with_ec2() {
         let (mut src, state) = source(&r, |c| {
             c.targets.warm_ip_target = Some(3);
             c.eni.recheck_interval_ms = 5_000;
+            // Releases in the step that sees the surplus: their failures and lost replies are
+            // part of what this run stresses.
+            c.release_hold_ms = 0;
         });
         while src.sync(&state).await.is_err() {}
         let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -269,6 +272,8 @@ async fn failures_and_lost_replies_leave_the_pool_agreeing_with_ec2() {
         }
         assert_eq!(disagreements(&r, &state).await, Vec::<String>::new(), "seed {seed}");
         assert!(rule_refusals(&r.ec2).is_empty(), "seed {seed}: {:?} {:#?}", r.ec2.counts(), state.errors());
+        let unassigns = r.ec2.counts().calls.get("UnassignPrivateIpAddresses").copied().unwrap_or(0);
+        assert!(unassigns > 0, "seed {seed}: the run released addresses");
         for k in &live {
             assert!(state.read(|b| b.pool.lease_of(&key(k))).is_some(), "seed {seed}: {k} lost its address");
         }

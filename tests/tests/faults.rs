@@ -1,8 +1,8 @@
 //! EC2 at its worst, on the test world: 3 ENI-mode nodes, 30 pods added in bursts while the
 //! strict front throttles 30 % of requests, fails 5 % with 5xx, adds 200 ms to each, resets 2 %
 //! of connections after LocalStack acted, and hides new ENIs for a second. Every pod must be
-//! networked (pings; a failed ADD must say why and is retried as the runtime does, at most 3
-//! in a run), no ipamd may crash, no address may be held twice (EC2 vs the stores vs the
+//! networked (pings; an ADD that timed out waiting for EC2 is retried as the runtime does, at
+//! most 3 failed attempts in a run), no ipamd may crash, no address may be held twice (EC2 vs the stores vs the
 //! hosts), no ENI of the cluster may be left untracked, and each node's requests stay within the
 //! budget it was given. The figures go to docs/reliability.md.
 
@@ -74,7 +74,7 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
     let started = Instant::now();
     // The leak GC every 20 s (each wait jittered to 10–30 s): a lost reply's duplicate ENI is
     // deleted well within the check's 90 s below, even with a sweep or two throttled.
-    let cfg = "cooldown_ms = 1000\nadd_wait_ms = 60000\n[targets]\nwarm_ip_target = 2\n[eni]\nleak_grace_ms = 20000\ngc_interval_ms = 20000\n";
+    let cfg = "cooldown_ms = 1000\nrelease_hold_ms = 0\nadd_wait_ms = 60000\n[targets]\nwarm_ip_target = 2\n[eni]\nleak_grace_ms = 20000\ngc_interval_ms = 20000\n";
     let ds: Vec<IpamdProcess> =
         nodes.iter().map(|n| IpamdProcess::start(&w, n, &bin_path("underway-ipamd").unwrap(), cfg).unwrap()).collect();
     for d in &ds {
@@ -108,9 +108,16 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
                             if code == 0 || failed.len() == RETRIES {
                                 break (i, ns, code, v, failed);
                             }
-                            // It says why: the error's kind and the pool's reason.
+                            // Only the budget's streak is retried: ipamd's answer that no address
+                            // came within the wait (code 11, the pool still empty or the budget
+                            // throttled), with its reason. Anything else fails the test at once.
                             let why = v["details"].as_str().unwrap_or_default();
-                            assert!(why.contains(": "), "node{i} {id}: a failed ADD that does not say why: {v}");
+                            assert!(
+                                code == 11
+                                    && (why.starts_with("PoolEmpty: ") || why.starts_with("Throttled: "))
+                                    && why.len() > "PoolEmpty: ".len() + 10,
+                                "node{i} {id}: an ADD failed otherwise than by waiting for EC2: {v}"
+                            );
                             failed.push(format!("node{i} {id}: {v}"));
                             let (del, dv) = cni(&n.ns, "DEL", &id, &netns, &conf(d));
                             assert_eq!(del, 0, "node{i} {id}: DEL after a failed ADD: {dv}");
@@ -133,8 +140,8 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
     let networked_after = started.elapsed();
     assert!(failures.is_empty(), "every pod networked despite the faults (with the runtime's retries): {failures:?}");
     assert_eq!(pods.len(), NODES * PODS_PER_NODE);
-    // Failed ADDs stay rare: a systematic failure is not hidden by the retries.
-    assert!(retried.len() <= 3, "ADDs retried: {retried:#?}");
+    // Failed ADD attempts stay rare: a systematic failure is not hidden by the retries.
+    assert!(retried.len() <= 3, "failed ADD attempts: {retried:#?}");
 
     // Every pod reaches a pod on another node.
     let unreachable: Vec<String> = pods

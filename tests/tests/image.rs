@@ -126,12 +126,20 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     let image = ipamd["image"].as_str().unwrap();
     assert_eq!(init["image"].as_str(), Some(image), "one image for both");
     assert_eq!(spec["hostNetwork"], Value::Bool(true));
-    let bins = bin_path("underway-ipamd").unwrap().parent().unwrap().to_path_buf();
+    // This build's ipamd and the shipped CNI binary (`cargo build-cni`, static: the one the init
+    // container installs on hosts), through the release image's check that it is static.
+    let bins = std::env::temp_dir().join(format!("underway-image-bins-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&bins);
+    std::fs::create_dir_all(&bins).unwrap();
+    std::os::unix::fs::symlink(bin_path("underway-ipamd").unwrap(), bins.join("underway-ipamd")).unwrap();
+    std::os::unix::fs::symlink(underway_tests::ipamd::shipped_cni_path().unwrap(), bins.join("underway")).unwrap();
     let built = Command::new(format!("{REPO}/deploy/image/build"))
         .arg(image)
         .env("UNDERWAY_IMAGE_BINS", &bins)
+        .env("UNDERWAY_IMAGE_PROFILE", "release")
         .output()
         .unwrap();
+    let _ = std::fs::remove_dir_all(&bins);
     assert!(built.status.success(), "deploy/image/build: {}", text(&built));
 
     let w = World::create().await.unwrap();
