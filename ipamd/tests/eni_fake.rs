@@ -595,6 +595,57 @@ async fn pod_churn_under_ip_targets_gives_nothing_back_until_a_surplus_lasts() {
     }
 }
 
+/// A surplus, then pods that need growth which fails (the step ends early), then the surplus
+/// again: the hold starts anew. Settled after growth, the hold kept the first surplus's time
+/// across the failed step, and the next surplus went back at once (found by review).
+#[tokio::test(start_paused = true)]
+async fn a_step_whose_growth_fails_forgets_an_older_surplus() {
+    let r = rig("m5.large", "10.0.0.0/24", FakeConfig::default());
+    let (mut src, state) = source(&r, |c| c.targets.warm_ip_target = Some(2));
+    src.sync(&state).await.unwrap();
+    for _ in 0..4 {
+        src.step(&state).await.unwrap();
+        tokio::time::advance(Duration::from_millis(500)).await;
+    }
+    let unassigns = || r.ec2.counts().calls.get("UnassignPrivateIpAddresses").copied().unwrap_or(0);
+    let del = |name: &str| {
+        let (_, g) = state.change(|b| b.pool.release(&key(name), 0));
+        g
+    };
+    // Two pods, growth to keep two free, the pods gone: a surplus of two, held from now.
+    for p in ["a", "b"] {
+        add(&state, p).unwrap();
+    }
+    src.step(&state).await.unwrap();
+    state.commit(del("a").max(del("b"))).await.unwrap();
+    src.step(&state).await.unwrap();
+    assert_eq!(unassigns(), 0, "held");
+    // 20 s on, four pods: growth is needed, and its assign is throttled (the step fails).
+    tokio::time::advance(Duration::from_secs(20)).await;
+    for p in ["c", "d", "e", "f"] {
+        add(&state, p).unwrap();
+    }
+    r.ec2.fail_next(
+        "AssignPrivateIpAddresses",
+        underway_cloud::CloudError::Throttled { op: "AssignPrivateIpAddresses", code: "RequestLimitExceeded".into() },
+    );
+    assert!(src.step(&state).await.is_err(), "the growth failed");
+    // The pods go again: a surplus 25 s after the first one began, 5 s after the growth.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let g = ["c", "d", "e", "f"].iter().map(|p| del(p)).max().unwrap();
+    state.commit(g).await.unwrap();
+    src.step(&state).await.unwrap();
+    tokio::time::advance(Duration::from_secs(10)).await;
+    src.step(&state).await.unwrap();
+    assert_eq!(unassigns(), 0, "a new surplus, held anew: 10 s old, not 35");
+    for _ in 0..25 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        src.step(&state).await.unwrap();
+    }
+    assert_eq!(unassigns(), 1, "released once it lasted the hold");
+    assert_eq!(disagreements(&r, &state).await, Vec::<String>::new());
+}
+
 /// A new node's first mutating call comes after one describe (its ENIs), in both modes: the
 /// leak sweep waits for the first create or the first step's end, and the first assign on the primary ENI is
 /// asked before its subnet's count is read (EC2 refuses an assign the subnet cannot fill). At
