@@ -225,9 +225,25 @@ impl Service {
         let (kind, why) = match (&st.waiting_for, &st.blocker) {
             (Some(w), _) => (ErrorKind::NotReady, format!("ipamd is not ready: waiting for {w}")),
             (None, Some(b)) => (b.kind(), b.message().to_string()),
-            (None, None) => (ErrorKind::PoolEmpty, "the pool is still growing".to_string()),
+            (None, None) => (ErrorKind::PoolEmpty, self.growing()),
         };
         error(kind, format!("{waited}{extra}: {why}"))
+    }
+
+    /// Why an empty pool with no blocker is still empty: its growth is under way, and the
+    /// reconciler's last failure during this Add's wait or as long before it (a throttled or
+    /// failed EC2 call, say) when there was one. "Still growing" alone gave no reason.
+    fn growing(&self) -> String {
+        let now = crate::clock::unix_ms();
+        let since = now.saturating_sub(2 * self.add_wait.as_millis() as u64);
+        match self.state.errors().into_iter().rev().find(|e| e.at_ms >= since) {
+            Some(e) => format!(
+                "the pool is still growing; the reconciler's last failure, {:.1} s ago: {}",
+                now.saturating_sub(e.at_ms) as f64 / 1000.0,
+                e.what
+            ),
+            None => "the pool is still growing".to_string(),
+        }
     }
 
     async fn del(&self, key: AttachmentKey) -> Response {
@@ -369,6 +385,38 @@ mod tests {
         let r = svc.handle(add(Some(("shop", "cart-3")))).await;
         assert!(matches!(r, Response::Error(_)));
         assert_eq!(rx.try_recv().unwrap().name, "cart-2");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An Add that times out on an empty pool with no blocker names the reconciler's last
+    /// failure within twice its wait ("the pool is still growing" alone gave no reason); an
+    /// older failure is not named.
+    #[tokio::test]
+    async fn an_add_that_times_out_while_the_pool_grows_names_the_last_failure() {
+        let dir = std::env::temp_dir().join(format!("underway-service-growing-{}", std::process::id()));
+        let (mut svc, _rx) = service(&dir);
+        svc.add_wait = Duration::from_millis(300);
+        svc.state.set_status(|s| s.blocker = None);
+        let message = |r: Response| match r {
+            Response::Error(e) => {
+                assert_eq!(e.kind, ErrorKind::PoolEmpty);
+                e.message
+            }
+            other => panic!("{other:?}"),
+        };
+        let plain = message(svc.handle(add(None)).await);
+        assert!(plain.ends_with(": the pool is still growing"), "{plain}");
+        svc.state.record_error("reconcile: AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)");
+        let named = message(svc.handle(add(None)).await);
+        assert!(
+            named.contains("the pool is still growing; the reconciler's last failure")
+                && named.contains("AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)"),
+            "{named}"
+        );
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Now the failure is more than twice the wait old when the Add gives up.
+        let old = message(svc.handle(add(None)).await);
+        assert!(old.ends_with(": the pool is still growing"), "an older failure is not this Add's: {old}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
