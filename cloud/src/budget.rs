@@ -139,8 +139,9 @@ struct BucketState {
     throttled_at: Option<Instant>,
     /// Throttled answers in a row (fixed buckets: how far the next token is pushed back).
     throttles: u32,
-    /// Whether a token was taken since the last drop to the share: a throttled answer before
-    /// one was is a call that left before the drop, which the drop already answered.
+    /// Whether a token was taken since the last drop to the share (or one was still waiting to
+    /// be used when it came): a throttled answer before one was is a call sent before the drop,
+    /// which the drop already answered.
     reserved_since_drop: bool,
     /// Calls throttled at the share that got their token back since a call was last answered:
     /// after [`GIVE_BACKS`] of them, a new phase (a give-back per throttle would let a node
@@ -226,9 +227,11 @@ impl TokenBucket {
     /// the unlucky nodes back an interval each time (docs/benchmarks.md).
     fn to_share(&self, st: &mut BucketState, share: f64) {
         if st.qps > share || st.level > 1.0 {
+            // Calls already sent when the drop comes are answered by it; a call still waiting
+            // for its token (the level below 0) will be sent after, and its throttle is news.
+            st.reserved_since_drop = st.level < 0.0;
             st.qps = st.qps.min(share);
             st.level = st.level.min(1.0) - self.phase;
-            st.reserved_since_drop = false;
         }
         st.throttled_at = Some(Instant::now());
     }
@@ -619,6 +622,22 @@ mod tests {
             tokio::time::advance(b.mutating.reserve()).await;
             b.observe(ApiClass::Mutating, true);
             assert!(b.mutating.wait() <= Duration::from_secs(5), "given back: {:?}", b.mutating.wait());
+        }
+    }
+
+    /// A call still waiting for its token when the drop comes is sent after it: its throttle is
+    /// news (its token comes back sooner, as for any throttle at the share), not a call the drop
+    /// already answered.
+    #[tokio::test(start_paused = true)]
+    async fn a_throttle_of_a_call_that_waited_through_the_drop_is_heard() {
+        for _ in 0..20 {
+            let b = RateBudget::new(BudgetConfig { share_of: Some(100), ..BudgetConfig::default() });
+            // The burst used up, and one more call waiting for its token.
+            while b.mutating.reserve().is_zero() {}
+            b.observe(ApiClass::Mutating, true);
+            let phased = b.mutating.wait();
+            b.observe(ApiClass::Mutating, true);
+            assert!(b.mutating.wait() < phased, "heard: {:?} after {phased:?}", b.mutating.wait());
         }
     }
 

@@ -1101,6 +1101,7 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
         let mut d = self.cfg.targets.decide(&stats, &self.limits);
         // The hold is settled here, before anything can fail the step: a step that grew (no
         // surplus) must forget an older surplus even when its growth then fails.
+        let held_since = self.surplus_since;
         let release;
         (release, self.surplus_since) = crate::targets::hold_release(
             d.release,
@@ -1133,8 +1134,14 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
             }
             acted = true;
         }
-        if !self.pending.is_empty() {
-            self.finish_pending(state).await?;
+        if !self.pending.is_empty()
+            && let Err(e) = self.finish_pending(state).await
+        {
+            // The hold that ended in this step stays ended: the next step releases.
+            if release > 0 {
+                self.surplus_since = held_since;
+            }
+            return Err(e);
         }
         if d.limited.is_some() && blocker.is_none() {
             let max = self.cfg.targets.max_enis(&self.limits);

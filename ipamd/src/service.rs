@@ -236,7 +236,9 @@ impl Service {
     fn growing(&self) -> String {
         let now = crate::clock::unix_ms();
         let since = now.saturating_sub(2 * self.add_wait.as_millis() as u64);
-        match self.state.errors().into_iter().rev().find(|e| e.at_ms >= since) {
+        // The reconciler's own (its steps and syncs), not the other tasks' that share the list.
+        let reconciler = |w: &str| w.starts_with("reconcile: ") || w.starts_with("sync with the cloud: ");
+        match self.state.errors().into_iter().rev().find(|e| e.at_ms >= since && reconciler(&e.what)) {
             Some(e) => format!(
                 "the pool is still growing; the reconciler's last failure, {:.1} s ago: {}",
                 now.saturating_sub(e.at_ms) as f64 / 1000.0,
@@ -395,7 +397,7 @@ mod tests {
     async fn an_add_that_times_out_while_the_pool_grows_names_the_last_failure() {
         let dir = std::env::temp_dir().join(format!("underway-service-growing-{}", std::process::id()));
         let (mut svc, _rx) = service(&dir);
-        svc.add_wait = Duration::from_millis(300);
+        svc.add_wait = Duration::from_secs(1);
         svc.state.set_status(|s| s.blocker = None);
         let message = |r: Response| match r {
             Response::Error(e) => {
@@ -406,6 +408,10 @@ mod tests {
         };
         let plain = message(svc.handle(add(None)).await);
         assert!(plain.ends_with(": the pool is still growing"), "{plain}");
+        // Another task's failure is not the reconciler's.
+        svc.state.record_error("egress: reading the VPC's CIDR blocks: timed out");
+        let other = message(svc.handle(add(None)).await);
+        assert!(other.ends_with(": the pool is still growing"), "{other}");
         svc.state.record_error("reconcile: AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)");
         let named = message(svc.handle(add(None)).await);
         assert!(
@@ -413,7 +419,7 @@ mod tests {
                 && named.contains("AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)"),
             "{named}"
         );
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         // Now the failure is more than twice the wait old when the Add gives up.
         let old = message(svc.handle(add(None)).await);
         assert!(old.ends_with(": the pool is still growing"), "an older failure is not this Add's: {old}");

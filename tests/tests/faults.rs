@@ -114,9 +114,10 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
                             let why = v["details"].as_str().unwrap_or_default();
                             assert!(
                                 code == 11
-                                    && (why.starts_with("PoolEmpty: ") || why.starts_with("Throttled: "))
-                                    && why.len() > "PoolEmpty: ".len() + 10,
-                                "node{i} {id}: an ADD failed otherwise than by waiting for EC2: {v}"
+                                    && (why.starts_with("PoolEmpty: no free address after ")
+                                        || why.starts_with("Throttled: no free address after "))
+                                    && why.split(" ms").nth(1).is_some_and(|r| r.len() > 10),
+                                "node{i} {id}: an ADD failed otherwise than by timing out on an empty pool: {v}"
                             );
                             failed.push(format!("node{i} {id}: {v}"));
                             let (del, dv) = cni(&n.ns, "DEL", &id, &netns, &conf(d));
