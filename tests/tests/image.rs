@@ -47,6 +47,14 @@ fn text(o: &std::process::Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
+/// A directory of the test's, removed however the test ends.
+struct Gone(PathBuf);
+impl Drop for Gone {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The container is removed however the test ends.
 struct Container(String);
 impl Drop for Container {
@@ -131,6 +139,7 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
     let bins = std::env::temp_dir().join(format!("underway-image-bins-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&bins);
     std::fs::create_dir_all(&bins).unwrap();
+    let bins_gone = Gone(bins.clone());
     std::os::unix::fs::symlink(bin_path("underway-ipamd").unwrap(), bins.join("underway-ipamd")).unwrap();
     std::os::unix::fs::symlink(underway_tests::ipamd::shipped_cni_path().unwrap(), bins.join("underway")).unwrap();
     let built = Command::new(format!("{REPO}/deploy/image/build"))
@@ -139,7 +148,7 @@ async fn the_image_runs_as_the_daemonset_runs_it() {
         .env("UNDERWAY_IMAGE_PROFILE", "release")
         .output()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&bins);
+    drop(bins_gone);
     assert!(built.status.success(), "deploy/image/build: {}", text(&built));
 
     let w = World::create().await.unwrap();
@@ -266,12 +275,6 @@ fn the_shipped_cni_binary_needs_no_c_library() {
     let root = std::env::temp_dir().join(format!("underway-empty-root-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
-    struct Gone(PathBuf);
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
     let _gone = Gone(root.clone());
     std::fs::copy(&bin, root.join("underway")).unwrap();
     assert_eq!(std::fs::read_dir(&root).unwrap().count(), 1, "the root holds the binary only");
