@@ -1174,6 +1174,15 @@ impl<C: Cloud + 'static, N: Node + 'static> Source for EniMode<C, N> {
             self.recheck_jitter = crate::clock::jitter();
             self.recheck(state).await?;
         }
+        // What an Add that times out meanwhile is told is under way.
+        let under_way: Vec<String> = self
+            .pending
+            .iter()
+            .map(|(id, p)| {
+                format!("{id} at device {} waiting for its link for {} s", p.device_index, p.since.elapsed().as_secs())
+            })
+            .collect();
+        state.set_status(|s| s.growing = (!under_way.is_empty()).then(|| under_way.join(", ")));
         Ok(Step { blocker, again: acted && d.limited.is_none() })
     }
 }

@@ -230,21 +230,26 @@ impl Service {
         error(kind, format!("{waited}{extra}: {why}"))
     }
 
-    /// Why an empty pool with no blocker is still empty: its growth is under way, and the
-    /// reconciler's last failure during this Add's wait or as long before it (a throttled or
-    /// failed EC2 call, say) when there was one. "Still growing" alone gave no reason.
+    /// Why an empty pool with no blocker is still empty: its growth is under way (what the
+    /// reconciler last said was, e.g. an ENI waiting for its link), and the reconciler's last
+    /// failure during this Add's wait or as long before it (a throttled or failed EC2 call, say)
+    /// when there was one. "Still growing" alone gave no reason.
     fn growing(&self) -> String {
+        let growing = match self.state.status().growing {
+            Some(g) => format!("the pool is still growing ({g})"),
+            None => "the pool is still growing".to_string(),
+        };
         let now = crate::clock::unix_ms();
         let since = now.saturating_sub(2 * self.add_wait.as_millis() as u64);
         // The reconciler's own (its steps and syncs), not the other tasks' that share the list.
         let reconciler = |w: &str| w.starts_with("reconcile: ") || w.starts_with("sync with the cloud: ");
         match self.state.errors().into_iter().rev().find(|e| e.at_ms >= since && reconciler(&e.what)) {
             Some(e) => format!(
-                "the pool is still growing; the reconciler's last failure, {:.1} s ago: {}",
+                "{growing}; the reconciler's last failure, {:.1} s ago: {}",
                 now.saturating_sub(e.at_ms) as f64 / 1000.0,
                 e.what
             ),
-            None => "the pool is still growing".to_string(),
+            None => growing,
         }
     }
 
@@ -423,6 +428,13 @@ mod tests {
         // Now the failure is more than twice the wait old when the Add gives up.
         let old = message(svc.handle(add(None)).await);
         assert!(old.ends_with(": the pool is still growing"), "an older failure is not this Add's: {old}");
+        // What the reconciler said is under way.
+        svc.state.set_status(|s| s.growing = Some("eni-1 at device 2 waiting for its link for 3 s".into()));
+        let pending = message(svc.handle(add(None)).await);
+        assert!(
+            pending.ends_with(": the pool is still growing (eni-1 at device 2 waiting for its link for 3 s)"),
+            "{pending}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -145,6 +145,8 @@ pub struct Status {
     pub waiting_for: Option<String>,
     /// What keeps the pool from reaching its target.
     pub blocker: Option<Blocker>,
+    /// Growth under way that an Add may be waiting for (ENIs attached, their links not up yet).
+    pub growing: Option<String>,
 }
 
 impl Status {

@@ -328,7 +328,15 @@ async fn an_eni_whose_link_never_comes_is_given_up_and_deleted() {
     let left: Vec<String> = r.ec2.all_enis().into_iter().map(|e| e.id).filter(|id| !existing.contains(id)).collect();
     // The last one made may still be within its bound; every earlier one is gone from EC2.
     assert!(left.len() <= 1, "{left:?}");
-    // That one waits for its link (tracked as pending, not yet in the pool).
+    // That one waits for its link (tracked as pending, not yet in the pool), and the status
+    // says so (an Add that times out meanwhile is told).
+    if let Some(id) = left.first() {
+        let growing = state.status().growing.unwrap_or_default();
+        assert!(
+            growing.contains(&format!("{id} at device")) && growing.contains("waiting for its link"),
+            "{growing:?}"
+        );
+    }
     let d: Vec<String> = disagreements(&r, &state)
         .await
         .into_iter()
