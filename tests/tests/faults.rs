@@ -113,7 +113,7 @@ async fn thirty_pods_on_three_nodes_under_throttling_5xx_latency_and_lost_replie
                             // throttled), with its reason. Anything else fails the test at once.
                             let why = v["details"].as_str().unwrap_or_default();
                             assert!(
-                                code == 11
+                                v["code"] == 11
                                     && (why.starts_with("PoolEmpty: no free address after ")
                                         || why.starts_with("Throttled: no free address after "))
                                     && why.split(" ms").nth(1).is_some_and(|r| r.len() > 10),
