@@ -225,7 +225,7 @@ impl Service {
         let (kind, why) = match (&st.waiting_for, &st.blocker) {
             (Some(w), _) => (ErrorKind::NotReady, format!("ipamd is not ready: waiting for {w}")),
             (None, Some(b)) => (b.kind(), b.message().to_string()),
-            (None, None) => (ErrorKind::PoolEmpty, self.growing()),
+            (None, None) => (ErrorKind::PoolEmpty, self.growing(crate::clock::unix_ms())),
         };
         error(kind, format!("{waited}{extra}: {why}"))
     }
@@ -233,13 +233,12 @@ impl Service {
     /// Why an empty pool with no blocker is still empty: its growth is under way (what the
     /// reconciler last said was, e.g. an ENI waiting for its link), and the reconciler's last
     /// failure during this Add's wait or as long before it (a throttled or failed EC2 call, say)
-    /// when there was one. "Still growing" alone gave no reason.
-    fn growing(&self) -> String {
+    /// when there was one. "Still growing" alone gave no reason. `now` in Unix ms.
+    fn growing(&self, now: u64) -> String {
         let growing = match self.state.status().growing {
             Some(g) => format!("the pool is still growing ({g})"),
             None => "the pool is still growing".to_string(),
         };
-        let now = crate::clock::unix_ms();
         let since = now.saturating_sub(2 * self.add_wait.as_millis() as u64);
         // The reconciler's own (its steps and syncs), not the other tasks' that share the list.
         let reconciler = |w: &str| w.starts_with("reconcile: ") || w.starts_with("sync with the cloud: ");
@@ -395,45 +394,42 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// An Add that times out on an empty pool with no blocker names the reconciler's last
-    /// failure within twice its wait ("the pool is still growing" alone gave no reason); an
-    /// older failure is not named.
+    /// An Add that times out on an empty pool with no blocker names what is under way and the
+    /// reconciler's last failure within twice its wait ("the pool is still growing" alone gave
+    /// no reason); another task's failure, or an older one, is not named. The window is checked
+    /// at chosen times (no sleeps); one Add checks the reason reaches its answer.
     #[tokio::test]
     async fn an_add_that_times_out_while_the_pool_grows_names_the_last_failure() {
         let dir = std::env::temp_dir().join(format!("underway-service-growing-{}", std::process::id()));
         let (mut svc, _rx) = service(&dir);
         svc.add_wait = Duration::from_secs(1);
         svc.state.set_status(|s| s.blocker = None);
-        let message = |r: Response| match r {
-            Response::Error(e) => {
-                assert_eq!(e.kind, ErrorKind::PoolEmpty);
-                e.message
-            }
-            other => panic!("{other:?}"),
-        };
-        let plain = message(svc.handle(add(None)).await);
-        assert!(plain.ends_with(": the pool is still growing"), "{plain}");
-        // Another task's failure is not the reconciler's.
+        let last = |svc: &Service| svc.state.errors().last().unwrap().at_ms;
+        assert_eq!(svc.growing(crate::clock::unix_ms()), "the pool is still growing");
         svc.state.record_error("egress: reading the VPC's CIDR blocks: timed out");
-        let other = message(svc.handle(add(None)).await);
-        assert!(other.ends_with(": the pool is still growing"), "{other}");
+        assert_eq!(svc.growing(last(&svc)), "the pool is still growing", "another task's failure");
         svc.state.record_error("reconcile: AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)");
-        let named = message(svc.handle(add(None)).await);
-        assert!(
-            named.contains("the pool is still growing; the reconciler's last failure")
-                && named.contains("AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)"),
-            "{named}"
+        let at = last(&svc);
+        let named = svc.growing(at + 2_000);
+        assert_eq!(
+            named,
+            "the pool is still growing; the reconciler's last failure, 2.0 s ago: \
+             reconcile: AssignPrivateIpAddresses: throttled by the cloud (RequestLimitExceeded)"
         );
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        // Now the failure is more than twice the wait old when the Add gives up.
-        let old = message(svc.handle(add(None)).await);
-        assert!(old.ends_with(": the pool is still growing"), "an older failure is not this Add's: {old}");
-        // What the reconciler said is under way.
+        assert_eq!(svc.growing(at + 2_001), "the pool is still growing", "older than twice the wait");
         svc.state.set_status(|s| s.growing = Some("eni-1 at device 2 waiting for its link for 3 s".into()));
-        let pending = message(svc.handle(add(None)).await);
+        assert_eq!(
+            svc.growing(at + 3_000),
+            "the pool is still growing (eni-1 at device 2 waiting for its link for 3 s)"
+        );
+        // The Add's answer carries it.
+        svc.add_wait = Duration::from_millis(50);
+        let Response::Error(e) = svc.handle(add(None)).await else { panic!("an empty pool") };
+        assert_eq!(e.kind, ErrorKind::PoolEmpty);
         assert!(
-            pending.ends_with(": the pool is still growing (eni-1 at device 2 waiting for its link for 3 s)"),
-            "{pending}"
+            e.message.starts_with("no free address after 50 ms: the pool is still growing (eni-1"),
+            "{}",
+            e.message
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
