@@ -15,6 +15,16 @@ use underway_ipamd::state::{Blocker, Book, NodeState, Status};
 use underway_ipamd::store::Store;
 use underway_ipamd::vpc_route::VpcRouteMode;
 
+/// A VPC (10.0.0.0/16) with a /20 subnet and its main route table tagged for cluster c1.
+fn cluster_vpc() -> (Arc<FakeEc2>, underway_cloud::Vpc, underway_cloud::Subnet, String) {
+    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
+    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
+    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/20".parse().unwrap(), Tags::new());
+    let table = ec2.tables()[0].id.clone();
+    ec2.tag_table(&table, TAG_CLUSTER, "c1");
+    (ec2, vpc, subnet, table)
+}
+
 /// A VPC-route source for `node` on `table`, pod CIDR `cidr` (in 100.64.0.0/16), its state in
 /// `dir`, starting empty; with the in-memory node it reads pods from.
 fn route_node(
@@ -49,11 +59,7 @@ fn route_node(
 
 #[tokio::test(start_paused = true)]
 async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() {
-    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
-    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
-    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/20".parse().unwrap(), Tags::new());
-    let table = ec2.tables()[0].id.clone();
-    ec2.tag_table(&table, TAG_CLUSTER, "c1");
+    let (ec2, vpc, subnet, table) = cluster_vpc();
     let base = std::env::temp_dir().join(format!("underway-vpc-fake-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     let mut outcomes = Vec::new();
@@ -142,11 +148,7 @@ async fn the_51st_node_of_a_50_route_table_is_told_why_and_nothing_is_refused() 
 /// first: 49 % of mutating calls throttled).
 #[tokio::test(start_paused = true)]
 async fn a_new_nodes_first_mutating_call_comes_after_one_describe() {
-    let ec2 = Arc::new(FakeEc2::new(FakeConfig::default()));
-    let vpc = ec2.add_vpc(&["10.0.0.0/16".parse().unwrap()]);
-    let subnet = ec2.add_subnet(&vpc.id, "10.0.0.0/20".parse().unwrap(), Tags::new());
-    let table = ec2.tables()[0].id.clone();
-    ec2.tag_table(&table, TAG_CLUSTER, "c1");
+    let (ec2, _, subnet, table) = cluster_vpc();
     let dir = std::env::temp_dir().join(format!("underway-vpc-fake-one-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let node = ec2.add_instance("t3.medium", &subnet.id);

@@ -15,28 +15,27 @@ use crate::world::{Node, World};
 
 /// Where cargo put the workspace's binaries (beside this executable, or beside its `deps/`).
 pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
-    let exe = std::env::current_exe()?;
     // A test runs from target/<profile>/deps, a binary of this crate from target/<profile>.
-    let dirs: Vec<&Path> = exe.ancestors().skip(1).take(2).collect();
-    dirs.iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or_else(|| {
-        HarnessError::Command(format!(
-            "{name} is missing next to {}: build the workspace first (tests/run does)",
-            exe.display()
-        ))
-    })
+    above_exe(1, name, "build the workspace first (tests/run does)")
+}
+
+/// `rel` in the first of the two directories that are `skip` levels above this executable's
+/// own path; the error says `what_to_do`.
+fn above_exe(skip: usize, rel: &str, what_to_do: &str) -> Result<PathBuf, HarnessError> {
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(skip)
+        .take(2)
+        .map(|d| d.join(rel))
+        .find(|p| p.exists())
+        .ok_or_else(|| HarnessError::Command(format!("{rel} is missing near {}: {what_to_do}", exe.display())))
 }
 
 /// The shipped CNI binary, `$CARGO_TARGET_DIR/cni/underway` (`cargo build-cni`: the `cni` profile,
 /// linked static), found from this executable's target directory.
 pub fn shipped_cni_path() -> Result<PathBuf, HarnessError> {
-    let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> or target/<profile>/<bin>: the target directory is above the profile's.
-    exe.ancestors().skip(2).take(2).map(|d| d.join("cni/underway")).find(|p| p.exists()).ok_or_else(|| {
-        HarnessError::Command(format!(
-            "the shipped CNI binary (cni/underway) is missing above {}: run `cargo build-cni` (tests/run does)",
-            exe.display()
-        ))
-    })
+    above_exe(2, "cni/underway", "the shipped CNI binary: run `cargo build-cni` (tests/run does)")
 }
 
 /// EC2 operations that change something (the ones the EC2 mutating rate limit meters).
